@@ -1,0 +1,407 @@
+"""
+Text preprocessing for the news classifier (homework part 2-1, "Data Preprocessing"), written by hand:
+cleaning, a regex word tokenizer, stop words, the Porter stemmer and a vocabulary with special tokens.
+
+    python tokenizer.py "The cats are running quickly!"      # print every stage for one sentence
+    python tokenizer.py --bench --data_dir=data/news         # docs/s over News_train.json, beside NLTK
+
+As a library (textcls.py does this):
+    from tokenizer import preprocess, Vocab
+    vocab = Vocab.build([preprocess(t) for t in texts], min_freq=2)
+    ids = vocab.encode(preprocess(headline), max_len=64, tokens_b=preprocess(description))
+"""
+import functools
+import html
+import json
+import re
+import sys
+import time
+import unicodedata
+from collections import Counter
+
+# -----------------------------------------------------------------------------
+# configuration: every constant below can be overridden as --name=value
+data_dir = "data/news"  # where News_train.json lives (for --bench)
+bench = False           # time preprocess() over the training texts, beside NLTK
+bench_docs = 0          # 0 = all documents; a smaller number for a quick look
+vocab_path = ""         # a saved Vocab (JSON) for the demo's ids; empty = build one from the sentence
+# -----------------------------------------------------------------------------
+
+# ----------------------------------------------------------------------------- cleaning
+# Unicode punctuation that has a plain ASCII twin. Curly quotes become straight ones so that "didn’t" and
+# "didn't" are the same word; hyphen look-alikes become "-" (they join words: "covid‑19"), while en and em
+# dashes become spaces (they separate clauses: "win—again" is two words).
+UNICODE_FOLD = str.maketrans({
+    "\u2018": "'", "\u2019": "'", "\u201b": "'", "\u2032": "'", "\u00b4": "'", "\u0060": "'",
+    "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2033": '"', "\u00ab": '"', "\u00bb": '"',
+    "\u2010": "-", "\u2011": "-", "\u2212": "-", "\u2013": " ", "\u2014": " ", "\u2015": " ",
+    "\u00a0": " ", "\u200b": "",
+})
+HTML_TAG = re.compile(r"<[^>]{0,200}>")    # "<br/>", "<b>": markup, not words
+POSSESSIVE = re.compile(r"(?<=\w)'s\b")     # "spacex's" -> "spacex", "it's" -> "it" (see TOKEN below)
+
+
+def clean(text):
+    """Lowercase, unescape HTML, fold Unicode quotes and dashes, drop possessive 's. Punctuation stays
+    here: the tokenizer decides which dots belong to "3.14" or a URL and which end a sentence."""
+    if not isinstance(text, str):
+        raise TypeError(f"expected a str, got {type(text).__name__}")
+    if "&" in text:
+        text = html.unescape(text)         # "&amp;" -> "&", "&#39;" -> "'", "&quot;" -> '"'
+    if "<" in text:
+        text = HTML_TAG.sub(" ", text)
+    text = text.lower()
+    if not text.isascii():
+        # NFC first: "cafe" + a combining accent (2 code points) becomes the single letter "é", which the
+        # regex below counts as a letter; the combining mark alone would not be.
+        text = unicodedata.normalize("NFC", text).translate(UNICODE_FOLD)
+    return POSSESSIVE.sub("", text) if "'" in text else text
+
+
+# ----------------------------------------------------------------------------- tokenizing
+# One regular expression, tried left to right at every position; whatever no branch matches (punctuation,
+# symbols, emoji) is dropped. That is the "remove punctuation and special characters" step.
+#   URL        "see https://x.com/a?b=1." -> "https://x.com/a?b=1"     (no trailing sentence dot)
+#   e-mail     "mail jo.ann@mail.co.uk"   -> "jo.ann@mail.co.uk"
+#   handle/tag "@nasa loves #space"       -> "@nasa", "loves", "#space"
+#   acronym    "the u.s. and b.i.g."      -> "the", "u.s.", "and", "b.i.g."
+#   number     "3.14 of 5,000"            -> "3.14", "of", "5,000"    (plain "2020", "19th" are words)
+#   word       "state-of-the-art", "didn't", "o'brien", "covid-19", "café", "naïve" stay one token each.
+# Contractions stay whole ("didn't", "you'll") because the stop list holds them whole. The possessive "'s"
+# was removed by clean(): "spacex's" is about SpaceX, and "it's" -> "it" is a stop word either way.
+# \w is Unicode-aware, so letters with accents count as letters; [^\W\d_] means "a letter".
+# The first branch only makes it fast: most tokens are plain words followed by a space, and matching them
+# first skips trying the URL and e-mail branches at every word. (?>...) is an atomic group: it never gives
+# back characters, so "jo-ann@x.org" cannot be cut to "jo" by it; the branches below still decide such cases.
+TOKEN = re.compile(r"""
+    (?>\w+(?:[-']\w+)*)(?![.,:@+\w])                  # plain word not followed by . , : @ + (the fast path)
+  | (?:https?://|www\.)[^\s<>"]*[^\s<>"'.,;:!?)\]]   # URL, not ending in punctuation
+  | [\w.+-]+@\w[\w-]*(?:\.\w[\w-]*)+                  # e-mail address
+  | [@#]\w+                                           # @handle, #hashtag
+  | (?:[^\W\d_]\.){2,}                                # acronym with dots
+  | \d+(?:[.,]\d+)+                                   # number with a decimal point or thousands commas
+  | \w+(?:[-']\w+)*                                   # word, with inner hyphens and apostrophes
+""", re.VERBOSE)
+
+
+def tokenize(text):
+    """Split a text into lowercase tokens. tokenize("The cats are running quickly!") ->
+    ['the', 'cats', 'are', 'running', 'quickly']; an empty or all-punctuation text gives []."""
+    return TOKEN.findall(clean(text))
+
+
+def normalize(text):
+    """The cleaned text as one string, punctuation removed: "The cats are running quickly!" ->
+    "the cats are running quickly". tokenize(normalize(t)) == tokenize(t)."""
+    return " ".join(tokenize(text))
+
+
+# ----------------------------------------------------------------------------- stop words
+# The common 179-word English list (the one NLTK ships). It holds the pieces that other tokenizers split
+# contractions into ("didn", "t", "ll") as well as the whole forms ("didn't", "you'll") that ours keeps.
+STOP_WORDS = frozenset("""
+i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he him
+his himself she she's her hers herself it it's its itself they them their theirs themselves what which who
+whom this that that'll these those am is are was were be been being have has had having do does did doing a
+an the and but if or because as until while of at by for with about against between into through during
+before after above below to from up down in out on off over under again further then once here there when
+where why how all any both each few more most other some such no nor not only own same so than too very s t
+can will just don don't should should've now d ll m o re ve y ain aren aren't couldn couldn't didn didn't
+doesn doesn't hadn hadn't hasn hasn't haven haven't isn isn't ma mightn mightn't mustn mustn't needn needn't
+shan shan't shouldn shouldn't wasn wasn't weren weren't won won't wouldn wouldn't
+""".split())
+
+
+# ----------------------------------------------------------------------------- Porter stemmer
+# M. F. Porter, "An algorithm for suffix stripping", Program 14(3), 130-137, 1980, exactly as published.
+# Porter's later C code departs from the paper in three small ways that this version does not take: it maps
+# "bli" -> "ble" where the paper has "abli" -> "able", adds "logi" -> "log", and leaves words of one or two
+# letters alone (the paper stems "is" to "i" and "as" to "a").
+#
+# The paper's notation: a consonant is a letter other than a, e, i, o, u, and other than y preceded by a
+# consonant. Writing C for a run of consonants and V for a run of vowels, every word is [C](VC)^m[V];
+# m, the "measure", counts the VC pairs: m=0 "tree", "by"; m=1 "trouble", "oats"; m=2 "troubles", "private".
+# A rule "(condition) S1 -> S2" replaces the suffix S1 by S2 when the stem left before S1 meets the condition.
+
+def _is_consonant(word, i):
+    letter = word[i]
+    if letter in "aeiou":
+        return False
+    if letter == "y":  # "y" is a vowel after a consonant ("by"), a consonant at the start or after a vowel ("toy")
+        return i == 0 or not _is_consonant(word, i - 1)
+    return True
+
+
+def _measure(stem):
+    """m in [C](VC)^m[V]: the number of vowel-to-consonant changes."""
+    m, previous_is_vowel = 0, False
+    for i in range(len(stem)):
+        is_vowel = not _is_consonant(stem, i)
+        if previous_is_vowel and not is_vowel:
+            m += 1
+        previous_is_vowel = is_vowel
+    return m
+
+
+def _has_vowel(stem):
+    """*v*: the stem contains a vowel."""
+    return any(not _is_consonant(stem, i) for i in range(len(stem)))
+
+
+def _ends_double_consonant(stem):
+    """*d: the stem ends with a double consonant ("-tt", "-ss")."""
+    return len(stem) >= 2 and stem[-1] == stem[-2] and _is_consonant(stem, len(stem) - 1)
+
+
+def _ends_cvc(stem):
+    """*o: the stem ends consonant-vowel-consonant, the last not w, x or y ("-wil", "-hop")."""
+    n = len(stem)
+    return (n >= 3 and _is_consonant(stem, n - 1) and not _is_consonant(stem, n - 2)
+            and _is_consonant(stem, n - 3) and stem[-1] not in "wxy")
+
+
+def _replace_first_match(word, rules, min_measure):
+    """Steps 2, 3 and 4: find the longest listed suffix the word ends with (the lists are in the order that
+    makes the first hit the longest one); replace it if the stem's measure is above min_measure. Only that
+    one suffix is tried: if its condition fails, the word is left as it is."""
+    for suffix, replacement in rules:
+        if word.endswith(suffix):
+            stem = word[: len(word) - len(suffix)]
+            return stem + replacement if _measure(stem) > min_measure else word
+    return word
+
+
+STEP2_RULES = [  # (m>0) suffix -> replacement
+    ("ational", "ate"), ("tional", "tion"), ("enci", "ence"), ("anci", "ance"), ("izer", "ize"),
+    ("abli", "able"), ("alli", "al"), ("entli", "ent"), ("eli", "e"), ("ousli", "ous"), ("ization", "ize"),
+    ("ation", "ate"), ("ator", "ate"), ("alism", "al"), ("iveness", "ive"), ("fulness", "ful"),
+    ("ousness", "ous"), ("aliti", "al"), ("iviti", "ive"), ("biliti", "ble"),
+]
+STEP3_RULES = [  # (m>0) suffix -> replacement
+    ("icate", "ic"), ("ative", ""), ("alize", "al"), ("iciti", "ic"), ("ical", "ic"), ("ful", ""), ("ness", ""),
+]
+STEP4_SUFFIXES = [  # (m>1) suffix -> nothing; "ion" has its own extra condition below
+    "al", "ance", "ence", "er", "ic", "able", "ible", "ant", "ement", "ment", "ent", "ion", "ou", "ism", "ate",
+    "iti", "ous", "ive", "ize",
+]
+# Longest first among suffixes that share an ending ("ement" before "ment" before "ent"); a plain sort by
+# length would reorder unrelated suffixes, which does not matter, since a word ends with at most one chain.
+STEP2_RULES.sort(key=lambda rule: -len(rule[0]))
+STEP3_RULES.sort(key=lambda rule: -len(rule[0]))
+STEP4_SUFFIXES.sort(key=len, reverse=True)
+
+
+@functools.cache  # texts repeat words: stem each distinct word once
+def stem(word):
+    """Porter (1980) stem of one lowercase word: stem("running") -> "run", stem("ponies") -> "poni"."""
+    # Step 1a: plurals. sses -> ss, ies -> i, ss -> ss, s -> (nothing)
+    if word.endswith("sses") or word.endswith("ies"):
+        word = word[:-2]
+    elif word.endswith("s") and not word.endswith("ss"):
+        word = word[:-1]
+
+    # Step 1b: past tenses and gerunds. (m>0) eed -> ee; (*v*) ed -> ; (*v*) ing -> ; then tidy the stem up.
+    if word.endswith("eed"):
+        if _measure(word[:-3]) > 0:
+            word = word[:-1]
+    else:
+        for suffix in ("ed", "ing"):
+            if word.endswith(suffix) and _has_vowel(word[: -len(suffix)]):
+                word = word[: -len(suffix)]
+                if word.endswith(("at", "bl", "iz")):      # conflat(ed) -> conflate, troubl(ing) -> trouble
+                    word += "e"
+                elif _ends_double_consonant(word) and word[-1] not in "lsz":
+                    word = word[:-1]                          # hopp(ing) -> hop, but fall(ing) -> fall
+                elif _measure(word) == 1 and _ends_cvc(word):
+                    word += "e"                               # fil(ing) -> file
+                break
+
+    # Step 1c: (*v*) y -> i. happy -> happi, sky -> sky
+    if word.endswith("y") and _has_vowel(word[:-1]):
+        word = word[:-1] + "i"
+
+    # Step 2: double suffixes to single ones, (m>0). relational -> relate, digitizer -> digitize
+    word = _replace_first_match(word, STEP2_RULES, 0)
+
+    # Step 3: -ic-, -full, -ness etc., (m>0). triplicate -> triplic, hopeful -> hope, goodness -> good
+    word = _replace_first_match(word, STEP3_RULES, 0)
+
+    # Step 4: remove a suffix, (m>1). revival -> reviv, adjustment -> adjust. "ion" only after s or t.
+    for suffix in STEP4_SUFFIXES:
+        if word.endswith(suffix):
+            base = word[: -len(suffix)]
+            if _measure(base) > 1 and (suffix != "ion" or base.endswith(("s", "t"))):
+                word = base
+            break
+
+    # Step 5a: (m>1) e -> ; (m=1 and not *o) e -> . probate -> probat, rate -> rate, cease -> ceas
+    if word.endswith("e"):
+        m = _measure(word[:-1])
+        if m > 1 or (m == 1 and not _ends_cvc(word[:-1])):
+            word = word[:-1]
+
+    # Step 5b: (m>1 and *d and *L) single letter. controll -> control, roll -> roll
+    if word.endswith("ll") and _measure(word) > 1:
+        word = word[:-1]
+    return word
+
+
+# ----------------------------------------------------------------------------- the whole pipeline
+def preprocess(text, remove_stop=True, stem=True):
+    """clean -> tokenize -> drop stop words -> Porter stems. "The cats are running quickly!" ->
+    ['cat', 'run', 'quickli']. Stop words are checked before stemming, on the words as written."""
+    tokens = tokenize(text)
+    if remove_stop:
+        tokens = [t for t in tokens if t not in STOP_WORDS]
+    if stem:
+        tokens = [_stem_token(t) for t in tokens]
+    return tokens
+
+
+def _stem_token(token):
+    # Only words of letters go through Porter: "3.14", "@nasa", "didn't", URLs and e-mails are kept as they
+    # are. A word with inner hyphens is stemmed on its last part ("long-lasting" -> "long-last"): the head of a compound
+    # carries the inflection.
+    if token.isalpha():
+        return stem(token)
+    head, dash, last = token.rpartition("-")
+    return head + dash + stem(last) if dash and last.isalpha() else token
+
+
+# ----------------------------------------------------------------------------- vocabulary
+class Vocab:
+    """Token <-> id. The special tokens have fixed ids, so a model can rely on them:
+    <pad> 0 (batch padding, masked out), <unk> 1 (unknown token), <cls> 2 (start, pooled for the class),
+    <sep> 3 (between two segments), <mask> 4 (reserved for masked-language pre-training)."""
+    PAD, UNK, CLS, SEP, MASK = "<pad>", "<unk>", "<cls>", "<sep>", "<mask>"
+    SPECIALS = [PAD, UNK, CLS, SEP, MASK]
+    pad_id, unk_id, cls_id, sep_id, mask_id = range(5)
+
+    def __init__(self, itos):
+        if list(itos[:5]) != self.SPECIALS:
+            raise ValueError(f"a vocabulary must start with {self.SPECIALS}, got {list(itos[:5])}")
+        self.itos = list(itos)
+        self.stoi = {token: i for i, token in enumerate(self.itos)}
+        if len(self.stoi) != len(self.itos):
+            raise ValueError("a vocabulary must not list a token twice")
+
+    @classmethod
+    def build(cls, token_lists, min_freq=1, max_size=None):
+        """Most frequent tokens first (ties alphabetically, so a build is repeatable), those seen fewer than
+        min_freq times dropped; max_size caps the whole vocabulary, special tokens included."""
+        counts = Counter(token for tokens in token_lists for token in tokens)
+        for special in cls.SPECIALS:
+            counts.pop(special, None)
+        kept = sorted((t for t, c in counts.items() if c >= min_freq), key=lambda t: (-counts[t], t))
+        if max_size is not None:
+            kept = kept[: max(0, max_size - len(cls.SPECIALS))]
+        return cls(cls.SPECIALS + kept)
+
+    def __len__(self):
+        return len(self.itos)
+
+    def __eq__(self, other):
+        return isinstance(other, Vocab) and self.itos == other.itos
+
+    def encode(self, tokens, max_len=None, add_cls=True, tokens_b=None):
+        """[<cls>] tokens [<sep> tokens_b] as ids, unknown tokens as <unk>. With max_len, the longer segment
+        is cut first, one token at a time, until everything fits (BERT's "longest first")."""
+        tokens, tokens_b = list(tokens), (list(tokens_b) if tokens_b is not None else None)
+        if max_len is not None:
+            room = max_len - int(add_cls) - (1 if tokens_b is not None else 0)
+            if room < 0:
+                raise ValueError(f"max_len={max_len} leaves no room for the special tokens")
+            if tokens_b is None:
+                tokens = tokens[:room]
+            else:
+                while len(tokens) + len(tokens_b) > room:
+                    (tokens if len(tokens) > len(tokens_b) else tokens_b).pop()
+        ids = [self.cls_id] if add_cls else []
+        ids += [self.stoi.get(t, self.unk_id) for t in tokens]
+        if tokens_b is not None:
+            ids += [self.sep_id] + [self.stoi.get(t, self.unk_id) for t in tokens_b]
+        return ids
+
+    def decode(self, ids):
+        return [self.itos[i] for i in ids]
+
+    def save(self, path):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"itos": self.itos}, f, ensure_ascii=False)
+
+    @classmethod
+    def load(cls, path):
+        with open(path, encoding="utf-8") as f:
+            return cls(json.load(f)["itos"])
+
+
+# ----------------------------------------------------------------------------- demo and benchmark
+def show_stages(text, vocab=None):
+    """Print each preprocessing stage, as the homework slides do."""
+    tokens = tokenize(text)
+    kept = [t for t in tokens if t not in STOP_WORDS]
+    stems = [_stem_token(t) for t in kept]
+    vocab = vocab or Vocab.build([stems])
+    print(f"input          : {text}")
+    print(f"lowercase      : {text.lower()}")
+    print(f"no punctuation : {normalize(text)}")
+    print(f"tokens         : {tokens}")
+    print(f"no stop words  : {kept}")
+    print(f"stems          : {stems}")
+    print(f"with specials  : {vocab.decode(vocab.encode(stems))}")
+    print(f"ids            : {vocab.encode(stems)}")
+
+
+def run_bench(data_dir, n_docs=0):
+    """docs/s of preprocess() over the training texts, and of the NLTK equivalent in the same run."""
+    with open(f"{data_dir}/News_train.json", encoding="utf-8") as f:
+        records = json.load(f)
+    texts = [r["headline"] + " " + r["short_description"] for r in records]
+    texts = texts[:n_docs] if n_docs else texts
+    stem.cache_clear()  # the first call of a run pays for stemming every distinct word, as a user's would
+    t0 = time.perf_counter()
+    n_tokens = sum(len(preprocess(t)) for t in texts)
+    ours = len(texts) / (time.perf_counter() - t0)
+    print(f"tokenizer.py : {ours:10,.0f} docs/s  ({len(texts):,} docs, {n_tokens:,} tokens)")
+    try:
+        from nltk.stem.porter import PorterStemmer
+        from nltk.tokenize import TreebankWordTokenizer
+    except ImportError:
+        print("nltk not installed (pip install -r requirements-dev.txt): no comparison")
+        return
+    treebank, porter = TreebankWordTokenizer(), PorterStemmer(PorterStemmer.ORIGINAL_ALGORITHM)
+    t0 = time.perf_counter()
+    for t in texts:
+        [porter.stem(w) for w in treebank.tokenize(t.lower()) if w not in STOP_WORDS]
+    theirs = len(texts) / (time.perf_counter() - t0)
+    print(f"NLTK         : {theirs:10,.0f} docs/s  (TreebankWordTokenizer + stop list + PorterStemmer ORIGINAL)")
+    print(f"speed-up     : {ours / theirs:.1f}x")
+
+
+def parse_overrides(argv, config):
+    """--name=value sets the constant `name` at the top of the file (a bare --flag sets a bool to True);
+    other arguments are returned as positional ones."""
+    positional = []
+    for arg in argv:
+        if not arg.startswith("--"):
+            positional.append(arg)
+            continue
+        name, has_value, value = arg[2:].partition("=")
+        if name not in config or name.startswith("_"):
+            raise SystemExit(f"unknown option --{name}")
+        default = config[name]
+        if isinstance(default, bool):
+            config[name] = (value.lower() in ("1", "true", "yes")) if has_value else True
+        else:
+            config[name] = type(default)(value)
+    return positional
+
+
+if __name__ == "__main__":
+    sentences = parse_overrides(sys.argv[1:], globals())
+    if bench:
+        run_bench(data_dir, bench_docs)
+    else:
+        demo_vocab = Vocab.load(vocab_path) if vocab_path else None
+        for sentence in sentences or ["The cats are running quickly!"]:
+            show_stages(sentence, demo_vocab)
