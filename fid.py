@@ -1,0 +1,490 @@
+"""
+Frechet Inception Distance (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a
+Local Nash Equilibrium") computed by hand, giving the numbers of the standard tool, pytorch-fid: the same
+Inception-v3 network ported from TensorFlow, the same weights, the same preprocessing, the same statistics.
+
+    python fid.py generated/ data/celeba                 # two folders (or .zip, .npy/.npz, stats .npz)
+    python fid.py submission.zip data/celeba --kid       # also KID, less biased for 1,000 images
+    python fid.py data/celeba --save_stats=celeba.npz    # statistics of one set, to reuse
+    python fid.py submission.zip celeba.npz --nearest=data/celeba   # memorization check
+
+The last line printed is `FID: <value>`. As a library (ddpm.py does this):
+    from fid import compute_fid
+    fid = compute_fid("samples/", "data/celeba")
+"""
+import hashlib
+import io
+import math
+import os
+import sys
+import time
+import urllib.request
+import warnings
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from scipy import linalg
+
+# -----------------------------------------------------------------------------
+# configuration: every constant below can be overridden as --name=value
+batch_size = 50         # images per forward pass
+device = ""             # "" = cuda if available, else cpu
+dims = 2048             # feature size: 2048 (pool3, the standard), 768, 192 or 64
+weights = ""            # path of pt_inception-2015-12-05-6726825d.pth; "" = torch hub cache, else download
+save_stats = ""         # write mu and sigma of the first path to this .npz and stop
+kid = False             # also print the Kernel Inception Distance
+kid_subsets = 100       # KID: number of random subsets ...
+kid_subset_size = 1000  # ... and their size (clipped to the smaller set)
+nearest = ""            # a training set: report how close the first path's images come to it
+seed = 0                # for KID's subsets
+# -----------------------------------------------------------------------------
+
+WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+               "pt_inception-2015-12-05-6726825d.pth")
+WEIGHTS_SHA256_PREFIX = "6726825d"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+# ----------------------------------------------------------------------------- reading images
+class FIDInputError(ValueError):
+    """An input that cannot be read; the message names the file."""
+
+
+def decode_image(data, name):
+    """Bytes of an image file -> float tensor (3, H, W) in [0, 1], as pytorch-fid reads them: RGB via PIL."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            array = np.asarray(image.convert("RGB"))
+    except Exception as e:  # PIL raises several kinds for a broken file
+        raise FIDInputError(f"{name}: cannot read image ({type(e).__name__}: {e})") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
+
+
+def list_images(path):
+    """The images of a folder, a .zip or a uint8 .npy/.npz array, as (name, loader) pairs in name order."""
+    path = str(path)
+    if os.path.isdir(path):
+        names = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+        return [(os.path.join(path, n), _file_loader(os.path.join(path, n))) for n in names]
+    if path.endswith(".zip"):
+        with zipfile.ZipFile(path) as archive:
+            names = sorted(n for n in archive.namelist() if n.lower().endswith(IMAGE_EXTENSIONS))
+        return [(f"{path}/{n}", _zip_loader(path, n)) for n in names]
+    if path.endswith((".npy", ".npz")):
+        array = load_array(path)
+        return [(f"{path}[{i}]", (lambda i=i: torch.from_numpy(array[i]).permute(2, 0, 1).float() / 255))
+                for i in range(len(array))]
+    raise FIDInputError(f"{path}: not a folder, .zip, .npy or .npz")
+
+
+def _file_loader(file):
+    def load():
+        with open(file, "rb") as f:
+            return decode_image(f.read(), file)
+    return load
+
+
+def _zip_loader(path, name):
+    def load():
+        with zipfile.ZipFile(path) as archive:
+            return decode_image(archive.read(name), f"{path}/{name}")
+    return load
+
+
+def load_array(path):
+    """A uint8 array (N, H, W, 3) from .npy, or from the single array of an .npz that has no mu/sigma."""
+    data = np.load(path)
+    if isinstance(data, np.lib.npyio.NpzFile):
+        if "mu" in data.files:
+            raise FIDInputError(f"{path}: holds statistics (mu, sigma), not images; KID and --nearest need images")
+        data = data[data.files[0]]
+    if data.dtype != np.uint8 or data.ndim != 4 or data.shape[-1] != 3:
+        raise FIDInputError(f"{path}: expected a uint8 array of shape (N, H, W, 3), got {data.dtype} {data.shape}")
+    return data
+
+
+# ----------------------------------------------------------------------------- the network
+# Inception-v3 as in TensorFlow's 2015-12-05 graph, which the original FID code used. pytorch-fid ported it;
+# its module names are kept so that pytorch-fid's weights file loads with strict=True. Three details differ
+# from the Inception-v3 of torchvision, and each changes the features:
+#   1. the average pools inside the blocks do not count the zero padding (count_include_pad=False);
+#   2. the last block (Mixed_7c) pools its branch_pool with a max pool, not an average pool;
+#   3. the classifier has 1008 outputs (unused for FID, but its weights are in the file).
+class BasicConv2d(nn.Module):
+    """conv (no bias) -> batch norm (eps 0.001, as TF) -> ReLU"""
+
+    def __init__(self, in_channels, out_channels, **conv_args):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, bias=False, **conv_args)
+        self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def avg_pool_3x3(x):  # detail 1: the average is over the real pixels only, also at the border
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):  # Mixed_5b..5d: 1x1, 5x5, double 3x3 and pool branches, side by side
+    def __init__(self, in_channels, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(in_channels, 64, kernel_size=1)
+        self.branch5x5_1 = BasicConv2d(in_channels, 48, kernel_size=1)
+        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
+        self.branch_pool = BasicConv2d(in_channels, pool_features, kernel_size=1)
+
+    def forward(self, x):
+        return torch.cat([
+            self.branch1x1(x),
+            self.branch5x5_2(self.branch5x5_1(x)),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            self.branch_pool(avg_pool_3x3(x)),
+        ], dim=1)
+
+
+class InceptionB(nn.Module):  # Mixed_6a: halves the grid 35 -> 17
+    def __init__(self, in_channels):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(in_channels, 384, kernel_size=3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([
+            self.branch3x3(x),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            F.max_pool2d(x, kernel_size=3, stride=2),
+        ], dim=1)
+
+
+class InceptionC(nn.Module):  # Mixed_6b..6e: 7x7 convolutions factored into 1x7 and 7x1
+    def __init__(self, in_channels, channels_7x7):
+        super().__init__()
+        c7 = channels_7x7
+        self.branch1x1 = BasicConv2d(in_channels, 192, kernel_size=1)
+        self.branch7x7_1 = BasicConv2d(in_channels, c7, kernel_size=1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(in_channels, c7, kernel_size=1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
+
+    def forward(self, x):
+        seven = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        double = x
+        for i in range(1, 6):
+            double = getattr(self, f"branch7x7dbl_{i}")(double)
+        return torch.cat([self.branch1x1(x), seven, double, self.branch_pool(avg_pool_3x3(x))], dim=1)
+
+
+class InceptionD(nn.Module):  # Mixed_7a: halves the grid 17 -> 8
+    def __init__(self, in_channels):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(in_channels, 192, kernel_size=1)
+        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(in_channels, 192, kernel_size=1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        seven = x
+        for i in range(1, 5):
+            seven = getattr(self, f"branch7x7x3_{i}")(seven)
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), seven,
+                          F.max_pool2d(x, kernel_size=3, stride=2)], dim=1)
+
+
+class InceptionE(nn.Module):  # Mixed_7b, 7c: 3x3 convolutions split into parallel 1x3 and 3x1
+    def __init__(self, in_channels, max_pool_branch):
+        super().__init__()
+        self.max_pool_branch = max_pool_branch  # detail 2: True for Mixed_7c
+        self.branch1x1 = BasicConv2d(in_channels, 320, kernel_size=1)
+        self.branch3x3_1 = BasicConv2d(in_channels, 384, kernel_size=1)
+        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(in_channels, 448, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
+
+    def forward(self, x):
+        three = self.branch3x3_1(x)
+        double = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool_branch else avg_pool_3x3(x)
+        return torch.cat([
+            self.branch1x1(x),
+            self.branch3x3_2a(three), self.branch3x3_2b(three),
+            self.branch3x3dbl_3a(double), self.branch3x3dbl_3b(double),
+            self.branch_pool(pooled),
+        ], dim=1)
+
+
+class InceptionV3(nn.Module):
+    """Images (N, 3, H, W) in [0, 1] -> features (N, dims), dims 2048 (pool3, standard), 768, 192 or 64."""
+    BLOCK_OF_DIMS = {64: 0, 192: 1, 768: 2, 2048: 3}  # features are taken after this block
+
+    def __init__(self, dims=2048):
+        super().__init__()
+        if dims not in self.BLOCK_OF_DIMS:
+            raise ValueError(f"dims must be one of {list(self.BLOCK_OF_DIMS)}, got {dims}")
+        self.dims = dims
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)  # 299 -> 149
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)            # -> 147
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)            # (after a max pool: 73)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)           # -> 71
+        self.Mixed_5b = InceptionA(192, pool_features=32)                  # (after a max pool: 35)
+        self.Mixed_5c = InceptionA(256, pool_features=64)
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)                                    # -> 17
+        self.Mixed_6b = InceptionC(768, channels_7x7=128)
+        self.Mixed_6c = InceptionC(768, channels_7x7=160)
+        self.Mixed_6d = InceptionC(768, channels_7x7=160)
+        self.Mixed_6e = InceptionC(768, channels_7x7=192)
+        self.Mixed_7a = InceptionD(768)                                    # -> 8
+        self.Mixed_7b = InceptionE(1280, max_pool_branch=False)
+        self.Mixed_7c = InceptionE(2048, max_pool_branch=True)
+        self.fc = nn.Linear(2048, 1008)                                    # detail 3 (not used for FID)
+
+    def blocks(self):
+        """The four stages after which features can be taken (pytorch-fid's 64/192/768/2048 outputs)."""
+        pool = lambda x: F.max_pool2d(x, kernel_size=3, stride=2)
+        return [
+            [self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3, pool],
+            [self.Conv2d_3b_1x1, self.Conv2d_4a_3x3, pool],
+            [self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a,
+             self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e],
+            [self.Mixed_7a, self.Mixed_7b, self.Mixed_7c],
+        ]
+
+    def forward(self, images):
+        # the standard preprocessing: bilinear resize to 299x299 (align_corners=False, no antialiasing),
+        # then [0, 1] -> [-1, 1], the range the TF network was trained on
+        x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)
+        x = 2 * x - 1
+        for block in self.blocks()[: self.BLOCK_OF_DIMS[self.dims] + 1]:
+            for layer in block:
+                x = layer(x)
+        return x.mean(dim=(2, 3))  # global average pool over the grid ("pool3" for 2048)
+
+
+def weights_path(path=""):
+    """The weights file: `path` if given, else pytorch-fid's copy in the torch hub cache, else downloaded
+    there once, checked against its sha256 prefix."""
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--weights={path}: no such file")
+        return path
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS_URL))
+    if os.path.isfile(cached):
+        return cached
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    print(f"downloading the FID Inception weights (95 MB) to {cached}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(WEIGHTS_URL, timeout=60) as response:
+            data = response.read()
+    except OSError as e:
+        raise RuntimeError(f"cannot download the FID weights from {WEIGHTS_URL} ({e}); download the file on "
+                           f"a machine with internet and pass --weights=PATH or put it at {cached}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if not digest.startswith(WEIGHTS_SHA256_PREFIX):
+        raise RuntimeError(f"the downloaded weights have sha256 {digest[:8]}..., expected {WEIGHTS_SHA256_PREFIX}...")
+    with open(cached + ".part", "wb") as f:
+        f.write(data)
+    os.replace(cached + ".part", cached)  # atomic: an interrupted download leaves no half file behind
+    return cached
+
+
+def load_inception(dims=2048, weights="", device="cpu"):
+    model = InceptionV3(dims)
+    model.load_state_dict(torch.load(weights_path(weights), map_location="cpu", weights_only=True), strict=True)
+    return model.eval().to(device)
+
+
+# ----------------------------------------------------------------------------- features and statistics
+@torch.no_grad()
+def extract_features(model, path, batch_size=50, device="cpu", progress=True):
+    """(N, dims) float64 features of every image under `path`."""
+    images = list_images(path)
+    if len(images) == 0:
+        raise FIDInputError(f"{path}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
+    features, start, last_print = [], time.time(), 0.0
+    for i in range(0, len(images), batch_size):
+        batch = [load() for _, load in images[i: i + batch_size]]
+        if len({tuple(t.shape) for t in batch}) > 1:  # mixed sizes: resize each first, as the model would
+            batch = [F.interpolate(t[None], size=(299, 299), mode="bilinear", align_corners=False)[0]
+                     for t in batch]
+        features.append(model(torch.stack(batch).to(device)).double().cpu())
+        done, elapsed = min(i + batch_size, len(images)), time.time() - start
+        if progress and (time.time() - last_print > 10 or done == len(images)):
+            rate = done / max(elapsed, 1e-9)
+            print(f"  {path}: {done}/{len(images)} images, {rate:.1f} images/s, "
+                  f"{(len(images) - done) / rate:.0f} s left", file=sys.stderr)
+            last_print = time.time()
+    return torch.cat(features).numpy()
+
+
+def statistics(features):
+    """Mean and covariance of the features, as pytorch-fid: np.cov with rowvar=False (divides by N-1)."""
+    return np.mean(features, axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """d^2 = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), the Frechet (2-Wasserstein)
+    distance between the Gaussians N(mu1, sigma1) and N(mu2, sigma2) (Dowson & Landau 1982)."""
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics of different sizes: {mu1.shape} vs {mu2.shape}")
+    diff = mu1 - mu2
+    product = sigma1 @ sigma2
+    covmean = linalg.sqrtm(product)
+    # With fewer samples than dimensions (1,000 images, 2,048 features) both covariances are singular, and
+    # so is their product. sqrtm then may fail (inf or nan), or return a root that does not square back to
+    # the product. Either way, do as pytorch-fid: add eps to the diagonals and take the root again.
+    if not np.isfinite(covmean).all() or \
+            np.abs(covmean @ covmean - product).max() > 1e-3 * max(np.abs(product).max(), 1e-12):
+        warnings.warn(f"fid: sqrtm of a singular product; adding {eps} to the covariance diagonals")
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    # The product of two covariance matrices has real, non-negative eigenvalues, so its root is real up to
+    # rounding: a small imaginary part is dropped, a large one means the statistics are wrong.
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in sqrtm: bad statistics?")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def path_statistics(path, model, batch_size=50, device="cpu"):
+    """mu, sigma of `path`: read from a statistics .npz (keys mu and sigma), or computed from its images."""
+    path = str(path)
+    if path.endswith(".npz"):
+        with np.load(path) as data:
+            if "mu" in data and "sigma" in data:
+                return data["mu"], data["sigma"]
+    return statistics(extract_features(model, path, batch_size, device))
+
+
+def save_statistics(path, mu, sigma):
+    np.savez_compressed(path, mu=mu, sigma=sigma)
+
+
+def compute_fid(path1, path2, batch_size=50, device=None, dims=2048, weights=""):
+    """FID between two sets of images (folders, zips, uint8 arrays) or saved statistics."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_inception(dims, weights, device)
+    mu1, sigma1 = path_statistics(path1, model, batch_size, device)
+    mu2, sigma2 = path_statistics(path2, model, batch_size, device)
+    return frechet_distance(mu1, sigma1, mu2, sigma2)
+
+
+# ----------------------------------------------------------------------------- beyond the standard tool
+def kernel_inception_distance(features1, features2, n_subsets=100, subset_size=1000, seed=0):
+    """KID (Binkowski et al. 2018, "Demystifying MMD GANs"): the unbiased estimate of the squared MMD with
+    the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets. Unlike FID it has
+    no bias that grows as the sample shrinks, so 1,000 images give an honest number. Returns (mean, std)."""
+    rng = np.random.default_rng(seed)
+    d = features1.shape[1]
+    m = min(subset_size, len(features1), len(features2))
+    kernel = lambda a, b: (a @ b.T / d + 1) ** 3
+    estimates = []
+    for _ in range(n_subsets):
+        x = features1[rng.choice(len(features1), m, replace=False)]
+        y = features2[rng.choice(len(features2), m, replace=False)]
+        k_xx, k_yy, k_xy = kernel(x, x), kernel(y, y), kernel(x, y)
+        # MMD^2_u = sum_{i!=j} k(x_i,x_j)/(m(m-1)) + sum_{i!=j} k(y_i,y_j)/(m(m-1)) - 2 sum_{i,j} k(x_i,y_j)/m^2
+        same = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+        estimates.append(same - 2 * k_xy.sum() / m ** 2)
+    return float(np.mean(estimates)), float(np.std(estimates))
+
+
+def nearest_neighbours(generated, training):
+    """For each generated feature, the Euclidean distance to its nearest training feature and that image's
+    index; and, as the yardstick, each training feature's distance to its nearest other training feature."""
+    def squared_distances(a, b):
+        return np.maximum((a ** 2).sum(1)[:, None] - 2 * a @ b.T + (b ** 2).sum(1)[None, :], 0)
+    gen_to_train = squared_distances(generated, training)
+    train_to_train = squared_distances(training, training)
+    np.fill_diagonal(train_to_train, np.inf)
+    return np.sqrt(gen_to_train.min(1)), gen_to_train.argmin(1), np.sqrt(train_to_train.min(1))
+
+
+def report_nearest(gen_names, gen_features, train_names, train_features):
+    """A generated image closer to a training image than training images are to each other is likely copied."""
+    distance, index, yardstick = nearest_neighbours(gen_features, train_features)
+    threshold = np.percentile(yardstick, 1)
+    close = np.flatnonzero(distance < threshold)
+    print(f"nearest training image: median distance {np.median(distance):.2f} (training images to each other: "
+          f"median {np.median(yardstick):.2f}, 1st percentile {threshold:.2f})")
+    print(f"{len(close)} of {len(distance)} generated images are closer to a training image than 99% of "
+          f"training images are to their nearest neighbour" + (" -- possible memorization:" if len(close) else ""))
+    for i in close[np.argsort(distance[close])][:10]:
+        print(f"  {gen_names[i]}  ~  {train_names[index[i]]}  (distance {distance[i]:.2f})")
+
+
+def parse_overrides(argv, config):
+    """--name=value sets the constant `name` at the top of the file (a bare --flag sets a bool to True);
+    other arguments are returned as positional ones."""
+    positional = []
+    for arg in argv:
+        if not arg.startswith("--"):
+            positional.append(arg)
+            continue
+        name, has_value, value = arg[2:].partition("=")
+        if name not in config or name.startswith("_"):
+            raise SystemExit(f"unknown option --{name}")
+        default = config[name]
+        if isinstance(default, bool):
+            config[name] = (value.lower() in ("1", "true", "yes")) if has_value else True
+        else:
+            config[name] = type(default)(value)
+    return positional
+
+
+def main(paths):
+    if len(paths) != (1 if save_stats else 2):
+        raise FIDInputError("usage: python fid.py PATH1 PATH2 [--kid] [--nearest=TRAIN]  or  "
+                            "python fid.py PATH --save_stats=OUT.npz")
+    run_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_inception(dims, weights, run_device)
+    if save_stats:
+        save_statistics(save_stats, *path_statistics(paths[0], model, batch_size, run_device))
+        print(f"saved mu and sigma of {paths[0]} to {save_stats}")
+        return
+    if kid or nearest:  # these need the features themselves, not only the statistics
+        features = [extract_features(model, p, batch_size, run_device) for p in paths]
+        stats = [statistics(f) for f in features]
+    else:
+        stats = [path_statistics(p, model, batch_size, run_device) for p in paths]
+    if nearest:
+        train_features = extract_features(model, nearest, batch_size, run_device)
+        report_nearest([n for n, _ in list_images(paths[0])], features[0],
+                       [n for n, _ in list_images(nearest)], train_features)
+    if kid:
+        kid_mean, kid_std = kernel_inception_distance(*features, kid_subsets, kid_subset_size, seed)
+        print(f"KID: {kid_mean:.6f} +- {kid_std:.6f}")
+    print(f"FID: {frechet_distance(*stats[0], *stats[1])}")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(min(os.cpu_count() or 1, 16))
+    args = parse_overrides(sys.argv[1:], globals())
+    try:
+        main(args)
+    except (FIDInputError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
