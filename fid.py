@@ -14,7 +14,6 @@ The last line printed is `FID: <value>`. As a library (ddpm.py does this):
 """
 import hashlib
 import io
-import math
 import os
 import sys
 import time

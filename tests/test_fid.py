@@ -3,7 +3,6 @@ distance against closed forms, and the inputs (folder, zip, npy, stats) against 
 import json
 import subprocess
 import sys
-import warnings
 import zipfile
 
 import numpy as np
