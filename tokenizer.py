@@ -161,9 +161,9 @@ def _ends_cvc(stem):
 
 
 def _replace_first_match(word, rules, min_measure):
-    """Steps 2, 3 and 4: find the longest listed suffix the word ends with (the lists are in the order that
-    makes the first hit the longest one); replace it if the stem's measure is above min_measure. Only that
-    one suffix is tried: if its condition fails, the word is left as it is."""
+    """Steps 2 and 3: find the longest listed suffix the word ends with (the lists are sorted longest first,
+    so the first hit is the longest); replace it if the stem's measure is above min_measure. Only that one
+    suffix is tried: if its condition fails, the word is left as it is (the paper's rule)."""
     for suffix, replacement in rules:
         if word.endswith(suffix):
             stem = word[: len(word) - len(suffix)]
@@ -184,8 +184,8 @@ STEP4_SUFFIXES = [  # (m>1) suffix -> nothing; "ion" has its own extra condition
     "al", "ance", "ence", "er", "ic", "able", "ible", "ant", "ement", "ment", "ent", "ion", "ou", "ism", "ate",
     "iti", "ous", "ive", "ize",
 ]
-# Longest first among suffixes that share an ending ("ement" before "ment" before "ent"); a plain sort by
-# length would reorder unrelated suffixes, which does not matter, since a word ends with at most one chain.
+# Longest first, so that a word ending in "ement" loses "ement", not "ment" or "ent" (the paper: "the longest
+# matching suffix"). Step 4 uses the same order in its own loop below, for its extra "ion" condition.
 STEP2_RULES.sort(key=lambda rule: -len(rule[0]))
 STEP3_RULES.sort(key=lambda rule: -len(rule[0]))
 STEP4_SUFFIXES.sort(key=len, reverse=True)
