@@ -70,9 +70,10 @@ def list_images(path):
         names = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
         return [(os.path.join(path, n), _file_loader(os.path.join(path, n))) for n in names]
     if path.endswith(".zip"):
-        with zipfile.ZipFile(path) as archive:
-            names = sorted(n for n in archive.namelist() if n.lower().endswith(IMAGE_EXTENSIONS))
-        return [(f"{path}/{n}", _zip_loader(path, n)) for n in names]
+        # one open archive for all its images: reopening it per image re-reads its whole directory each time
+        archive = zipfile.ZipFile(path)
+        names = sorted(n for n in archive.namelist() if n.lower().endswith(IMAGE_EXTENSIONS))
+        return [(f"{path}/{n}", (lambda n=n: decode_image(archive.read(n), f"{path}/{n}"))) for n in names]
     if path.endswith((".npy", ".npz")):
         array = load_array(path)
         return [(f"{path}[{i}]", (lambda i=i: torch.from_numpy(array[i]).permute(2, 0, 1).float() / 255))
@@ -84,13 +85,6 @@ def _file_loader(file):
     def load():
         with open(file, "rb") as f:
             return decode_image(f.read(), file)
-    return load
-
-
-def _zip_loader(path, name):
-    def load():
-        with zipfile.ZipFile(path) as archive:
-            return decode_image(archive.read(name), f"{path}/{name}")
     return load
 
 
