@@ -45,6 +45,11 @@ def random_weights(seed=0):
     return state
 
 
+def random_weights_float32(seed=0):
+    """random_weights as the real file stores them: float32."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in random_weights(seed).items()}
+
+
 # An independent forward pass, written from TensorFlow's Inception-v3 graph with plain functions over the
 # state dict: "VALID" convolutions have no padding, "SAME" ones pad by half the kernel; average pools divide
 # by the number of real pixels in the window; Mixed_7c pools by maximum; the input is resized with half-pixel
@@ -179,7 +184,7 @@ def test_lower_dims_are_spatial_means_of_earlier_blocks():
 
 
 def test_weights_load_strictly_from_a_file(tmp_path):
-    state = {k: v.float() if v.is_floating_point() else v for k, v in random_weights().items()}
+    state = random_weights_float32()
     torch.save(state, tmp_path / "weights.pth")
     model = fid.load_inception(weights=str(tmp_path / "weights.pth"))
     torch.testing.assert_close(model.Mixed_7c.branch_pool.conv.weight, state["Mixed_7c.branch_pool.conv.weight"])
@@ -293,7 +298,7 @@ def sample_images(n=6):
 @pytest.fixture(scope="module")
 def small_model():
     model = fid.InceptionV3(dims=64).eval()  # the first block only: fast, and the input path is the same
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in random_weights().items()})
+    model.load_state_dict(random_weights_float32())
     return model
 
 
@@ -354,8 +359,7 @@ def test_bad_paths_are_clear_errors(tmp_path, small_model):
 
 
 def test_cli_prints_fid_and_kid_last(tmp_path):
-    state = {k: v.float() if v.is_floating_point() else v for k, v in random_weights().items()}
-    torch.save(state, tmp_path / "weights.pth")
+    torch.save(random_weights_float32(), tmp_path / "weights.pth")
     rng = np.random.default_rng(9)
     np.save(tmp_path / "a.npy", rng.integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8))
     np.save(tmp_path / "b.npy", rng.integers(0, 128, size=(6, 32, 32, 3), dtype=np.uint8))
