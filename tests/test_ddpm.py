@@ -1,0 +1,301 @@
+"""ddpm.py on CPU: the schedule and posterior against their closed forms, q_sample's moments, DDIM(eta=1, S=T)
+against Algorithm 2, seeded sampling, a tiny UNet overfitting, exact resume, the submission zip, the data reader."""
+import io
+import math
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ddpm
+from conftest import ROOT, real_data_path
+
+TINY_UNET = dict(channels=8, channel_mults=[1, 2], num_res_blocks=1, attn_resolutions=[8], dropout=0.0)
+
+
+def tiny_unet(seed=0):
+    torch.manual_seed(seed)
+    model = ddpm.UNet(**TINY_UNET, image_size=16)
+    # the output conv starts at zero (eps = 0 everywhere); give it weights so the sampler tests see a real model
+    torch.nn.init.normal_(model.conv_out.weight, std=0.05)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- schedule and posterior
+def test_linear_schedule_closed_forms():
+    diffusion = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
+    betas = diffusion.betas
+    assert betas[0].item() == pytest.approx(1e-4) and betas[-1].item() == pytest.approx(0.02)
+    assert torch.allclose(betas[1:] - betas[:-1], torch.full((999,), (0.02 - 1e-4) / 999, dtype=torch.float64))
+    # alpha_bar_t = prod (1 - beta_s); with a linear schedule, log alpha_bar_T ~ -(T/2)(beta_1 + beta_T) to first order
+    assert diffusion.alphas_cumprod[-1].item() == pytest.approx(math.prod(1 - b for b in betas.tolist()), rel=1e-12)
+    assert math.log(diffusion.alphas_cumprod[-1].item()) == pytest.approx(-500 * (1e-4 + 0.02), rel=0.01)
+    assert diffusion.alphas_cumprod[-1].item() < 5e-5                 # x_T is essentially pure noise
+    assert torch.allclose(diffusion.sqrt_alphas_cumprod ** 2 + diffusion.sqrt_one_minus_alphas_cumprod ** 2,
+                          torch.ones(1000, dtype=torch.float64))
+
+
+def test_cosine_schedule_follows_nichol_and_dhariwal():
+    T, s = 1000, 0.008
+    diffusion = ddpm.Diffusion(ddpm.make_betas("cosine", T))
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    for t in (0, 10, 250, 500, 900):                                   # 0-based index t is the paper's t + 1
+        assert diffusion.alphas_cumprod[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-9)
+    assert diffusion.betas.max().item() == pytest.approx(0.999)         # clipped at the very end only
+    assert (diffusion.betas[:-1] < 0.999).sum() >= 990
+
+
+def test_posterior_is_the_product_of_gaussians():
+    """q(x_{t-1}|x_t, x_0) ~ q(x_t|x_{t-1}) q(x_{t-1}|x_0): precisions add, means weight by precision."""
+    diffusion = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
+    generator = torch.Generator().manual_seed(0)
+    x0, xt = torch.randn(6, 3, 4, 4, generator=generator, dtype=torch.float64), torch.randn(6, 3, 4, 4, generator=generator, dtype=torch.float64)
+    t = torch.tensor([1, 2, 10, 300, 700, 999])
+    mean, var = diffusion.q_posterior(x0, xt, t)
+    for i, step in enumerate(t.tolist()):
+        alpha, beta = diffusion.alphas[step].item(), diffusion.betas[step].item()
+        alpha_bar_prev = diffusion.alphas_cumprod[step - 1].item()
+        precision = alpha / beta + 1 / (1 - alpha_bar_prev)
+        expected_mean = (math.sqrt(alpha) / beta * xt[i] + math.sqrt(alpha_bar_prev) / (1 - alpha_bar_prev) * x0[i]) / precision
+        assert var[i].item() == pytest.approx(1 / precision, rel=1e-9)
+        torch.testing.assert_close(mean[i], expected_mean, rtol=1e-9, atol=1e-12)
+    # at the first step the posterior collapses onto x_0 (alpha_bar_0 = 1: no noise yet)
+    mean, var = diffusion.q_posterior(x0, xt, torch.zeros(6, dtype=torch.long))
+    assert var.abs().max() == 0
+    torch.testing.assert_close(mean, x0)
+
+
+def test_q_sample_moments_on_a_large_batch():
+    diffusion = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
+    generator = torch.Generator().manual_seed(1)
+    x0 = torch.full((200000, 1), 0.7)
+    for step in (0, 100, 500, 999):
+        t = torch.full((len(x0),), step)
+        xt = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=generator))
+        alpha_bar = diffusion.alphas_cumprod[step].item()
+        assert xt.mean().item() == pytest.approx(0.7 * math.sqrt(alpha_bar), abs=0.006)
+        assert xt.var().item() == pytest.approx(1 - alpha_bar, abs=0.006 + 0.01 * (1 - alpha_bar))
+
+
+def test_predict_x0_inverts_q_sample():
+    diffusion = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
+    x0, noise = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0, 10, 500, 999])
+    torch.testing.assert_close(diffusion.predict_x0(diffusion.q_sample(x0, t, noise), t, noise), x0, atol=2e-3, rtol=0)
+
+
+def test_ddim_step_with_eta_1_is_the_ddpm_posterior():
+    diffusion = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
+    generator = torch.Generator().manual_seed(2)
+    xt = torch.randn(5, 3, 4, 4, generator=generator, dtype=torch.float64)
+    eps = torch.randn(5, 3, 4, 4, generator=generator, dtype=torch.float64)
+    t = torch.tensor([1, 50, 400, 800, 999])
+    mean, sigma = diffusion.ddim_step(xt, t, t - 1, eps, eta=1.0)
+    x0 = diffusion.predict_x0(xt, t, eps).clamp(-1, 1)
+    expected_mean, expected_var = diffusion.q_posterior(x0, xt, t)
+    torch.testing.assert_close(mean, expected_mean, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(sigma ** 2, expected_var.expand_as(sigma), atol=1e-12, rtol=1e-9)
+    _, sigma0 = diffusion.ddim_step(xt, t, t - 1, eps, eta=0.0)
+    assert sigma0.abs().max() == 0                                      # eta = 0: deterministic
+
+
+def test_ddim_eta_1_all_steps_samples_like_algorithm_2():
+    diffusion = ddpm.Diffusion(ddpm.make_betas("linear", 40, 1e-3, 0.2))
+    model = tiny_unet()
+    ancestral, _ = diffusion.ddpm_sample(model, (3, 3, 16, 16), torch.Generator().manual_seed(5), variance="posterior")
+    ddim, _ = diffusion.ddim_sample(model, (3, 3, 16, 16), torch.Generator().manual_seed(5), steps=40, eta=1.0)
+    torch.testing.assert_close(ddim, ancestral, atol=1e-4, rtol=0)
+    other, _ = diffusion.ddpm_sample(model, (3, 3, 16, 16), torch.Generator().manual_seed(5), variance="beta")
+    assert not torch.allclose(other, ancestral, atol=1e-3)              # the variance choice matters
+
+
+def test_same_seed_same_samples_and_recorded_steps():
+    diffusion = ddpm.Diffusion(ddpm.make_betas("linear", 30))
+    model = tiny_unet()
+    a, kept = diffusion.ddim_sample(model, (2, 3, 16, 16), torch.Generator().manual_seed(9), steps=10, eta=0.5,
+                                    record={30, 29, 0})
+    b, _ = diffusion.ddim_sample(model, (2, 3, 16, 16), torch.Generator().manual_seed(9), steps=10, eta=0.5)
+    c, _ = diffusion.ddim_sample(model, (2, 3, 16, 16), torch.Generator().manual_seed(10), steps=10, eta=0.5)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    assert sorted(kept) == [0, 29, 30] and torch.equal(kept[0], a)
+
+
+# ----------------------------------------------------------------------------- UNet
+def test_timestep_embedding_closed_form():
+    embedding = ddpm.timestep_embedding(torch.tensor([0, 7]), 8)
+    frequencies = [10000 ** (-i / 3) for i in range(4)]
+    expected = [[math.sin(7 * f) for f in frequencies] + [math.cos(7 * f) for f in frequencies]]
+    torch.testing.assert_close(embedding[1:], torch.tensor(expected), atol=1e-6, rtol=0)
+    assert embedding[0].tolist() == [0.0] * 4 + [1.0] * 4
+
+
+@pytest.mark.parametrize("preset", ["cpu", "gpu"])
+def test_presets_build_a_unet_of_the_right_shape(preset):
+    config = dict(ddpm.PRESETS[preset])
+    model = ddpm.UNet(config["channels"], [int(m) for m in config["channel_mults"].split(",")],
+                      config["num_res_blocks"], [16], config["dropout"])
+    attention = sum(isinstance(m, ddpm.SelfAttention) for m in model.modules())
+    levels = len(config["channel_mults"].split(","))
+    # attention at 16x16 only: one per block there going down and up, plus the middle one
+    assert attention == config["num_res_blocks"] + (config["num_res_blocks"] + 1) + 1
+    assert levels >= 3
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert model(x, torch.tensor([10])).shape == (1, 3, 64, 64)
+    if preset == "gpu":
+        assert 30e6 < sum(p.numel() for p in model.parameters()) < 120e6
+
+
+def test_tiny_unet_overfits_a_handful_of_images():
+    diffusion = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
+    torch.manual_seed(0)
+    model = ddpm.UNet(16, [1, 2], 1, [8], 0.0, image_size=16)
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    fixed = torch.Generator().manual_seed(3)
+    t_eval = torch.randint(1000, (64,), generator=fixed)
+    noise_eval = torch.randn(64, 3, 16, 16, generator=fixed)
+    x_eval = images.repeat(16, 1, 1, 1)
+
+    def eval_loss():
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(model(diffusion.q_sample(x_eval, t_eval, noise_eval), t_eval), noise_eval).item()
+
+    before = eval_loss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(4)
+    for _ in range(200):
+        loss = diffusion.loss(model, images.repeat(4, 1, 1, 1), generator)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert before == pytest.approx(1.0, abs=0.05)            # zero-initialised output: eps_theta = 0 at the start
+    assert eval_loss() < 0.25 * before
+
+
+# ----------------------------------------------------------------------------- training, resume, outputs
+@pytest.fixture
+def tiny_config(monkeypatch):
+    settings = dict(channels=8, channel_mults="1,2,2", num_res_blocks=1, attn_resolutions="16", dropout=0.1,
+                    batch_size=4, warmup_steps=2, max_steps=5, log_every=1, sample_every=4, ckpt_every=100,
+                    max_minutes=0.0, timesteps=10, device="cpu", seed=0, sample_batch=3)
+    for name, value in settings.items():
+        monkeypatch.setattr(ddpm, name, value)
+
+
+@pytest.fixture
+def faces_npy(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (12, 64, 64, 3), dtype=np.uint8)
+    np.save(tmp_path / "faces.npy", images)
+    return str(tmp_path / "faces.npy")
+
+
+def test_resume_continues_exactly(tiny_config, faces_npy, tmp_path):
+    straight = str(tmp_path / "straight")
+    assert ddpm.train_model(faces_npy, straight) == 5
+    interrupted = str(tmp_path / "interrupted")
+    ddpm.max_minutes = 1e-9                                  # out of time after every step
+    assert ddpm.train_model(faces_npy, interrupted) == 1
+    assert ddpm.train_model(faces_npy, interrupted) == 2
+    ddpm.max_minutes = 0.0
+    assert ddpm.train_model(faces_npy, interrupted) == 5
+    a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=False)
+    b = torch.load(os.path.join(interrupted, "ckpt.pt"), weights_only=False)
+    assert a["step"] == b["step"] == 5
+    for part in ("model", "ema"):
+        for name in a[part]:
+            assert torch.equal(a[part][name], b[part][name]), (part, name)
+    assert os.path.exists(os.path.join(straight, "samples_0000004.png"))
+    assert os.path.exists(os.path.join(straight, "loss.png"))
+
+
+def test_submission_zip_is_flat_1_to_n(tmp_path):
+    ramp = np.linspace(0, 255, 64)
+    images = np.stack([np.stack([np.add.outer(ramp, ramp * k / 7) / 2, np.tile(ramp, (64, 1)),
+                                 np.full((64, 64), 30.0 * k)], -1) for k in range(7)]).round().astype(np.uint8)
+    ddpm.write_submission(images, str(tmp_path / "images"), str(tmp_path / "submission.zip"))
+    with zipfile.ZipFile(tmp_path / "submission.zip") as archive:
+        names = archive.namelist()
+        assert sorted(names) == sorted(f"{i}.jpg" for i in range(1, 8))
+        for name in names:
+            with Image.open(io.BytesIO(archive.read(name))) as image:
+                assert image.size == (64, 64) and image.mode == "RGB"
+    with Image.open(tmp_path / "images" / "3.jpg") as image:        # JPEG q95 keeps the picture
+        assert np.abs(np.asarray(image).astype(int) - images[2]).mean() < 3
+
+
+def test_command_line_train_sample_and_figure(faces_npy, tmp_path):
+    out = tmp_path / "out"
+    tiny = ["--channels=8", "--channel_mults=1,2,2", "--num_res_blocks=1", "--attn_resolutions=16",
+            "--timesteps=20", "--device=cpu"]
+    commands = [
+        ["--train", f"--data_dir={faces_npy}", "--max_steps=2", "--batch_size=2", "--sample_every=1000", *tiny],
+        ["--sample", "--n=5", "--sampler=ddim", "--steps=4", f"--submission={tmp_path / 's.zip'}", "--sample_batch=2"],
+        ["--sample", "--n=3", "--sampler=ddpm", f"--submission={tmp_path / 'd.zip'}"],
+        ["--denoise_figure", "--sampler=ddpm"],
+    ]
+    for command in commands:
+        result = subprocess.run([sys.executable, "ddpm.py", f"--out_dir={out}", *command], cwd=ROOT,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+    with zipfile.ZipFile(tmp_path / "s.zip") as archive:
+        assert sorted(archive.namelist()) == ["1.jpg", "2.jpg", "3.jpg", "4.jpg", "5.jpg"]
+    with zipfile.ZipFile(tmp_path / "d.zip") as archive:
+        assert sorted(archive.namelist()) == ["1.jpg", "2.jpg", "3.jpg"]
+    with Image.open(out / "denoising.png") as figure:
+        assert figure.size[1] == 16 + 5 * 66                      # 5 rows of 64x64 images under a label line
+        assert figure.size[0] >= 8 * 66
+
+
+def test_data_reader_resizes_with_a_note_and_names_a_broken_file(tmp_path, capsys):
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(folder / "a.jpg")
+    Image.new("RGB", (128, 100), (10, 200, 10)).save(folder / "b.png")
+    images = ddpm.load_images(str(folder))
+    assert images.shape == (2, 3, 64, 64) and images.dtype == torch.uint8
+    assert "1 of 2 images were not 64x64" in capsys.readouterr().out
+    assert abs(int(images[1, 1].float().mean()) - 200) <= 2
+    (folder / "c.jpg").write_bytes(b"this is not a jpeg")
+    result = subprocess.run([sys.executable, "ddpm.py", "--train", f"--data_dir={folder}", f"--out_dir={tmp_path / 'o'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip().startswith("error: ") and "c.jpg: cannot read image" in result.stderr.strip()
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_training_batch_is_scaled_and_flipped():
+    images = torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
+    images[..., :32] = 255                                   # left half white
+    batch = ddpm.training_batch(images, 200, torch.Generator().manual_seed(0))
+    assert batch.min() == -1 and batch.max() == 1
+    left_white = (batch[:, 0, 0, 0] == 1).float().mean().item()
+    assert 0.35 < left_white < 0.65                          # about half of them flipped
+
+
+@pytest.mark.slow
+def test_reads_the_shared_faces():
+    celeba = real_data_path("celeba")
+    if celeba is None:
+        pytest.skip("DL_DATA not set")
+    images = ddpm.load_images(celeba)
+    assert images.shape == (10000, 3, 64, 64)
+    batch = ddpm.training_batch(images, 8, torch.Generator().manual_seed(0))
+    assert -1 <= batch.min() < -0.9 and 0.9 < batch.max() <= 1
+
+
+def test_two_process_ddp_training_on_cpu(faces_npy, tmp_path):
+    options = ["--channels=8", "--channel_mults=1,2,2", "--num_res_blocks=1", "--attn_resolutions=16",
+               "--timesteps=20", "--device=cpu", "--max_steps=3", "--batch_size=2", "--sample_every=1000",
+               "--num_threads=1"]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+                             "ddpm.py", "--train", f"--data_dir={faces_npy}", f"--out_dir={tmp_path / 'out'}", *options],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    checkpoint = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)
+    assert checkpoint["step"] == 3
+    assert "batch 2 x 2 process(es)" in result.stdout and result.stdout.count("step 3/3") == 1   # rank 0 logs
