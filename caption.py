@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from bleu import corpus_bleu
+from bleu import corpus_bleu, parse_overrides
 
 # -----------------------------------------------------------------------------
 # configuration: every constant below can be overridden as --name=value
@@ -425,22 +425,11 @@ def write_submission(data_dir, out_dir, submission):
     print(f"wrote {len(rows)} captions to {submission} ({time.time() - start:.0f} s); e.g. {captions[0]!r}")
 
 
-def parse_overrides(argv, config, aliases={"model": "model_name"}):
-    """--name=value sets the constant `name` at the top of the file (a bare --flag sets a bool to True)."""
-    for arg in argv:
-        name, has_value, value = arg.removeprefix("--").partition("=")
-        name = aliases.get(name, name)
-        if not arg.startswith("--") or name not in config or name.startswith("_"):
-            raise SystemExit(f"unknown option {arg}")
-        default = config[name]
-        if isinstance(default, bool):
-            config[name] = (value.lower() in ("1", "true", "yes")) if has_value else True
-        else:
-            config[name] = type(default)(value)
-
-
 if __name__ == "__main__":
-    parse_overrides(sys.argv[1:], globals())
+    # --model=... is the short name of model_name (a variable called `model` holds the network below)
+    arguments = ["--model_name" + a[len("--model"):] if a.startswith("--model=") else a for a in sys.argv[1:]]
+    if parse_overrides(arguments, globals()):
+        sys.exit(f"unexpected arguments: {sys.argv[1:]} (every option is --name=value)")
     torch.set_num_threads(num_threads)
     try:
         if train:
