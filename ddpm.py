@@ -75,6 +75,8 @@ images_dir = ""         # where 1.jpg..n.jpg go; "" = out_dir/images
 submission = "submission.zip"
 fid = False             # after sampling: FID and KID against fid_ref through fid.py
 fid_ref = ""            # a folder, zip or statistics .npz; "" = data_dir
+fid_weights = ""        # the FID Inception weights file; "" = torch hub cache, else download (see fid.py)
+fid_dims = 2048         # Inception feature size: 2048 is the standard FID (64, 192, 768 for quick looks)
 # -----------------------------------------------------------------------------
 
 PRESETS = {
@@ -516,14 +518,25 @@ def sample_command(out_dir):
     print(f"{n} images ({sampler}, {steps if sampler == 'ddim' else diffusion.timesteps} steps) in "
           f"{time.time() - start:.0f} s: {folder}/1.jpg..{n}.jpg and {submission}")
     if fid:
-        from fid import compute_fid, kernel_inception_distance, extract_features, load_inception
-        reference = fid_ref or data_dir
-        print(f"FID against {reference}: {compute_fid(submission, reference, device=run_device)}")
-        if not reference.endswith(".npz"):
-            inception = load_inception(2048, "", run_device)
-            features = [extract_features(inception, p, 50, run_device) for p in (submission, reference)]
-            kid_mean, kid_std = kernel_inception_distance(*features, 100, 1000, seed)
-            print(f"KID: {kid_mean:.6f} +- {kid_std:.6f}")
+        evaluate_fid(submission, fid_ref or data_dir, run_device)
+
+
+def evaluate_fid(generated, reference, run_device):
+    """FID (and KID, unless the reference is a statistics .npz) of the generated images through fid.py. With
+    1,000 images FID is biased upwards (see fid.py); KID is not."""
+    from fid import extract_features, frechet_distance, kernel_inception_distance, load_inception, path_statistics, statistics
+    inception = load_inception(fid_dims, fid_weights, run_device)
+    generated_features = extract_features(inception, generated, 50, run_device)
+    if reference.endswith(".npz"):
+        reference_stats = path_statistics(reference, inception, 50, run_device)
+    else:
+        reference_features = extract_features(inception, reference, 50, run_device)
+        reference_stats = statistics(reference_features)
+        kid_mean, kid_std = kernel_inception_distance(generated_features, reference_features, 100, 1000, seed)
+        print(f"KID: {kid_mean:.6f} +- {kid_std:.6f}")
+    fid_value = frechet_distance(*statistics(generated_features), *reference_stats)
+    print(f"FID: {fid_value}")
+    return fid_value
 
 
 def denoising_figure(out_dir, columns=10):

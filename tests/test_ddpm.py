@@ -299,3 +299,28 @@ def test_two_process_ddp_training_on_cpu(faces_npy, tmp_path):
     checkpoint = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)
     assert checkpoint["step"] == 3
     assert "batch 2 x 2 process(es)" in result.stdout and result.stdout.count("step 3/3") == 1   # rank 0 logs
+
+
+def test_sample_with_fid_and_kid_through_fid_py(faces_npy, tmp_path):
+    """The evaluation path with random Inception weights of the real file's layout (the real ones cannot be
+    downloaded here): FID and KID of 4 samples against 5 training images, equal to fid.py's own answer."""
+    import fid
+    from test_fid import random_weights_float32
+    reference = str(tmp_path / "reference.npy")
+    np.save(reference, np.load(faces_npy)[:5])
+    torch.save(random_weights_float32(), tmp_path / "inception.pth")
+    out = tmp_path / "out"
+    tiny = ["--channels=8", "--channel_mults=1,2,2", "--num_res_blocks=1", "--attn_resolutions=16", "--timesteps=10",
+            "--device=cpu"]
+    for command in (["--train", f"--data_dir={faces_npy}", "--max_steps=1", "--batch_size=2", *tiny],
+                    ["--sample", "--n=4", "--steps=5", f"--submission={tmp_path / 's.zip'}", "--fid",
+                     f"--fid_ref={reference}", f"--fid_weights={tmp_path / 'inception.pth'}", "--fid_dims=64"]):
+        result = subprocess.run([sys.executable, "ddpm.py", f"--out_dir={out}", *command], cwd=ROOT,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[-2].startswith("KID: ") and lines[-1].startswith("FID: ")
+    expected = fid.compute_fid(str(tmp_path / "s.zip"), reference, device="cpu", dims=64,
+                               weights=str(tmp_path / "inception.pth"))
+    assert float(lines[-1].split()[1]) == pytest.approx(expected, rel=1e-6) and expected > 0
+    assert float(lines[-2].split()[1]) != 0
