@@ -288,6 +288,16 @@ def test_two_process_ddp_run_on_cpu(tmp_path):
     assert checkpoint["step"] == 6
     assert result.stdout.count("epoch 1: train loss") == 1     # only rank 0 evaluates and reports
 
+    # the command-line contract for prediction, on a JSON-lines file that carries labels
+    test_file = write_json(tmp_path / "test.json", make_records(30, seed=4), lines=True)
+    result = subprocess.run([sys.executable, "textcls.py", "--predict", f"--out_dir={tmp_path / 'out'}",
+                             f"--test_file={test_file}", f"--submission={tmp_path / 'sub.csv'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "wrote 30 predictions" in result.stdout and "accuracy" in result.stdout
+    rows = (tmp_path / "sub.csv").read_text().splitlines()
+    assert rows[0] == "id,label" and [int(r.split(",")[0]) for r in rows[1:]] == list(range(30))
+
 
 # ----------------------------------------------------------------------------- real data
 @pytest.mark.slow
