@@ -324,3 +324,32 @@ def test_sample_with_fid_and_kid_through_fid_py(faces_npy, tmp_path):
                                weights=str(tmp_path / "inception.pth"))
     assert float(lines[-1].split()[1]) == pytest.approx(expected, rel=1e-6) and expected > 0
     assert float(lines[-2].split()[1]) != 0
+
+
+class OracleEps(torch.nn.Module):
+    """The exact noise predictor for a data set of one image x0: eps = (x_t - sqrt(alpha_bar_t) x0) / sqrt(1 - alpha_bar_t).
+    With it, every sampler must land on x0: a check of the samplers that needs no training."""
+
+    def __init__(self, diffusion, x0):
+        super().__init__()
+        self.diffusion, self.x0 = diffusion, x0
+        self.unused = torch.nn.Parameter(torch.zeros(1))   # the samplers read the device from the parameters
+
+    def forward(self, x, t):
+        alpha_bar = self.diffusion.gather(self.diffusion.alphas_cumprod, t, x)
+        return (x - alpha_bar.sqrt() * self.x0) / (1 - alpha_bar).sqrt()
+
+
+@pytest.mark.parametrize("sampler, options", [("ddpm", {"variance": "beta"}), ("ddpm", {"variance": "posterior"}),
+                                              ("ddim", {"steps": 50, "eta": 0.0}), ("ddim", {"steps": 20, "eta": 1.0})])
+def test_samplers_land_on_the_data_with_the_exact_noise_predictor(sampler, options):
+    diffusion = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
+    x0 = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 1.8 - 0.9
+    oracle = OracleEps(diffusion, x0)
+    run = diffusion.ddpm_sample if sampler == "ddpm" else diffusion.ddim_sample
+    x, kept = run(oracle, x0.shape, torch.Generator().manual_seed(1), record=set(range(1001)), **options)
+    torch.testing.assert_close(x, x0, atol=1e-4, rtol=0)
+    # half-way, x_t is the data plus noise of the forward process' size: std sqrt(1 - alpha_bar_t)
+    middle = sorted(kept)[len(kept) // 2]
+    residual = kept[middle] - diffusion.sqrt_alphas_cumprod[middle].float() * x0
+    assert residual.std().item() == pytest.approx(diffusion.sqrt_one_minus_alphas_cumprod[middle].item(), rel=0.2)
