@@ -321,7 +321,6 @@ def make_optimizer(model):
 
 
 def train_model(data_dir, out_dir):
-    random.seed(seed)
     torch.manual_seed(seed)
     train_rows = load_split(os.path.join(data_dir, "train_data.parquet"), need_caption=True)
     val_rows = load_split(os.path.join(data_dir, "valid_data.parquet"), need_caption=True)

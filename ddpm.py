@@ -231,6 +231,10 @@ class Diffusion:
         return x, kept
 
 
+def default_device():
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def model_eps(model, x, t):
     with autocast(x.device.type):
         return model(x, t).float()
@@ -368,7 +372,7 @@ def save_atomic(obj, path):
 
 def train_model(data_dir, out_dir):
     ddp = int(os.environ.get("RANK", -1)) != -1                     # launched by torchrun, as in nanoGPT
-    run_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    run_device = default_device()
     rank, world_size = 0, 1
     if ddp:
         import torch.distributed as dist
@@ -412,7 +416,7 @@ def train_model(data_dir, out_dir):
         save_atomic({"model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                      "step": step, "config": config}, ckpt_path)
 
-    start, tick, loss_sum, loss_count, start_step = time.time(), time.time(), 0.0, 0, step
+    start, loss_sum, loss_count, start_step = time.time(), 0.0, 0, step
     deadline = start + max_minutes * 60 if max_minutes > 0 else float("inf")
     loss_log = open(os.path.join(out_dir, "loss.csv"), "a") if master else None
     while step < max_steps:
@@ -439,7 +443,7 @@ def train_model(data_dir, out_dir):
             rate = (step - start_step) * batch_size * world_size / (time.time() - start)
             left = min((max_steps - step) * batch_size * world_size / rate, deadline - time.time())
             print(f"step {step}/{max_steps} loss {loss_sum / loss_count:.4f} lr {optimizer.param_groups[0]['lr']:.1e} "
-                  f"{rate:.1f} images/s, {(time.time() - tick) / 60:.1f} min so far, about {left / 60:.1f} min left",
+                  f"{rate:.1f} images/s, {(time.time() - start) / 60:.1f} min so far, about {left / 60:.1f} min left",
                   flush=True)
             loss_log.write(f"{step},{loss_sum / loss_count:.6f}\n")
             loss_log.flush()
@@ -509,7 +513,7 @@ def write_submission(images, folder, zip_path):
 
 
 def sample_command(out_dir):
-    run_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    run_device = default_device()
     model, diffusion = load_ema(out_dir, run_device)
     start = time.time()
     images = generate(model, diffusion, n, torch.Generator().manual_seed(seed))
@@ -541,7 +545,7 @@ def evaluate_fid(generated, reference, run_device):
 
 def denoising_figure(out_dir, columns=10):
     """5 images (rows) from x_T to x_0 (columns at evenly spaced steps), with the sampler chosen above."""
-    run_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    run_device = default_device()
     model, diffusion = load_ema(out_dir, run_device)
     generator = torch.Generator().manual_seed(seed)
     shape = (5, 3, IMAGE_SIZE, IMAGE_SIZE)
@@ -596,7 +600,7 @@ def plot_loss(csv_path, png_path, width=640, height=320, margin=50):
 
 def run_bench(n_steps=10):
     """Training-step throughput of the current configuration: forward, backward and Adam on random images."""
-    run_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    run_device = default_device()
     torch.manual_seed(seed)
     model, diffusion = build(model_config())
     model.to(run_device)

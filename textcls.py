@@ -152,8 +152,13 @@ def record_tokens(record):
             preprocess(record["short_description"], remove_stop, stem))
 
 
+def encode_pairs(token_pairs, vocab):
+    """(headline tokens, description tokens) pairs -> `<cls> a <sep> b` ids, cut to max_len longest-first."""
+    return [vocab.encode(a, max_len=max_len, tokens_b=b) for a, b in token_pairs]
+
+
 def encode_records(records, vocab):
-    return [vocab.encode(a, max_len=max_len, tokens_b=b) for a, b in map(record_tokens, records)]
+    return encode_pairs(map(record_tokens, records), vocab)
 
 
 def make_batches(lengths, batch_size, rng, bucket):
@@ -282,6 +287,16 @@ def load_glove(path, vocab, embedding):
 
 
 # ----------------------------------------------------------------------------- evaluation
+def default_device():
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(run_device):
+    """bfloat16 mixed precision on CUDA (amp); a no-op context on the CPU."""
+    use = amp and run_device.startswith("cuda")
+    return torch.autocast("cuda" if use else "cpu", dtype=torch.bfloat16, enabled=use)
+
+
 def classification_metrics(predictions, labels):
     """Accuracy and macro-F1 (the mean over classes of 2PR/(P+R)), from the confusion matrix."""
     confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
@@ -315,11 +330,6 @@ def evaluate(model, encoded, labels, run_device):
     return metrics
 
 
-def autocast(run_device):
-    use = amp and run_device.startswith("cuda")
-    return torch.autocast("cuda" if use else "cpu", dtype=torch.bfloat16, enabled=use)
-
-
 # ----------------------------------------------------------------------------- training
 def learning_rate(step, total_steps):
     """Linear warmup to lr, then cosine decay to lr * min_lr_frac at the last step."""
@@ -346,7 +356,7 @@ def train_model(records, out_dir):
     Returns the history: one dict per finished epoch."""
     # DDP when launched by torchrun (it sets RANK, LOCAL_RANK, WORLD_SIZE), as in nanoGPT's train.py
     ddp = int(os.environ.get("RANK", -1)) != -1
-    run_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    run_device = default_device()
     rank, world_size = 0, 1
     if ddp:
         import torch.distributed as dist
@@ -366,8 +376,8 @@ def train_model(records, out_dir):
     train_idx, val_idx = stratified_split(labels, val_frac, seed)
     tokens = [record_tokens(r) for r in records]
     vocab = Vocab.build((t for i in train_idx for t in tokens[i]), min_freq=min_freq, max_size=max_vocab)
-    encode = lambda indices: [vocab.encode(tokens[i][0], max_len=max_len, tokens_b=tokens[i][1]) for i in indices]
-    train_encoded, val_encoded = encode(train_idx), encode(val_idx)
+    train_encoded = encode_pairs([tokens[i] for i in train_idx], vocab)
+    val_encoded = encode_pairs([tokens[i] for i in val_idx], vocab)
     train_labels, val_labels = [labels[i] for i in train_idx], [labels[i] for i in val_idx]
     if master:
         vocab.save(os.path.join(out_dir, "vocab.json"))
@@ -379,9 +389,9 @@ def train_model(records, out_dir):
     model = build_model(config, len(vocab)).to(run_device)
     if embeddings:
         log(f"embeddings: {load_glove(embeddings, vocab, model.embedding)} rows initialised from {embeddings}")
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n and ".pe." not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n
-                                                              and ".pe." not in n)]
+    decays = lambda name, p: p.dim() >= 2 and "embedding" not in name and ".pe." not in name
+    decay = [p for n, p in model.named_parameters() if decays(n, p)]
+    no_decay = [p for n, p in model.named_parameters() if not decays(n, p)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {config}")
@@ -405,6 +415,10 @@ def train_model(records, out_dir):
     def checkpoint_state():
         return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                 "history": history, "best_accuracy": best_accuracy, "config": config, "vocab_size": len(vocab)}
+
+    def save_best(metrics, epoch):
+        save_atomic({"model": raw_model.state_dict(), "config": config, "vocab_size": len(vocab),
+                     "epoch": epoch, "metrics": metrics}, os.path.join(out_dir, "best.pt"))
 
     lengths = [len(e) for e in train_encoded]
     deadline = start + max_minutes * 60 if max_minutes > 0 else float("inf")
@@ -451,8 +465,7 @@ def train_model(records, out_dir):
                     f"val accuracy {metrics['accuracy']:.4f} val macro-F1 {metrics['macro_f1']:.4f}")
                 if metrics["accuracy"] > best_accuracy:
                     best_accuracy = metrics["accuracy"]
-                    save_atomic({"model": raw_model.state_dict(), "config": config, "vocab_size": len(vocab),
-                                 "epoch": epoch + 1, "metrics": metrics}, os.path.join(out_dir, "best.pt"))
+                    save_best(metrics, epoch + 1)
                 with open(os.path.join(out_dir, "history.json"), "w") as f:
                     json.dump(history, f, indent=1)
                 plot_learning_curve(history, os.path.join(out_dir, "learning_curve.png"))
@@ -462,9 +475,7 @@ def train_model(records, out_dir):
         log(f"stopped after {max_minutes} minutes at step {step}/{total_steps}; checkpoint saved, "
             f"run the same command to resume")
     if not os.path.exists(os.path.join(out_dir, "best.pt")) and master:   # stopped before the first epoch ended
-        metrics = evaluate(raw_model, val_encoded, val_labels, run_device)
-        save_atomic({"model": raw_model.state_dict(), "config": config, "vocab_size": len(vocab),
-                     "epoch": 0, "metrics": metrics}, os.path.join(out_dir, "best.pt"))
+        save_best(evaluate(raw_model, val_encoded, val_labels, run_device), 0)
     if ddp:
         dist.destroy_process_group()
     return history
@@ -487,7 +498,7 @@ def load_trained(out_dir, run_device):
 
 def write_submission(out_dir, test_file, submission):
     """`id,label` for every record of test_file, in id order. With labels in the file, also the accuracy."""
-    run_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    run_device = default_device()
     model, vocab = load_trained(out_dir, run_device)
     records = sorted(load_news(test_file, require_label=False), key=lambda r: r["id"])
     ids = [r["id"] for r in records]
@@ -606,8 +617,8 @@ def run_bench(data_dir, out_dir):
 
     start = time.time()   # first, so that its --max_minutes budget is not shared with anything else
     train_model(train_records, out_dir)
-    model, vocab = load_trained(out_dir, device or "cpu")
-    logits = predict_logits(model, encode_records(test_records, vocab), device or "cpu")
+    model, vocab = load_trained(out_dir, default_device())
+    logits = predict_logits(model, encode_records(test_records, vocab), default_device())
     results["Transformer (this file)"] = (classification_metrics(logits.argmax(1).tolist(), test_labels),
                                           time.time() - start)
     print(f"Transformer: held-out accuracy {results['Transformer (this file)'][0]['accuracy']:.4f}", flush=True)
