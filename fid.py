@@ -12,6 +12,8 @@ The last line printed is `FID: <value>`. As a library (ddpm.py does this):
     from fid import compute_fid
     fid = compute_fid("samples/", "data/celeba")
 """
+import ast
+import difflib
 import hashlib
 import io
 import os
@@ -430,22 +432,101 @@ def report_nearest(gen_names, gen_features, train_names, train_features):
         print(f"  {gen_names[i]}  ~  {train_names[index[i]]}  (distance {distance[i]:.2f})")
 
 
-def parse_overrides(argv, config):
-    """--name=value sets the constant `name` at the top of the file (a bare --flag sets a bool to True);
-    other arguments are returned as positional ones."""
+# ----------------------------------------------------------------------------- command line
+# nanoGPT's configurator, checked. The same lines stand in tokenizer.py, fid.py and bleu.py (a test keeps them
+# identical), so that every script stays one file: textcls.py, ddpm.py and caption.py import them from there.
+def config_block(path):
+    """The configuration block of a script's source: (heading, name, comment) for every `name = value` line
+    between the '# configuration' line and the next '# ---' line; a comment line starts a new heading."""
+    lines = open(path, encoding="utf-8").read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# configuration"))
+    entries, heading = [], ""
+    for line in lines[start + 1:]:
+        if line.startswith("# ---"):
+            break
+        if line.startswith("#"):
+            heading = line.lstrip("# ")
+            continue
+        # the comment starts at the first '#' before which the line is a whole assignment ('#' may sit in a string)
+        for cut in [i for i, char in enumerate(line) if char == "#"] + [len(line)]:
+            try:
+                statement = ast.parse(line[:cut]).body
+            except SyntaxError:
+                continue
+            if statement and isinstance(statement[0], ast.Assign):
+                entries.append((heading, statement[0].targets[0].id, line[cut + 1:].strip()))
+            break
+    return entries
+
+
+def parse_value(flag, text, default):
+    """text as the type of the default: bools take True/False/true/false/1/0, strings may stay bare (a quoted
+    one is unquoted), numbers and lists are Python literals, and an int is fine where a float is expected."""
+    if isinstance(default, bool):
+        if text in ("True", "true", "1", "False", "false", "0"):
+            return text in ("True", "true", "1")
+        raise SystemExit(f"error: {flag} takes True or False, got {text!r}")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(default, str):
+        return value if isinstance(value, str) else text
+    if isinstance(default, float) and type(value) is int:
+        value = float(value)
+    if type(value) is not type(default):
+        kind = {"int": "an integer", "float": "a number"}.get(type(default).__name__, type(default).__name__)
+        raise SystemExit(f"error: {flag} takes {kind} (like {default!r}), got {text!r}")
+    return value
+
+
+def print_help(config, entries):
+    print((config.get("__doc__") or "").strip())
+    print("\noptions (--name=value; a bare --name sets a bool to True), with their current values:")
+    heading = None
+    for group, name, comment in entries:
+        if group != heading:
+            heading = group
+            print(f"  {group}" if group else "")
+        value = f"{name} = {config[name]!r}"
+        print(f"    {value:34s} {'# ' + comment if comment else ''}".rstrip())
+
+
+def parse_overrides(argv, config, checks=None):
+    """--name=value sets the constant `name` of the configuration block at the top of the script whose globals()
+    are `config`; -h/--help prints the docstring and every constant; other arguments are returned as positional.
+    checks: {name: tuple of allowed values, or (predicate, "what it accepts")}, tested after the overrides, so an
+    edited constant is checked too. Every mistake stops with one line naming the flag, before any work starts."""
+    entries = config_block(config["__file__"])
+    names = [name for _, name, _ in entries]
+    if "-h" in argv or "--help" in argv:
+        print_help(config, entries)
+        raise SystemExit(0)
     positional = []
     for arg in argv:
         if not arg.startswith("--"):
             positional.append(arg)
             continue
-        name, has_value, value = arg[2:].partition("=")
-        if name not in config or name.startswith("_"):
-            raise SystemExit(f"unknown option --{name}")
-        default = config[name]
-        if isinstance(default, bool):
-            config[name] = (value.lower() in ("1", "true", "yes")) if has_value else True
-        else:
-            config[name] = type(default)(value)
+        name, has_value, text = arg[2:].partition("=")
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            raise SystemExit(f"error: unknown option --{name}" + (f" (did you mean --{close[0]}?)" if close else
+                                                                  " (--help lists the options)"))
+        if not has_value and not isinstance(config[name], bool):
+            raise SystemExit(f"error: --{name} needs a value: --{name}=VALUE (now {config[name]!r})")
+        config[name] = parse_value(f"--{name}", text, config[name]) if has_value else True
+        print(f"overriding: {name} = {config[name]!r}")
+    for name, rule in (checks or {}).items():
+        value = config[name]
+        if isinstance(rule, tuple) and len(rule) == 2 and callable(rule[0]):
+            try:
+                accepted = bool(rule[0](value))
+            except (TypeError, ValueError):
+                accepted = False
+            if not accepted:
+                raise SystemExit(f"error: --{name} must be {rule[1]}, got {value!r}")
+        elif value not in rule:
+            raise SystemExit(f"error: --{name} must be one of {', '.join(map(repr, rule))}, got {value!r}")
     return positional
 
 
@@ -476,7 +557,9 @@ def main(paths):
 
 if __name__ == "__main__":
     torch.set_num_threads(min(os.cpu_count() or 1, 16))
-    args = parse_overrides(sys.argv[1:], globals())
+    args = parse_overrides(sys.argv[1:], globals(), {
+        "batch_size": (lambda v: v >= 1, "an integer >= 1"), "dims": (2048, 768, 192, 64),
+        "kid_subsets": (lambda v: v >= 1, "an integer >= 1"), "kid_subset_size": (lambda v: v >= 2, "an integer >= 2")})
     try:
         main(args)
     except (FIDInputError, FileNotFoundError, RuntimeError) as e:
