@@ -1,30 +1,39 @@
 """
 Image captioning by LoRA fine-tuning of Llama 3.2 Vision 11B (homework part 2-3), scored by BLEU (bleu.py).
-Unsloth's FastVisionModel (4-bit) on a CUDA machine with unsloth installed; otherwise transformers'
-MllamaForConditionalGeneration with peft LoRA on the same projections (4-bit bitsandbytes on CUDA, full
-precision on CPU). The base model stays frozen; only the LoRA matrices train. No Trainer: a plain loop.
+Unsloth's FastVisionModel on a CUDA machine with unsloth installed; otherwise transformers'
+MllamaForConditionalGeneration with peft LoRA on the same projections. Both load the base in 4-bit NF4 (QLoRA;
+bitsandbytes >= 0.50 quantizes on the CPU too) and train under autocast: bf16 from CUDA capability 8.0, fp16 with a
+gradient scaler below (a T4 is 7.5). The base stays frozen; only the LoRA matrices train. No Trainer: a plain loop.
 
     python caption.py --train --data_dir=data/caption --out_dir=out/caption --max_steps=250
     python caption.py --predict --data_dir=data/caption --out_dir=out/caption --submission=submission.json
     python caption.py --train --tiny --max_steps=20     # a tiny random Mllama built in code: runs on a CPU in seconds
 
-Training writes out_dir/adapter (the LoRA adapter with the best validation BLEU, save_pretrained format),
-out_dir/last (the latest adapter with optimizer state, to resume: run the same command again) and log lines.
+Training validates at step 0 (the zero-shot BLEU) and every eval_every steps, and writes out_dir/adapter (the LoRA
+adapter with the best validation BLEU, with the settings it was trained with: --predict uses those) and
+out_dir/last (adapter, optimizer and scaler state every save_every steps: run the same command again to resume).
+Ctrl-C or SIGTERM saves out_dir/last, then exits; a non-finite loss stops without touching it.
 """
+import contextlib
+import functools
+import gc
 import io
 import json
+import math
 import os
 import random
 import re
 import shutil
+import signal
 import sys
+import tempfile
 import time
 
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from bleu import corpus_bleu, parse_overrides
+from bleu import config_block, corpus_bleu, parse_overrides
 
 # -----------------------------------------------------------------------------
 # configuration: every constant below can be overridden as --name=value
@@ -35,8 +44,10 @@ data_dir = "data/caption"
 out_dir = "out/caption"
 submission = "submission.json"
 model_name = "unsloth/Llama-3.2-11B-Vision-Instruct"  # a Hub id or a local folder (also --model=...)
-backend = "auto"        # "auto" (unsloth if CUDA and unsloth are there, else transformers), "unsloth", "transformers"
-load_in_4bit = True     # on CUDA: 4-bit NF4 base weights (QLoRA); ignored on CPU
+backend = "auto"        # auto (unsloth if CUDA and a working unsloth are there, else transformers) | unsloth | transformers
+load_in_4bit = True     # 4-bit NF4 base weights (QLoRA); vision encoder, projector and lm_head stay 16-bit
+precision = "auto"      # auto | bf16 | fp16 | fp32: autocast dtype (auto: bf16 from capability 8.0, fp16 + scaler below)
+checkpointing = True    # recompute activations in backward: language layers, and here also the vision layers
 instruction = "Write a one-sentence caption for this image."
 # LoRA (Hu et al. 2021): W + (alpha / r) * B A on every attention and MLP projection, vision and language
 lora_r = 16
@@ -44,7 +55,7 @@ lora_alpha = 16
 lora_dropout = 0.0
 finetune_vision = True  # also adapt the vision encoder's projections (the unsloth notebook does)
 # training
-max_steps = 250         # optimizer steps; 0 = epochs over the training set
+max_steps = 250         # optimizer steps; 0 = epochs over the training images
 epochs = 1
 batch_size = 2          # images per forward pass
 grad_accum = 4          # forward passes per optimizer step: effective batch = batch_size * grad_accum
@@ -52,19 +63,91 @@ lr = 2e-4
 warmup_steps = 5
 weight_decay = 0.01
 grad_clip = 1.0
-optimizer_name = "adamw"  # "adamw" or "adamw_8bit" (bitsandbytes, CUDA only)
-eval_every = 50         # steps between validation BLEU checks (and at the end)
-val_samples = 100       # validation images captioned for BLEU (0 = all)
+optimizer_name = "adamw"  # adamw | adamw_8bit (bitsandbytes)
+eval_every = 50         # steps between validation BLEU checks (also at step 0 and at the end)
+save_every = 20         # steps between resume points in out_dir/last (a T4 step takes about 30 s)
+val_samples = 0         # validation images captioned for BLEU (0 = all)
 max_new_tokens = 48     # caption length limit when generating
 predict_batch_size = 8
 log_every = 10
-max_minutes = 0.0       # stop cleanly (adapter and optimizer state saved in out_dir/last) after this long; 0 = no limit
+max_minutes = 0.0       # stop cleanly (resume point saved in out_dir/last) after this long; 0 = no limit
 seed = 3407
 num_threads = 2         # CPU threads
 # -----------------------------------------------------------------------------
 
+CHECKS = {
+    "backend": ("auto", "unsloth", "transformers"),
+    "precision": ("auto", "bf16", "fp16", "fp32"),
+    "optimizer_name": ("adamw", "adamw_8bit"),
+    "lora_r": (lambda v: v >= 1, "an integer >= 1"),
+    "lora_alpha": (lambda v: v > 0, "an integer > 0"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "max_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "grad_accum": (lambda v: v >= 1, "an integer >= 1"),
+    "lr": (lambda v: v > 0, "a number > 0"),
+    "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "grad_clip": (lambda v: v > 0, "a number > 0"),
+    "eval_every": (lambda v: v >= 1, "an integer >= 1"),
+    "save_every": (lambda v: v >= 1, "an integer >= 1"),
+    "val_samples": (lambda v: v >= 0, "an integer >= 0"),
+    "max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "predict_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "log_every": (lambda v: v >= 1, "an integer >= 1"),
+    "max_minutes": (lambda v: v >= 0, "a number >= 0"),
+    "num_threads": (lambda v: v >= 1, "an integer >= 1"),
+}
+# What an adapter was trained with, saved beside it: --predict builds the same base and prompt from these, and a
+# resumed run must match them.
+MODEL_KEYS = ("model_name", "tiny", "instruction", "lora_r", "lora_alpha", "lora_dropout", "finetune_vision", "seed")
+RESUME_KEYS = MODEL_KEYS + ("batch_size", "grad_accum")
+CONFIG_FILE = "caption_config.json"
+# The versions this file was tested with (README); older ones stop with one line: transformers before 4.56 has no
+# dtype= keyword, bitsandbytes before 0.50 cannot quantize on the CPU.
+VERSION_FLOORS = {"transformers": "4.56", "peft": "0.17", "bitsandbytes": "0.45"}
+
 EOT = "<|eot_id|>"      # Llama 3's end of turn: the assistant's caption ends with it, generation stops on it
 IGNORE_INDEX = -100     # cross_entropy skips these label positions
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def settings():
+    """The configuration block's current values as a dict: what the functions below are given."""
+    return {name: globals()[name] for _, name, _ in config_block(__file__)}
+
+
+# ----------------------------------------------------------------------------- precision
+def cpu_has_bf16():
+    """True where the CPU computes bfloat16 natively: AMX or AVX512-BF16 in Linux's /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def choose_precision(requested, device_type):
+    """The autocast precision for `precision` on this device, and why: auto is bf16 where the hardware computes it
+    natively (CUDA capability >= 8.0, i.e. Ampere and later; CPUs with AMX or AVX512-BF16), fp16 with a gradient
+    scaler on older GPUs (a T4, 7.5, only emulates bf16: its convolutions then skip cuDNN and the tensor cores),
+    and fp32 elsewhere."""
+    if requested != "auto":
+        return requested, "asked for"
+    if device_type == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        if major >= 8:
+            return "bf16", f"CUDA capability {major}.{minor} computes bfloat16 natively"
+        return "fp16", f"CUDA capability {major}.{minor} has no native bfloat16: float16 with a gradient scaler"
+    if device_type == "cpu" and cpu_has_bf16():
+        return "bf16", "this CPU computes bfloat16 natively (AMX or AVX512-BF16)"
+    return "fp32", f"no native bfloat16 on this {device_type}"
+
+
+def autocast(device_type, precision_name):
+    return torch.autocast(device_type, dtype=DTYPES[precision_name], enabled=precision_name != "fp32")
 
 
 # ----------------------------------------------------------------------------- data
@@ -73,32 +156,52 @@ class CaptionDataError(ValueError):
 
 
 def load_split(path, need_caption):
-    """Rows of a homework parquet as dicts {image: PIL RGB, caption?, references?, idx?}. The image column is a
-    struct {bytes, path} or plain binary. Anything missing or unreadable is a CaptionDataError (file, row)."""
+    """Rows of a homework parquet as dicts {image: PIL RGB, references: [captions], idx?}. Training files carry
+    `caption` and/or `references` (a list of every caption of the image); rows with the same image bytes (a file
+    with one row per caption) become one row with all their captions. The image column is a struct {bytes, path}
+    or plain binary. Anything missing or unreadable is a CaptionDataError (file, row, field)."""
     name = os.path.basename(path)
     try:
         table = pq.read_table(path)
+    except FileNotFoundError:
+        raise CaptionDataError(f"{path}: file not found") from None
     except Exception as e:  # pyarrow raises several kinds for a file that is not parquet
         raise CaptionDataError(f"{name}: cannot read parquet ({type(e).__name__}: {e})") from None
-    required = ["image"] + (["caption"] if need_caption else ["idx"])
-    for column in required:
-        if column not in table.column_names:
-            raise CaptionDataError(f"{name}: missing column '{column}' (has {table.column_names})")
-    rows = []
+    if "image" not in table.column_names:
+        raise CaptionDataError(f"{name}: missing column 'image' (has {table.column_names})")
+    if need_caption and not {"caption", "references"} & set(table.column_names):
+        raise CaptionDataError(f"{name}: missing column 'caption' (or 'references') (has {table.column_names})")
+    if not need_caption and "idx" not in table.column_names:
+        raise CaptionDataError(f"{name}: missing column 'idx' (has {table.column_names})")
+    rows, by_image = [], {}
     for row_number, row in enumerate(table.to_pylist()):
         image = row["image"]
         data = image.get("bytes") if isinstance(image, dict) else image
         if not data:
             raise CaptionDataError(f"{name}: row {row_number}: field 'image' has no bytes")
+        if need_caption:
+            captions = [row["caption"]] if "caption" in row else []
+            if "references" in row:
+                if not isinstance(row["references"], list):
+                    raise CaptionDataError(f"{name}: row {row_number}: field 'references' must be a list of captions")
+                captions += row["references"]
+            if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
+                field = "caption" if "caption" in row and not (isinstance(row["caption"], str) and
+                                                               row["caption"].strip()) else "references"
+                raise CaptionDataError(f"{name}: row {row_number}: field '{field}' is empty")
+            if data in by_image:        # another caption of an image seen before
+                known = by_image[data]["references"]
+                known += [c for c in captions if c not in known]
+                continue
         try:
             with Image.open(io.BytesIO(data)) as opened:
                 row["image"] = opened.convert("RGB")
         except Exception as e:
             raise CaptionDataError(f"{name}: row {row_number}: cannot decode image ({type(e).__name__}: {e})") from None
         if need_caption:
-            if not isinstance(row["caption"], str) or not row["caption"].strip():
-                raise CaptionDataError(f"{name}: row {row_number}: field 'caption' is empty")
-            row["references"] = row.get("references") or [row["caption"]]
+            row["references"] = list(dict.fromkeys(captions))   # unique, in order; the `caption` first
+            row["caption"] = row["references"][0]
+            by_image[data] = row
         if "idx" in row and not isinstance(row["idx"], int):
             raise CaptionDataError(f"{name}: row {row_number}: field 'idx' must be an integer, got {row['idx']!r}")
         rows.append(row)
@@ -112,66 +215,179 @@ def load_split(path, need_caption):
 # (finetune_vision) of the vision encoder; the same set unsloth's get_peft_model picks for vision models.
 LANGUAGE_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 VISION_TARGETS = r".*vision_model.*\.(q_proj|k_proj|v_proj|o_proj|fc1|fc2)"
+# Kept out of 4-bit: NF4 of everything degrades this model (unsloth measured error spikes), and these three are
+# small next to the 8.7 B language-layer weights (0.9 B, 0.03 B, 0.5 B parameters). transformers 5 matches a name
+# from the module path's start or as a suffix ("model.vision_model"), 4.x as a substring ("vision_model").
+SKIP_4BIT = ["vision_model", "model.vision_model", "multi_modal_projector", "lm_head"]
 
 
-def lora_targets():
-    return f"({LANGUAGE_TARGETS}|{VISION_TARGETS})" if finetune_vision else LANGUAGE_TARGETS
+def lora_targets(c):
+    return f"({LANGUAGE_TARGETS}|{VISION_TARGETS})" if c["finetune_vision"] else LANGUAGE_TARGETS
 
 
-def load_model(adapter_dir=None, trainable=True):
-    """(model with LoRA, processor, backend name). adapter_dir: a saved adapter to load instead of new LoRA."""
+def check_versions():
+    from packaging.version import Version
+    import importlib.metadata
+    for package, floor in VERSION_FLOORS.items():
+        try:
+            found = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            raise SystemExit(f"error: caption.py needs {package} >= {floor}: pip install -r requirements.txt") from None
+        if Version(found) < Version(floor):
+            raise SystemExit(f"error: caption.py needs {package} >= {floor}, found {found}: pip install -U {package}")
+
+
+def choose_backend(requested, use_cuda, is_tiny):
+    """unsloth where asked, or (auto) on CUDA when it imports; a broken install falls back to transformers with
+    one line under auto and stops with one line when asked for by name."""
+    if requested == "transformers" or (requested == "auto" and (not use_cuda or is_tiny)):
+        return "transformers"
+    try:
+        import unsloth  # noqa: F401  (it patches transformers on import: import it before loading the model)
+    except Exception as e:  # a missing or broken install: ImportError, or anything its import raises
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if requested == "unsloth":
+            raise SystemExit(f"error: --backend=unsloth but unsloth does not import ({why})") from None
+        print(f"note: unsloth does not import ({why}); using transformers + peft")
+        return "transformers"
+    return "unsloth"
+
+
+def load_model(c=None, adapter_dir=None, trainable=True, precision_name=None):
+    """(model with LoRA, processor, backend name). c: settings (default: the configuration block); adapter_dir: a
+    saved adapter to load instead of new LoRA; trainable: prepare for training (k-bit preparation, checkpointing)."""
+    c = c or settings()
     use_cuda = torch.cuda.is_available()
-    chosen = backend
-    if chosen == "auto":
-        chosen = "unsloth" if (use_cuda and not tiny and _has_unsloth()) else "transformers"
-    if chosen == "unsloth":
-        return (*load_unsloth(adapter_dir, trainable), "unsloth")
-    if tiny:
-        base, processor = build_tiny_model()
-    else:
-        from transformers import AutoProcessor, BitsAndBytesConfig, MllamaForConditionalGeneration
-        quantize = use_cuda and load_in_4bit
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                          bnb_4bit_compute_dtype=torch.bfloat16) if quantize else None
-        base = MllamaForConditionalGeneration.from_pretrained(
-            model_name, quantization_config=quantization, dtype=torch.bfloat16 if use_cuda else torch.float32,
-            device_map={"": 0} if use_cuda else None)
-        processor = AutoProcessor.from_pretrained(model_name)
-        if processor.tokenizer.pad_token is None:   # Llama 3's reserved padding token, as unsloth uses it
-            processor.tokenizer.pad_token = "<|finetune_right_pad_id|>"
-        if quantize:
-            from peft import prepare_model_for_kbit_training
-            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
-        elif use_cuda:
-            base.gradient_checkpointing_enable()
-    if use_cuda and tiny:
-        base = base.cuda()
+    precision_name = precision_name or choose_precision(c["precision"], "cuda" if use_cuda else "cpu")[0]
+    used_backend = choose_backend(c["backend"], use_cuda, c["tiny"])
+    if used_backend == "unsloth":
+        return (*load_unsloth(c, adapter_dir, trainable, precision_name), "unsloth")
+    check_versions()
     from peft import LoraConfig, PeftModel, get_peft_model
+    base, processor = load_base(c, precision_name, use_cuda)
+    if trainable:
+        prepare_for_training(base, c, precision_name)
     if adapter_dir:
-        model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)
+        try:
+            model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)
+        except Exception as e:
+            raise SystemExit(f"error: cannot load the adapter in {adapter_dir} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
     else:
-        model = get_peft_model(base, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                                target_modules=lora_targets(), bias="none"))
+        model = get_peft_model(base, LoraConfig(r=c["lora_r"], lora_alpha=c["lora_alpha"],
+                                                lora_dropout=c["lora_dropout"], target_modules=lora_targets(c),
+                                                bias="none"))
+    if trainable:
+        remove_input_grad_hooks(model)
+        for p in model.parameters():       # fp32 LoRA: the gradient scaler refuses fp16 gradients
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
     return model, processor, "transformers"
 
 
-def _has_unsloth():
-    import importlib.util
-    return importlib.util.find_spec("unsloth") is not None
+def load_base(c, precision_name, use_cuda):
+    """The frozen base (4-bit where load_in_4bit) and its processor. 16-bit weights are stored in the autocast
+    dtype (fp16 on a T4), fp32 when precision is fp32."""
+    from transformers import AutoProcessor, BitsAndBytesConfig, MllamaForConditionalGeneration
+    dtype = DTYPES[precision_name]
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+        llm_int8_skip_modules=SKIP_4BIT) if c["load_in_4bit"] else None
+    device_map = {"": 0} if use_cuda else None
+    if c["tiny"]:
+        base, processor = build_tiny_model(c["seed"])
+        if quantization is None:
+            base = base.to(dtype)
+        else:   # bitsandbytes quantizes while loading: save the tiny model and load it back through it
+            with tempfile.TemporaryDirectory() as folder:
+                base.save_pretrained(folder)
+                base = MllamaForConditionalGeneration.from_pretrained(folder, quantization_config=quantization,
+                                                                      dtype=dtype, device_map=device_map)
+                base.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+        if use_cuda and quantization is None:
+            base = base.cuda()
+        return base, processor
+    try:
+        base = MllamaForConditionalGeneration.from_pretrained(c["model_name"], quantization_config=quantization,
+                                                              dtype=dtype, device_map=device_map)
+        processor = AutoProcessor.from_pretrained(c["model_name"])
+    except OSError as e:
+        raise SystemExit(f"error: cannot load model {c['model_name']!r} ({str(e).splitlines()[0]})") from None
+    if processor.tokenizer.pad_token is None:   # Llama 3's reserved padding token, as unsloth uses it
+        processor.tokenizer.pad_token = "<|finetune_right_pad_id|>"
+    return base, processor
 
 
-def load_unsloth(adapter_dir, trainable):
+def prepare_for_training(base, c, precision_name):
+    """Freeze the base, prepare a 4-bit one with peft (norms in fp32), turn on non-reentrant gradient checkpointing
+    of the language layers (transformers) and of the vision layers (here: transformers does not), and store the big
+    frozen 16-bit matrices back in the autocast dtype (peft upcasts them all to fp32: +3.9 GB on the 11B)."""
+    for p in base.parameters():
+        p.requires_grad_(False)
+    kwargs = {"use_reentrant": False}   # the reentrant default crashes on the cross-attention states (issue 12)
+    if getattr(base, "is_loaded_in_4bit", False):
+        from peft import prepare_model_for_kbit_training
+        prepare_model_for_kbit_training(base, use_gradient_checkpointing=c["checkpointing"],
+                                        gradient_checkpointing_kwargs=kwargs)
+        dtype = DTYPES[precision_name]
+        if dtype != torch.float32:
+            for module in base.modules():
+                if type(module) in (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d):
+                    module.to(dtype)
+    elif c["checkpointing"]:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if c["checkpointing"]:
+        checkpoint_vision_layers(base)
+
+
+def checkpoint_vision_layers(model):
+    """Non-reentrant activation checkpointing of every MllamaVisionEncoderLayer (transformers checkpoints only the
+    language layers; one 11B vision layer with LoRA keeps about 531 MiB of activations per 4-tile image pair).
+    Returns how many layers it wrapped."""
+    from transformers.models.mllama.modeling_mllama import MllamaVisionEncoderLayer
+    wrapped = 0
+    for module in model.modules():
+        if isinstance(module, MllamaVisionEncoderLayer) and "_unchecked_forward" not in module.__dict__:
+            module._unchecked_forward = module.forward
+            module.forward = functools.partial(_checkpointed_forward, module)
+            wrapped += 1
+    return wrapped
+
+
+def _checkpointed_forward(module, *args, **kwargs):
+    if module.training and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(module._unchecked_forward, *args, use_reentrant=False, **kwargs)
+    return module._unchecked_forward(*args, **kwargs)
+
+
+def remove_input_grad_hooks(model):
+    """Drop the hooks that make embedding outputs require grad (transformers and peft add them for reentrant
+    checkpointing; in transformers 5 also on the vision patch embedding): with non-reentrant checkpointing they only
+    make backward run through the frozen vision tower, and storing its graph costs gigabytes."""
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__name__", "") in ("make_inputs_require_grads", "make_inputs_require_grad"):
+                del module._forward_hooks[key]
+
+
+def load_unsloth(c, adapter_dir, trainable, precision_name):
     """The same model through unsloth (GPU only): 4-bit base, its LoRA on the same projections, its gradient
-    checkpointing. An adapter folder loads through from_pretrained, as in unsloth's notebooks."""
+    checkpointing (vision layers included). An adapter folder loads through from_pretrained, as in unsloth's
+    notebooks."""
     from unsloth import FastVisionModel
-    model, processor = FastVisionModel.from_pretrained(adapter_dir or model_name, load_in_4bit=load_in_4bit,
+    model, processor = FastVisionModel.from_pretrained(adapter_dir or c["model_name"], load_in_4bit=c["load_in_4bit"],
+                                                       dtype=DTYPES[precision_name],
                                                        use_gradient_checkpointing="unsloth")
     if adapter_dir is None:
         model = FastVisionModel.get_peft_model(
-            model, finetune_vision_layers=finetune_vision, finetune_language_layers=True,
-            finetune_attention_modules=True, finetune_mlp_modules=True, r=lora_r, lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout, bias="none", random_state=seed)
+            model, finetune_vision_layers=c["finetune_vision"], finetune_language_layers=True,
+            finetune_attention_modules=True, finetune_mlp_modules=True, r=c["lora_r"], lora_alpha=c["lora_alpha"],
+            lora_dropout=c["lora_dropout"], bias="none", random_state=c["seed"])
     (FastVisionModel.for_training if trainable else FastVisionModel.for_inference)(model)
+    if trainable:
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
     return model, processor
 
 
@@ -193,7 +409,7 @@ TINY_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_i
                        EOT, "<|finetune_right_pad_id|>", "<|image|>"]
 
 
-def build_tiny_model():
+def build_tiny_model(model_seed=None):
     """A randomly initialised Mllama (92k parameters) with a byte-level tokenizer and a 32x32 one-tile image
     processor: the same classes and code paths as the 11B model, at a size a CPU runs in seconds."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -215,12 +431,13 @@ def build_tiny_model():
     vision = MllamaVisionConfig(hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
                                 intermediate_size=64, vision_output_dim=64, image_size=32, patch_size=8,
                                 max_num_tiles=1, intermediate_layers_indices=[0], supported_aspect_ratios=[[1, 1]])
-    text = MllamaTextConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                            num_key_value_heads=1, intermediate_size=64, cross_attention_layers=[1, 3],
+    # language widths are multiples of 64: bitsandbytes' CPU kernels for 4-bit inference need whole 64-blocks
+    text = MllamaTextConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
+                            num_key_value_heads=1, intermediate_size=128, cross_attention_layers=[1, 3],
                             max_position_embeddings=1024, bos_token_id=token_id("<|begin_of_text|>"),
                             eos_token_id=token_id(EOT), pad_token_id=token_id("<|finetune_right_pad_id|>"))
     config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=token_id("<|image|>"))
-    torch.manual_seed(seed)  # the same random base every time, so a saved adapter fits it again
+    torch.manual_seed(seed if model_seed is None else model_seed)  # the same random base, so a saved adapter fits it
     model = MllamaForConditionalGeneration(config)
     # The language model sees the image only through its cross-attention layers, and each one's output is
     # scaled by tanh(gate) with the gates initialised to 0: a fresh random Mllama ignores the image entirely
@@ -241,17 +458,18 @@ def build_tiny_model():
 
 
 # ----------------------------------------------------------------------------- prompts and batches
-def chat_prompt(processor):
+def chat_prompt(processor, text_instruction=None):
     """The user turn (image + instruction) and the assistant header, in the model's own chat template."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+    text = instruction if text_instruction is None else text_instruction
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def make_batch(processor, images, captions=None):
+def make_batch(processor, images, captions=None, text_instruction=None):
     """Processor outputs for images with the prompt; with captions, the caption and <|eot_id|> follow the prompt
     and `labels` keeps only those tokens: prompt, image token and padding are IGNORE_INDEX (-100)."""
     tokenizer = processor.tokenizer
-    prompt = chat_prompt(processor)
+    prompt = chat_prompt(processor, text_instruction)
     texts = [prompt] * len(images) if captions is None else [prompt + c.strip() + EOT for c in captions]
     # training pads on the right; generation pads on the left so every prompt ends where generation begins
     tokenizer.padding_side = "right" if captions is not None else "left"
@@ -268,174 +486,419 @@ def make_batch(processor, images, captions=None):
     return batch
 
 
+# Lines that introduce a caption rather than being one: "Here is a one-sentence caption for this image:".
+PREAMBLE = re.compile(r"^(here\s+is|here's|sure|certainly|of course|okay|ok)\b.*|.*:\s*$", re.IGNORECASE)
+LABEL = re.compile(r"^\s*(?:[*_#>\-\s]*)(?:one[- ]sentence\s+)?(?:image\s+)?(?:caption|answer|description)"
+                   r"\s*(?:[*_]*\s*:\s*[*_]*|[*_]*\s*-\s+)", re.IGNORECASE)
+# Words ending in '.' that do not end a sentence: titles, 'St.', initials, 'etc.' before a lower-case word.
+ABBREVIATIONS = {"st", "mr", "mrs", "ms", "dr", "jr", "sr", "mt", "ft", "ave", "vs", "no", "etc", "approx", "inc",
+                 "co", "jan", "feb", "aug", "sept", "oct", "nov", "dec", "u.s", "e.g", "i.e", "a.m", "p.m"}
+
+
 def clean_caption(text):
-    """A generated caption as one clean sentence: first line, first sentence, single spaces, final period."""
-    text = text.strip().split("\n")[0]
-    text = re.sub(r"^(caption|answer)\s*:\s*", "", text, flags=re.IGNORECASE).strip(" \"'")
-    text = re.split(r"(?<=[.!?])[\"']?\s", text)[0]
-    text = re.sub(r"\s+", " ", text).strip()
+    """A generated caption as one clean sentence: the first line that is not a preamble ('Here is a caption:'),
+    without a 'Caption:' label, markdown emphasis or enclosing quotes, cut after its first sentence (an
+    abbreviation such as 'St.' or an initial does not end it), single spaces, a final period."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    while len(lines) > 1 and PREAMBLE.match(lines[0]) and not LABEL.match(lines[0] + " "):
+        lines.pop(0)
+    text = lines[0] if lines else ""
+    text = re.sub(r"^(here\s+is|here's|sure|certainly)\b[^:]*:\s+(?=\S)", "", text, flags=re.IGNORECASE)
+    if LABEL.match(text) and not LABEL.sub("", text, count=1).strip(" *_\"'") and len(lines) > 1:
+        text = lines[1]                                 # "**Caption:**" alone on its line, the caption below
+    text = LABEL.sub("", text, count=1)
+    text = re.sub(r"(\*\*|__|\*|_)(.+?)\1", r"\2", text)        # markdown bold / italics
+    text = text.strip(" *_#>\t")
+    text = re.sub(r"\s+", " ", text)
+    text = first_sentence(text)
+    if len(text) >= 2 and text[0] in "\"'“‘" and text[-1] in "\"'”’":
+        text = text[1:-1].strip()
+    text = text.strip(" \"'“”‘’")
     if text and text[-1] not in ".!?":
         text += " ."
     return text
 
 
+def first_sentence(text):
+    """text up to and including the first '.', '!' or '?' (and a closing quote after it) that ends a sentence:
+    followed by a space and then not a lower-case word, and not after an abbreviation or a single initial."""
+    for match in re.finditer(r"[.!?][\"'”’)]*(?=\s|$)", text):
+        end = match.end()
+        rest = text[end:].lstrip()
+        if match.group()[0] == ".":
+            word = re.search(r"([\w.]+)\.$", text[:match.start() + 1])
+            word = word.group(1).lower() if word else ""
+            if word in ABBREVIATIONS or (len(word) == 1 and word.isalpha() and rest[:1].isupper()):
+                continue
+            if rest[:1].islower():
+                continue
+        return text[:end].strip()
+    return text.strip()
+
+
 @torch.no_grad()
-def generate_captions(model, processor, images, batch=8):
+def generate_captions(model, processor, images, c=None, precision_name="fp32"):
     """Greedy captions for a list of PIL images, in order."""
+    c = c or settings()
     model.eval()
     device = next(model.parameters()).device
     captions = []
-    for s in range(0, len(images), batch):
-        inputs = make_batch(processor, images[s:s + batch]).to(device)
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                eos_token_id=processor.tokenizer.convert_tokens_to_ids(EOT),
-                                pad_token_id=processor.tokenizer.pad_token_id)
+    for s in range(0, len(images), c["predict_batch_size"]):
+        inputs = make_batch(processor, images[s:s + c["predict_batch_size"]],
+                            text_instruction=c["instruction"]).to(device)
+        with autocast(device.type, precision_name):
+            output = model.generate(**inputs, max_new_tokens=c["max_new_tokens"], do_sample=False,
+                                    eos_token_id=processor.tokenizer.convert_tokens_to_ids(EOT),
+                                    pad_token_id=processor.tokenizer.pad_token_id)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         captions += [clean_caption(t) for t in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     return captions
 
 
-def validation_bleu(model, processor, rows):
+def validation_bleu(model, processor, rows, c=None, precision_name="fp32"):
     """Corpus BLEU (bleu.py, sacrebleu's defaults) of greedy captions against all references of each image."""
-    hypotheses = generate_captions(model, processor, [r["image"] for r in rows], predict_batch_size)
+    hypotheses = generate_captions(model, processor, [r["image"] for r in rows], c, precision_name)
     n_refs = max(len(r["references"]) for r in rows)
     # one stream per reference position; an image with fewer references repeats its first one
     streams = [[(r["references"] + r["references"][:1] * n_refs)[k] for r in rows] for k in range(n_refs)]
     return corpus_bleu(hypotheses, streams).score, hypotheses
 
 
+# ----------------------------------------------------------------------------- files
+def check_writable_folder(folder, what):
+    """Stop with one line, before any expensive work, where `folder` cannot be created or written."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test"):
+            pass
+    except OSError as e:
+        raise SystemExit(f"error: {what} {folder!r} is not writable ({e.strerror or e})") from None
+
+
+def save_adapter(model, folder, c, extra=None):
+    """model.save_pretrained into folder.tmp, the settings beside it, then swap it in (see swap_in)."""
+    temporary = folder + ".tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary)
+    with open(os.path.join(temporary, CONFIG_FILE), "w") as f:
+        json.dump({key: c[key] for key in RESUME_KEYS}, f, indent=1)
+    if extra is not None:  # the resume state goes last: its presence marks a complete folder
+        torch.save(extra, os.path.join(temporary, "state.pt.tmp"))
+        os.replace(os.path.join(temporary, "state.pt.tmp"), os.path.join(temporary, "state.pt"))
+    else:
+        open(os.path.join(temporary, "complete"), "w").close()
+    swap_in(folder)
+
+
+def swap_in(folder):
+    """Replace folder by the complete folder.tmp so that a complete copy exists at every moment: folder -> folder.old,
+    folder.tmp -> folder, then delete folder.old. recover() undoes a kill between any two of these."""
+    old = folder + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(folder):
+        os.replace(folder, old)
+    os.replace(folder + ".tmp", folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def is_complete(folder):
+    return os.path.exists(os.path.join(folder, "state.pt")) or os.path.exists(os.path.join(folder, "complete"))
+
+
+def recover(folder):
+    """After a kill in save_adapter: the newest complete one of folder.tmp, folder, folder.old becomes folder."""
+    temporary, old = folder + ".tmp", folder + ".old"
+    if is_complete(temporary):              # finished writing, killed before or during the swap
+        if os.path.exists(folder):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+        os.replace(temporary, folder)
+        print(f"recovered {folder} from {temporary} (the run was stopped while saving)")
+    elif not os.path.exists(folder) and is_complete(old):
+        os.replace(old, folder)
+        print(f"recovered {folder} from {old}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(path, device):
+    """The resume state; a damaged or foreign file stops with one line naming it (weights_only: a crafted pickle
+    in it never runs)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: {path} is damaged or not a caption.py resume state ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'empty'}); delete {os.path.dirname(path)} to "
+                         f"start again from step 0") from None
+
+
+def read_config(folder):
+    path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: {path} is damaged ({e})") from None
+    return saved
+
+
 # ----------------------------------------------------------------------------- training
-def learning_rate(step, total_steps):
+def learning_rate(step, total_steps, c=None):
     """Linear warmup, then linear decay to zero at the last step (the unsloth notebook's schedule)."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    return lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    c = c or settings()
+    if step < c["warmup_steps"]:
+        return c["lr"] * (step + 1) / c["warmup_steps"]
+    return c["lr"] * max(0.0, (total_steps - step) / max(1, total_steps - c["warmup_steps"]))
 
 
-def make_optimizer(model):
+def make_optimizer(model, c):
     parameters = [p for p in model.parameters() if p.requires_grad]
-    if optimizer_name == "adamw_8bit":
+    if c["optimizer_name"] == "adamw_8bit":
         import bitsandbytes as bnb
-        return bnb.optim.AdamW8bit(parameters, lr=lr, weight_decay=weight_decay)
-    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+        return bnb.optim.AdamW8bit(parameters, lr=c["lr"], weight_decay=c["weight_decay"])
+    return torch.optim.AdamW(parameters, lr=c["lr"], weight_decay=c["weight_decay"])
 
 
-def train_model(data_dir, out_dir):
-    torch.manual_seed(seed)
+def visit(rows, item, seed_value):
+    """The (image, caption) of the run's item-th training example: epoch e visits the images in a shuffle that
+    depends only on (seed, e), and each visit draws one of the image's captions with its own seeded choice, so a
+    resumed run sees what it would have seen and every caption is trained on."""
+    epoch, position = divmod(item, len(rows))
+    order = list(range(len(rows)))
+    random.Random(seed_value + epoch).shuffle(order)
+    row = rows[order[position]]
+    return row["image"], random.Random(f"{seed_value}:{item}").choice(row["references"])
+
+
+def training_loss(model, batch):
+    return model(**batch).loss
+
+
+class StopRequested:
+    """SIGTERM (what Colab and Kaggle send when a runtime ends) and Ctrl-C set a flag that the loop checks after
+    each step: it saves the resume point, then exits. A second Ctrl-C stops at once."""
+    def __init__(self):
+        self.signal_name = None
+
+    def __enter__(self):
+        self.previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s in self.previous:
+            signal.signal(s, self.handle)
+        return self
+
+    def handle(self, number, frame):
+        if self.signal_name and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(number).name
+        print(f"{self.signal_name}: saving a resume point after this step, then exiting", flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def train_model(data_dir, out_dir, c=None):
+    """The training run; returns the best validation BLEU. Stops with one line on bad data, unwritable out_dir, a
+    damaged resume state, a resumed run whose settings differ from its checkpoint, or a non-finite loss."""
+    c = c or settings()
+    torch.manual_seed(c["seed"])
+    check_writable_folder(out_dir, "out_dir")
     train_rows = load_split(os.path.join(data_dir, "train_data.parquet"), need_caption=True)
     val_rows = load_split(os.path.join(data_dir, "valid_data.parquet"), need_caption=True)
-    val_rows = val_rows[:val_samples] if val_samples else val_rows
+    val_rows = val_rows[:c["val_samples"]] if c["val_samples"] else val_rows
     last_dir, best_dir = os.path.join(out_dir, "last"), os.path.join(out_dir, "adapter")
+    recover(last_dir)
+    recover(best_dir)
     resuming = os.path.exists(os.path.join(last_dir, "state.pt"))
-    model, processor, used_backend = load_model(last_dir if resuming else None, trainable=True)
+    state = None
+    if resuming:
+        state = load_state(os.path.join(last_dir, "state.pt"), "cpu")
+        saved = read_config(last_dir)
+        differing = [k for k in RESUME_KEYS if k in saved and saved[k] != c[k]]
+        if differing:
+            raise SystemExit(f"error: {last_dir} was trained with other settings: " + ", ".join(
+                f"{k} = {saved[k]!r} there, {c[k]!r} now" for k in differing) +
+                f"; use the same values, or another --out_dir")
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    precision_name, why = choose_precision(c["precision"], device_type)
+    model, processor, used_backend = load_model(c, last_dir if resuming else None, trainable=True,
+                                                precision_name=precision_name)
     device = next(model.parameters()).device
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"backend {used_backend} on {device}: {trainable:,} trainable LoRA parameters of {total:,} "
           f"({100 * trainable / total:.2f} %)")
+    print(f"precision: {precision_name} ({why})")
 
-    optimizer = make_optimizer(model)
-    batches_per_epoch = len(train_rows) // batch_size
-    total_steps = max_steps or epochs * batches_per_epoch // grad_accum
+    optimizer = make_optimizer(model, c)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision_name == "fp16")
+    images_per_step = c["batch_size"] * c["grad_accum"]
+    total_steps = c["max_steps"] or max(1, math.ceil(c["epochs"] * len(train_rows) / images_per_step))
     step, best_bleu = 0, -1.0
     if resuming:
-        state = torch.load(os.path.join(last_dir, "state.pt"), map_location=device, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        step, best_bleu = state["step"], state["best_bleu"]
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            if "scaler" in state and scaler.is_enabled():
+                scaler.load_state_dict(state["scaler"])
+            step, best_bleu = int(state["step"]), float(state["best_bleu"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise SystemExit(f"error: {os.path.join(last_dir, 'state.pt')} does not fit this run ({type(e).__name__}:"
+                             f" {e}); delete {last_dir} to start again from step 0") from None
         print(f"resuming from {last_dir} at step {step}")
 
     def micro_batch(k):
-        # micro-batch k of the whole run: the order of an epoch depends only on (seed, epoch), so a resumed
-        # run sees the batches it would have seen
-        epoch, position = divmod(k, batches_per_epoch)
-        order = list(range(len(train_rows)))
-        random.Random(seed + epoch).shuffle(order)
-        rows = [train_rows[i] for i in order[position * batch_size:(position + 1) * batch_size]]
-        return make_batch(processor, [r["image"] for r in rows], [r["caption"] for r in rows]).to(device)
+        pairs = [visit(train_rows, k * c["batch_size"] + i, c["seed"]) for i in range(c["batch_size"])]
+        return make_batch(processor, [p[0] for p in pairs], [p[1] for p in pairs],
+                          text_instruction=c["instruction"]).to(device)
 
+    def validate():
+        set_mode(model, used_backend, training=False)
+        score, hypotheses = validation_bleu(model, processor, val_rows, c, precision_name)
+        set_mode(model, used_backend, training=True)
+        print(f"step {step}: validation BLEU {score:.2f} on {len(val_rows)} images; e.g. {hypotheses[0]!r}")
+        return score
+
+    def save_resume_point():
+        save_adapter(model, last_dir, c, {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                                          "step": step, "best_bleu": best_bleu, "precision": precision_name})
+
+    if step == 0:   # the zero-shot baseline; a broken pipeline shows here, before hours of training
+        best_bleu = validate()
+        save_adapter(model, best_dir, c)   # LoRA starts as the identity: this is the base model's adapter
     start, start_step, loss_sum, loss_steps = time.time(), step, 0.0, 0
-    while step < total_steps:
-        model.train()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, total_steps)
-        for micro in range(grad_accum):
-            loss = model(**micro_batch(step * grad_accum + micro)).loss / grad_accum
-            loss.backward()
-            loss_sum += loss.item()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step, loss_steps = step + 1, loss_steps + 1
-        if step % log_every == 0 or step == total_steps:
-            rate = (step - start_step) * batch_size * grad_accum / (time.time() - start)
-            print(f"step {step}/{total_steps} loss {loss_sum / loss_steps:.4f} "
-                  f"lr {learning_rate(step, total_steps):.2e} {rate:.2f} captions/s, "
-                  f"about {(total_steps - step) * batch_size * grad_accum / rate / 60:.1f} min left")
-            loss_sum, loss_steps = 0.0, 0
-        if step % eval_every == 0 or step == total_steps:
-            set_mode(model, used_backend, training=False)
-            score, hypotheses = validation_bleu(model, processor, val_rows)
-            set_mode(model, used_backend, training=True)
-            print(f"step {step}: validation BLEU {score:.2f} on {len(val_rows)} images; e.g. {hypotheses[0]!r}")
-            if score > best_bleu:
-                best_bleu = score
-                model.save_pretrained(best_dir)
-                print(f"  best so far: adapter saved to {best_dir}")
-        out_of_time = max_minutes > 0 and time.time() - start > max_minutes * 60
-        if step % eval_every == 0 or step == total_steps or out_of_time:
-            save_resume_point(model, optimizer, step, best_bleu, last_dir)
-        if out_of_time:
-            print(f"stopped after {max_minutes} minutes at step {step}/{total_steps}; run the same command to resume")
-            break
-    else:
-        print(f"done: best validation BLEU {best_bleu:.2f}, adapter in {best_dir}")
+    with StopRequested() as stop:
+        while step < total_steps:
+            model.train()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, total_steps, c)
+            for micro in range(c["grad_accum"]):
+                with autocast(device.type, precision_name):
+                    loss = training_loss(model, micro_batch(step * c["grad_accum"] + micro)) / c["grad_accum"]
+                value = loss.item()
+                if not math.isfinite(value):
+                    kept = f"{last_dir} keeps step {state_step(last_dir)}" if os.path.exists(last_dir) else \
+                        "no resume point was written"
+                    raise SystemExit(f"error: the loss is {value} at step {step + 1} (precision {precision_name}); "
+                                     f"stopped without saving: {kept}. Try a lower --lr or --precision=fp32")
+                scaler.scale(loss).backward()
+                loss_sum += value
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], c["grad_clip"])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step, loss_steps = step + 1, loss_steps + 1
+            if step % c["log_every"] == 0 or step == total_steps:
+                seconds = (time.time() - start) / (step - start_step)
+                print(f"step {step}/{total_steps} loss {loss_sum / loss_steps:.4f} "
+                      f"lr {learning_rate(step, total_steps, c):.2e} {seconds:.1f} s/step, "
+                      f"about {(total_steps - step) * seconds / 60:.1f} min left", flush=True)
+                loss_sum, loss_steps = 0.0, 0
+            if step % c["eval_every"] == 0 or step == total_steps:
+                score = validate()
+                if score > best_bleu:
+                    best_bleu = score
+                    save_adapter(model, best_dir, c)
+                    print(f"  best so far: adapter saved to {best_dir}")
+            out_of_time = c["max_minutes"] > 0 and time.time() - start > c["max_minutes"] * 60
+            if step % c["save_every"] == 0 or step == total_steps or out_of_time or stop.signal_name:
+                save_resume_point()
+            if stop.signal_name:
+                raise SystemExit(f"stopped by {stop.signal_name} at step {step}/{total_steps}: resume point saved "
+                                 f"in {last_dir}; run the same command to go on")
+            if out_of_time:
+                print(f"stopped after {c['max_minutes']} minutes at step {step}/{total_steps}; run the same command "
+                      f"to resume")
+                break
+        else:
+            print(f"done: best validation BLEU {best_bleu:.2f}, adapter in {best_dir}")
     return best_bleu
 
 
-def save_resume_point(model, optimizer, step, best_bleu, last_dir):
-    """Adapter and optimizer state written side by side into a new folder that then replaces the old one, so
-    the two always belong to the same step."""
-    temporary = last_dir + ".tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary)
-    torch.save({"optimizer": optimizer.state_dict(), "step": step, "best_bleu": best_bleu},
-               os.path.join(temporary, "state.pt"))
-    shutil.rmtree(last_dir, ignore_errors=True)
-    os.replace(temporary, last_dir)
+def state_step(folder):
+    try:
+        return torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=True)["step"]
+    except Exception:
+        return "?"
 
 
 # ----------------------------------------------------------------------------- prediction
-def write_submission(data_dir, out_dir, submission):
-    """[{"idx": int, "output": str}] for every test image, in idx order, each idx exactly once."""
+def check_submission_path(path):
+    if os.path.isdir(path):
+        raise SystemExit(f"error: --submission {path!r} is a folder; give a file name such as submission.json")
+    check_writable_folder(os.path.dirname(os.path.abspath(path)), "the folder of --submission")
+
+
+def write_submission(data_dir, out_dir, submission, c=None):
+    """[{"idx": int, "output": str}] for every test image, in idx order, each idx exactly once, written whole or
+    not at all. The base model and prompt are those the adapter was trained with (out_dir/adapter/caption_config.json),
+    whatever the configuration block says now; the module's globals are not changed."""
+    c = c or settings()
+    check_submission_path(submission)
     rows = load_split(os.path.join(data_dir, "test_data.parquet"), need_caption=False)
     indices = [r["idx"] for r in rows]
     if len(set(indices)) != len(indices):
         duplicate = next(i for i in indices if indices.count(i) > 1)
         raise CaptionDataError(f"test_data.parquet: idx {duplicate} appears more than once")
     adapter_dir = os.path.join(out_dir, "adapter")
+    recover(adapter_dir)
     if not os.path.isdir(adapter_dir):
-        raise SystemExit(f"{adapter_dir} not found: train first (python caption.py --train --out_dir={out_dir})")
-    model, processor, _ = load_model(adapter_dir, trainable=False)
+        raise SystemExit(f"error: {adapter_dir} not found: train first (python caption.py --train --out_dir={out_dir})")
+    saved = read_config(adapter_dir)
+    differing = {k: v for k, v in saved.items() if k in MODEL_KEYS and c.get(k) != v}
+    if differing:
+        print("using the adapter's settings: " + ", ".join(f"{k} = {v!r}" for k, v in differing.items()))
+    c = {**c, **{k: v for k, v in saved.items() if k in MODEL_KEYS}}
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    precision_name = choose_precision(c["precision"], device_type)[0]
+    model, processor, used_backend = load_model(c, adapter_dir, trainable=False, precision_name=precision_name)
+    set_mode(model, used_backend, training=False)
     rows.sort(key=lambda r: r["idx"])
     start = time.time()
-    captions = generate_captions(model, processor, [r["image"] for r in rows], predict_batch_size)
-    with open(submission, "w") as f:
-        json.dump([{"idx": r["idx"], "output": c} for r, c in zip(rows, captions)], f, indent=1)
+    captions = generate_captions(model, processor, [r["image"] for r in rows], c, precision_name)
+    temporary = submission + ".tmp"
+    with open(temporary, "w") as f:
+        json.dump([{"idx": r["idx"], "output": text} for r, text in zip(rows, captions)], f, indent=1)
+    os.replace(temporary, submission)
     print(f"wrote {len(rows)} captions to {submission} ({time.time() - start:.0f} s); e.g. {captions[0]!r}")
 
 
-if __name__ == "__main__":
+def free_memory():
+    """Let the trained model go before --predict loads the adapter again (two 11B models do not fit a T4)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main(argv):
     # --model=... is the short name of model_name (a variable called `model` holds the network below)
-    arguments = ["--model_name" + a[len("--model"):] if a.startswith("--model=") else a for a in sys.argv[1:]]
-    if parse_overrides(arguments, globals()):
-        sys.exit(f"unexpected arguments: {sys.argv[1:]} (every option is --name=value)")
+    arguments = ["--model_name" + a[len("--model"):] if a.startswith("--model=") else a for a in argv]
+    positional = parse_overrides(arguments, globals(), CHECKS)
+    if positional:
+        raise SystemExit(f"error: caption.py takes no positional arguments, got {positional[0]!r} "
+                         f"(every option is --name=value; --help lists them)")
     torch.set_num_threads(num_threads)
+    c = settings()
+    if train:
+        check_writable_folder(out_dir, "out_dir")
+    if predict:
+        check_submission_path(submission)
     try:
         if train:
-            train_model(data_dir, out_dir)
+            train_model(data_dir, out_dir, c)
+            free_memory()
         if predict:
-            write_submission(data_dir, out_dir, submission)
+            write_submission(data_dir, out_dir, submission, c)
         if not (train or predict):
-            print(__doc__)
-    except (CaptionDataError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+            print(__doc__.strip())
+            print("\nchoose --train or --predict (--help lists every option)")
+    except CaptionDataError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
