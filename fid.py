@@ -17,11 +17,14 @@ import difflib
 import hashlib
 import io
 import os
+import pickle
+import shutil
 import sys
 import time
 import urllib.request
 import warnings
 import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -52,7 +55,15 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 # ----------------------------------------------------------------------------- reading images
 class FIDInputError(ValueError):
-    """An input that cannot be read; the message names the file."""
+    """A file that cannot be read, or written, as asked; the message is one line naming it."""
+
+
+MIN_IMAGES = 2  # a covariance needs two samples; a FID worth reading needs thousands (see too_few_images)
+
+
+def too_few_images(name, n):
+    return FIDInputError(f"{name}: {n} image{'s' if n != 1 else ''}; a covariance needs at least {MIN_IMAGES}, and "
+                         f"FID needs thousands for a stable number (10,000 is the usual; fewer bias it upwards)")
 
 
 def decode_image(data, name):
@@ -65,41 +76,137 @@ def decode_image(data, name):
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
 
 
+def is_mac_metadata(name):
+    """Entries that macOS adds to the zips and folders it writes: __MACOSX/ (resource forks) and ._NAME
+    (AppleDouble files, 4 KB of metadata next to every image on a FAT/exFAT drive). Never images."""
+    parts = name.replace("\\", "/").split("/")
+    return "__MACOSX" in parts or parts[-1].startswith("._")
+
+
 def list_images(path):
-    """The images of a folder, a .zip or a uint8 .npy/.npz array, as (name, loader) pairs in name order."""
+    """The images of a folder, a .zip or a uint8 .npy/.npz array, as (name, loader) pairs in name order.
+    A folder is read without its subfolders (one named like an image, 'x.jpg/', is skipped with a note);
+    macOS metadata (__MACOSX/, ._*) is skipped; a damaged zip or array is a FIDInputError naming it."""
     path = str(path)
     if os.path.isdir(path):
-        names = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+        names, skipped = [], []
+        for name in sorted(os.listdir(path)):
+            if not name.lower().endswith(IMAGE_EXTENSIONS) or is_mac_metadata(name):
+                continue
+            (skipped if os.path.isdir(os.path.join(path, name)) else names).append(name)
+        if skipped:
+            print(f"note: {path}: skipped {len(skipped)} folder{'s' if len(skipped) > 1 else ''} named like an "
+                  f"image ({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}): subfolders are not read",
+                  file=sys.stderr)
         return [(os.path.join(path, n), _file_loader(os.path.join(path, n))) for n in names]
     if path.endswith(".zip"):
         # one open archive for all its images: reopening it per image re-reads its whole directory each time
-        archive = zipfile.ZipFile(path)
-        names = sorted(n for n in archive.namelist() if n.lower().endswith(IMAGE_EXTENSIONS))
-        return [(f"{path}/{n}", (lambda n=n: decode_image(archive.read(n), f"{path}/{n}"))) for n in names]
+        try:
+            archive = zipfile.ZipFile(path)
+        except FileNotFoundError:
+            raise FIDInputError(f"{path}: no such file") from None
+        except (zipfile.BadZipFile, OSError, EOFError) as e:  # truncated, not a zip, a folder's name
+            raise FIDInputError(f"{path}: not a readable zip file ({e}); a truncated download or copy?") from None
+        names = sorted(n for n in archive.namelist()
+                       if n.lower().endswith(IMAGE_EXTENSIONS) and not is_mac_metadata(n))
+        return [(f"{path}/{n}", (lambda n=n: decode_image(_zip_read(archive, n, path), f"{path}/{n}")))
+                for n in names]
     if path.endswith((".npy", ".npz")):
         array = load_array(path)
         return [(f"{path}[{i}]", (lambda i=i: torch.from_numpy(array[i]).permute(2, 0, 1).float() / 255))
                 for i in range(len(array))]
+    if not os.path.exists(path):
+        raise FIDInputError(f"{path}: no such file or folder")
     raise FIDInputError(f"{path}: not a folder, .zip, .npy or .npz")
+
+
+def _zip_read(archive, name, path):
+    try:
+        return archive.read(name)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as e:  # bad CRC, cut short
+        raise FIDInputError(f"{path}/{name}: damaged zip entry ({e})") from None
 
 
 def _file_loader(file):
     def load():
-        with open(file, "rb") as f:
-            return decode_image(f.read(), file)
+        try:
+            with open(file, "rb") as f:
+                data = f.read()
+        except OSError as e:  # a broken link, no permission
+            raise FIDInputError(f"{file}: cannot read ({e.strerror or e})") from None
+        return decode_image(data, file)
     return load
+
+
+def _np_load(path):
+    """np.load, with every way a file can be damaged or foreign (truncated, not numpy, pickled objects, which
+    are never loaded) turned into one line naming it."""
+    try:
+        return np.load(path)
+    except FileNotFoundError:
+        raise FIDInputError(f"{path}: no such file") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise FIDInputError(f"{path}: not a readable numpy file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def _npz_arrays(path, data, keys):
+    """The arrays `keys` of an open .npz, a damaged member (bad CRC, cut short) being one line naming it."""
+    try:
+        return [data[key] for key in keys]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise FIDInputError(f"{path}: damaged array in the .npz ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 def load_array(path):
     """A uint8 array (N, H, W, 3) from .npy, or from the single array of an .npz that has no mu/sigma."""
-    data = np.load(path)
+    data = _np_load(path)
     if isinstance(data, np.lib.npyio.NpzFile):
-        if "mu" in data.files:
-            raise FIDInputError(f"{path}: holds statistics (mu, sigma), not images; KID and --nearest need images")
-        data = data[data.files[0]]
+        with data:
+            if "mu" in data.files or "sigma" in data.files:
+                raise FIDInputError(f"{path}: holds statistics ({', '.join(data.files)}), not images; KID and "
+                                    f"--nearest need images")
+            if not data.files:
+                raise FIDInputError(f"{path}: an empty .npz: neither images nor statistics (mu, sigma)")
+            data = _npz_arrays(path, data, data.files[:1])[0]
     if data.dtype != np.uint8 or data.ndim != 4 or data.shape[-1] != 3:
         raise FIDInputError(f"{path}: expected a uint8 array of shape (N, H, W, 3), got {data.dtype} {data.shape}")
     return data
+
+
+def is_statistics(path):
+    """True for an .npz that holds statistics (a mu or a sigma) rather than images."""
+    path = str(path)
+    if not path.endswith(".npz"):
+        return False
+    data = _np_load(path)
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        return False  # a .npy under an .npz name: load_array reads it as images
+    with data:
+        return "mu" in data.files or "sigma" in data.files
+
+
+def load_statistics(path, dims=None):
+    """mu (d,), sigma (d, d) of a statistics .npz, checked: both present, of matching sizes, of `dims`
+    features when given, finite. Every fault is one line naming the file."""
+    path = str(path)
+    data = _np_load(path)
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise FIDInputError(f"{path}: a single array, not statistics (an .npz holding mu and sigma)")
+    with data:
+        missing = [key for key in ("mu", "sigma") if key not in data.files]
+        if missing:
+            raise FIDInputError(f"{path}: no {' and no '.join(missing)}: a statistics .npz holds both mu and sigma "
+                                f"(python fid.py IMAGES --save_stats=OUT.npz writes one); it has "
+                                f"{', '.join(data.files) or 'no arrays'}")
+        mu, sigma = _npz_arrays(path, data, ("mu", "sigma"))
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise FIDInputError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit: expected (d,) and (d, d)")
+    if dims is not None and len(mu) != dims:
+        raise FIDInputError(f"{path}: statistics of {len(mu)} features, but the other side has {dims} "
+                            f"(--dims={dims}): use statistics of the same feature size, or --dims={len(mu)}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise FIDInputError(f"{path}: the statistics hold NaN or inf values; recompute them")
+    return mu.astype(np.float64), sigma.astype(np.float64)
 
 
 # ----------------------------------------------------------------------------- the network
@@ -305,8 +412,30 @@ def weights_path(path=""):
 
 
 def load_inception(dims=2048, weights="", device="cpu"):
+    """The network with the weights file's state_dict. The file is read with weights_only=True: a plain
+    state_dict of tensors loads, a pickle that would run code is refused (one line) and never runs."""
     model = InceptionV3(dims)
-    model.load_state_dict(torch.load(weights_path(weights), map_location="cpu", weights_only=True), strict=True)
+    path = weights_path(weights)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused an object: a crafted or foreign file
+        reason = next((line.strip().split(". ")[0] for line in str(e).splitlines() if "Unsupported" in line),
+                      "it holds more than tensors, numbers and strings")
+        raise FIDInputError(f"{path}: not a plain state_dict of tensors; refused to load it ({reason})") from None
+    except Exception as e:  # truncated, empty, not written by torch.save: torch raises many kinds
+        first_line = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0][:120]
+        raise FIDInputError(f"{path}: not a readable weights file ({type(e).__name__}: {first_line}); a truncated "
+                            f"download? delete it to download it again") from None
+    if not isinstance(state, dict):
+        raise FIDInputError(f"{path}: holds a {type(state).__name__}, not a state_dict (a dict of tensors)")
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and getattr(state[k], "shape", None) != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise FIDInputError(f"{path}: not the FID Inception weights (pt_inception-2015-12-05): {len(missing)} "
+                            f"missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped entries, e.g. "
+                            f"{(missing + unexpected + wrong)[0]}")
+    model.load_state_dict(state, strict=True)
     return model.eval().to(device)
 
 
@@ -333,8 +462,16 @@ def extract_features(model, path, batch_size=50, device="cpu", progress=True):
     return torch.cat(features).numpy()
 
 
-def statistics(features):
-    """Mean and covariance of the features, as pytorch-fid: np.cov with rowvar=False (divides by N-1)."""
+def statistics(features, name="the features"):
+    """Mean and covariance of the features, as pytorch-fid: np.cov with rowvar=False (divides by N-1).
+    Fewer than 2 rows, or a NaN/inf feature, is a FIDInputError: a NaN covariance would otherwise send
+    scipy's sqrtm into a loop of minutes."""
+    features = np.atleast_2d(features)
+    if len(features) < MIN_IMAGES:
+        raise too_few_images(name, len(features))
+    if not np.isfinite(features).all():
+        raise FIDInputError(f"{name}: the Inception features hold NaN or inf values (NaN weights, or NaN "
+                            f"images in a float array?)")
     return np.mean(features, axis=0), np.cov(features, rowvar=False)
 
 
@@ -343,8 +480,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     distance between the Gaussians N(mu1, sigma1) and N(mu2, sigma2) (Dowson & Landau 1982)."""
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics of different sizes: {mu1.shape} vs {mu2.shape}")
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise FIDInputError(f"statistics of different sizes: mu {mu1.shape} sigma {sigma1.shape} against "
+                            f"mu {mu2.shape} sigma {sigma2.shape}")
+    # checked before sqrtm, which on a NaN matrix of 192 or more rows loops for minutes instead of failing
+    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
+        raise FIDInputError("the statistics hold NaN or inf values (a set of one image? NaN features?)")
     diff = mu1 - mu2
     product = sigma1 @ sigma2
     covmean = linalg.sqrtm(product)
@@ -360,23 +501,60 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     # rounding: a small imaginary part is dropped, a large one means the statistics are wrong.
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in sqrtm: bad statistics?")
+            raise FIDInputError(f"imaginary component {np.max(np.abs(covmean.imag))} in sqrtm: bad statistics?")
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def path_statistics(path, model, batch_size=50, device="cpu"):
-    """mu, sigma of `path`: read from a statistics .npz (keys mu and sigma), or computed from its images."""
+    """mu, sigma of `path`: read from a statistics .npz (keys mu and sigma, checked against model.dims), or
+    computed from its images (at least 2)."""
     path = str(path)
-    if path.endswith(".npz"):
-        with np.load(path) as data:
-            if "mu" in data and "sigma" in data:
-                return data["mu"], data["sigma"]
-    return statistics(extract_features(model, path, batch_size, device))
+    if is_statistics(path):
+        return load_statistics(path, getattr(model, "dims", None))
+    return statistics(extract_features(model, path, batch_size, device), path)
+
+
+def check_output(path, flag="--save_stats", need_bytes=0):
+    """Before any expensive work: `path` can be written (its folder exists, it is not a folder, a file can be
+    created next to it) and its disk has need_bytes free. Each fault is one line naming the path."""
+    path = str(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise FIDInputError(f"{flag}={path}: is a folder; give a file name such as {os.path.join(path, 'stats.npz')}")
+    if not os.path.isdir(folder):
+        what = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise FIDInputError(f"{flag}={path}: the folder {folder} {what}; create it first")
+    probe = path + ".tmp"
+    try:
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise FIDInputError(f"{flag}={path}: cannot write in {folder} ({e.strerror or e})") from None
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        raise FIDInputError(f"{flag}={path}: {free / 2**20:.1f} MB free in {folder}, the file needs about "
+                            f"{need_bytes / 2**20:.1f} MB")
 
 
 def save_statistics(path, mu, sigma):
-    np.savez_compressed(path, mu=mu, sigma=sigma)
+    """mu and sigma to `path` (.npz) atomically: written to path.tmp, then renamed over path, so that a kill or a
+    full disk leaves the previous file whole (and no half file)."""
+    path, tmp = str(path), str(path) + ".tmp"
+    try:
+        with open(tmp, "wb") as f:  # a file object: numpy would otherwise append .npz to a name without it
+            np.savez_compressed(f, mu=mu, sigma=sigma)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise FIDInputError(f"{path}: cannot write the statistics ({e.strerror or e}); the previous file, if any, "
+                            f"is unchanged") from None
 
 
 def compute_fid(path1, path2, batch_size=50, device=None, dims=2048, weights=""):
@@ -396,6 +574,8 @@ def kernel_inception_distance(features1, features2, n_subsets=100, subset_size=1
     rng = np.random.default_rng(seed)
     d = features1.shape[1]
     m = min(subset_size, len(features1), len(features2))
+    if m < 2:  # the unbiased estimate divides by m (m - 1)
+        raise too_few_images("KID", m)
     kernel = lambda a, b: (a @ b.T / d + 1) ** 3
     estimates = []
     for _ in range(n_subsets):
@@ -530,10 +710,35 @@ def parse_overrides(argv, config, checks=None):
     return positional
 
 
+def preflight(paths, run_dims):
+    """Every check that needs no network and no feature, before the first one is extracted: each input can be
+    listed and has >= 2 images, each statistics .npz is whole, finite and of run_dims features, and the output
+    of --save_stats can be written. Returns the number of images per path (None for statistics)."""
+    if save_stats:
+        check_output(save_stats, "--save_stats", need_bytes=8 * (run_dims * run_dims + run_dims) + 2**20)
+    counts = []
+    for path in paths:
+        if is_statistics(path):
+            if kid or nearest or save_stats:
+                raise FIDInputError(f"{path}: holds statistics (mu, sigma), not images; "
+                                    f"{'--save_stats needs' if save_stats else 'KID and --nearest need'} images")
+            load_statistics(path, run_dims)
+            counts.append(None)
+            continue
+        n = len(list_images(path))
+        if n == 0:
+            raise FIDInputError(f"{path}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
+        if n < MIN_IMAGES:
+            raise too_few_images(path, n)
+        counts.append(n)
+    return counts
+
+
 def main(paths):
     if len(paths) != (1 if save_stats else 2):
         raise FIDInputError("usage: python fid.py PATH1 PATH2 [--kid] [--nearest=TRAIN]  or  "
                             "python fid.py PATH --save_stats=OUT.npz")
+    preflight(paths + ([nearest] if nearest else []), dims)
     run_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_inception(dims, weights, run_device)
     if save_stats:
@@ -542,7 +747,7 @@ def main(paths):
         return
     if kid or nearest:  # these need the features themselves, not only the statistics
         features = [extract_features(model, p, batch_size, run_device) for p in paths]
-        stats = [statistics(f) for f in features]
+        stats = [statistics(f, p) for f, p in zip(features, paths)]
     else:
         stats = [path_statistics(p, model, batch_size, run_device) for p in paths]
     if nearest:
@@ -559,8 +764,12 @@ if __name__ == "__main__":
     torch.set_num_threads(min(os.cpu_count() or 1, 16))
     args = parse_overrides(sys.argv[1:], globals(), {
         "batch_size": (lambda v: v >= 1, "an integer >= 1"), "dims": (2048, 768, 192, 64),
-        "kid_subsets": (lambda v: v >= 1, "an integer >= 1"), "kid_subset_size": (lambda v: v >= 2, "an integer >= 2")})
+        "kid_subsets": (lambda v: v >= 1, "an integer >= 1"), "kid_subset_size": (lambda v: v >= 2, "an integer >= 2"),
+        "save_stats": (lambda v: v == "" or v.endswith(".npz"), "a file name ending in .npz")})
     try:
         main(args)
     except (FIDInputError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # nothing to save: the only output, --save_stats, is written whole at the end
+        print("interrupted: nothing written", file=sys.stderr)
+        sys.exit(130)

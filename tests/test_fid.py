@@ -348,7 +348,10 @@ def test_corrupt_image_is_a_clear_error(tmp_path, small_model):
 
 
 def test_bad_paths_are_clear_errors(tmp_path, small_model):
-    with pytest.raises(fid.FIDInputError, match="not a folder, .zip, .npy or .npz"):
+    with pytest.raises(fid.FIDInputError, match="images.tar: no such file or folder"):
+        fid.list_images(tmp_path / "images.tar")
+    (tmp_path / "images.tar").write_bytes(b"not an image set")
+    with pytest.raises(fid.FIDInputError, match="images.tar: not a folder, .zip, .npy or .npz"):
         fid.list_images(tmp_path / "images.tar")
     np.save(tmp_path / "floats.npy", np.zeros((2, 8, 8, 3), dtype=np.float32))
     with pytest.raises(fid.FIDInputError, match="expected a uint8 array"):
