@@ -118,11 +118,13 @@ def main():
         raise SystemExit(f"error: {out_dir} holds {len(stale)} images this run does not make ({stale[0]} ...; from "
                          f"another --seed or --n?): give an empty folder")
     print(f"{len(loaders):,} faces in {where}; writing {len(chosen):,} of them (seed {seed}) to {out_dir}/")
-    start = time.time()
-    for i, name in enumerate(chosen, 1):
-        write_atomic(os.path.join(out_dir, name), make_face(loaders[name](), f"{where}/{name}"))
+    start, made = time.time(), {}
+    for i, name in enumerate(chosen, 1):  # all in memory first (3 kB a face), so a bad original writes nothing
+        made[name] = make_face(loaders[name](), f"{where}/{name}")
         if i % 1000 == 0 or i == len(chosen):
             print(f"  {i:,}/{len(chosen):,} faces ({i / (time.time() - start + 1e-9):.0f}/s)")
+    for name, data in made.items():
+        write_atomic(os.path.join(out_dir, name), data)
     print(f"wrote {len(chosen):,} faces, {size}x{size} RGB JPEG (quality 95, 4:2:0), crop box {crop_box}")
     stats = os.path.join(os.path.dirname(os.path.normpath(out_dir)), "celeba_stats.npz")
     print(f"next: python fid.py {out_dir} --save_stats={stats}")

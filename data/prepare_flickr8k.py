@@ -158,9 +158,16 @@ def write_atomic(path, write):
     os.replace(tmp, path)
 
 
+def json_bytes(rows):
+    """A JSON array with indent 1, non-ASCII characters as they are, no final newline: the homework's layout."""
+    return json.dumps(rows, indent=1, ensure_ascii=False).encode("utf-8")
+
+
 def write_json(path, rows):
-    data = json.dumps(rows, indent=1, ensure_ascii=False).encode("utf-8")  # the homework's layout
-    write_atomic(path, lambda tmp: open(tmp, "wb").write(data))
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(json_bytes(rows))
+    write_atomic(path, write)
 
 
 def main():
@@ -186,7 +193,7 @@ def main():
     total = sum(len(names) for names in splits.values())
     print(f"{len(captions):,} captioned images in {caption_path}; images from {image_folder}/; writing "
           f"{', '.join(f'{split} {len(names):,}' for split, names in splits.items())} to {out_dir}/")
-    start, done = time.time(), 0
+    start, done, tables = time.time(), 0, {}
     for split, names in splits.items():
         images = []
         for name in names:
@@ -195,10 +202,11 @@ def main():
             if done % 250 == 0 or done == total:
                 print(f"  {done:,}/{total:,} images ({done / (time.time() - start + 1e-9):.0f}/s)")
         if split == "test":
-            table = pa.table({"idx": list(range(len(names))), "image": images}, schema=SCHEMAS["test"])
+            tables[split] = pa.table({"idx": list(range(len(names))), "image": images}, schema=SCHEMAS["test"])
         else:
-            table = pa.table({"image": images, "caption": [captions[name][0] for name in names],
-                              "references": [captions[name] for name in names]}, schema=SCHEMAS["train"])
+            tables[split] = pa.table({"image": images, "caption": [captions[name][0] for name in names],
+                                      "references": [captions[name] for name in names]}, schema=SCHEMAS["train"])
+    for split, table in tables.items():  # only now, so that a bad image leaves the old files as they were
         write_atomic(os.path.join(out_dir, f"{split}_data.parquet"), lambda tmp: pq.write_table(table, tmp))
     write_json(os.path.join(out_dir, "sample_submission.json"),
                [{"idx": i, "output": ""} for i in range(len(splits["test"]))])

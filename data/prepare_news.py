@@ -136,6 +136,11 @@ def split(kept, n_test, n_train, seed):
     return train, test
 
 
+def json_bytes(rows):
+    """A JSON array with indent 1, non-ASCII characters as they are, no final newline: the homework's layout."""
+    return json.dumps(rows, indent=1, ensure_ascii=False).encode("utf-8")
+
+
 def csv_bytes(rows):
     """`id,label` with CRLF line ends, as the homework's sample_submission.csv."""
     return "".join(f"{a},{b}\r\n" for a, b in [("id", "label")] + rows).encode()
@@ -168,10 +173,9 @@ def main():
     if unknown:
         print(f"note: categories in neither the 15 nor v3's others, dropped too: {', '.join(unknown)}")
     train, test = split(kept, n_test, n_train, seed)
-    dumps = lambda rows: json.dumps(rows, indent=1, ensure_ascii=False).encode("utf-8")
     outputs = {
-        "News_train.json": dumps(train),
-        "News_test.json": dumps([{k: r[k] for k in ("id", "headline", "short_description")} for r in test]),
+        "News_train.json": json_bytes(train),
+        "News_test.json": json_bytes([{k: r[k] for k in ("id", "headline", "short_description")} for r in test]),
         "sample_submission.csv": csv_bytes([(r["id"], 0) for r in test]),
         "News_test_labels.csv": csv_bytes([(r["id"], r["label"]) for r in test]),
     }
