@@ -861,9 +861,13 @@ def write_submission(data_dir, out_dir, submission, c=None):
     start = time.time()
     captions = generate_captions(model, processor, [r["image"] for r in rows], c, precision_name)
     temporary = submission + ".tmp"
-    with open(temporary, "w") as f:
-        json.dump([{"idx": r["idx"], "output": text} for r, text in zip(rows, captions)], f, indent=1)
-    os.replace(temporary, submission)
+    try:
+        with open(temporary, "w") as f:
+            json.dump([{"idx": r["idx"], "output": text} for r, text in zip(rows, captions)], f, indent=1)
+        os.replace(temporary, submission)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
     print(f"wrote {len(rows)} captions to {submission} ({time.time() - start:.0f} s); e.g. {captions[0]!r}")
 
 

@@ -1,5 +1,7 @@
 """caption.py with the tiny random Mllama on CPU: LoRA-only training, the label mask, the image reaching the
-text through cross-attention, loss going down, adapter save/load/resume, submission.json, and data errors."""
+text through cross-attention, loss going down, adapter save/load/resume, submission.json, clean_caption on real
+instruction-model outputs, every caption of an image trained on, and data errors. The 4-bit path is in
+test_caption_4bit.py, faults and the command line in test_caption_faults.py."""
 import io
 import json
 import os
@@ -48,9 +50,10 @@ def data_dir(tmp_path):
 
 @pytest.fixture
 def tiny(monkeypatch):
-    settings = dict(tiny=True, backend="transformers", batch_size=2, grad_accum=2, lr=5e-3, warmup_steps=1,
-                    max_steps=4, eval_every=2, val_samples=0, max_new_tokens=12, predict_batch_size=4,
-                    log_every=1, max_minutes=0.0, lora_r=8, lora_alpha=16)
+    settings = dict(tiny=True, backend="transformers", load_in_4bit=False, precision="fp32", checkpointing=False,
+                    batch_size=2,
+                    grad_accum=2, lr=5e-3, warmup_steps=1, max_steps=4, eval_every=2, save_every=2, val_samples=0,
+                    max_new_tokens=4, predict_batch_size=4, log_every=1, max_minutes=0.0, lora_r=8, lora_alpha=16)
     for name, value in settings.items():
         monkeypatch.setattr(caption, name, value)
 
@@ -139,6 +142,37 @@ def test_clean_caption_gives_one_sentence():
     assert caption.clean_caption("") == ""
 
 
+@pytest.mark.parametrize("output, expected", [
+    # the cases named in issue 12: a preamble line ending in ':' before a quoted caption, a markdown label,
+    # quotes, an abbreviation inside the sentence
+    ('Here is a one-sentence caption for this image:\n\n"A brown dog runs through the tall grass."',
+     "A brown dog runs through the tall grass."),
+    ("**Caption:** A man in a red jacket climbs a rock wall.", "A man in a red jacket climbs a rock wall."),
+    ('"Two children play on a swing set in a park."', "Two children play on a swing set in a park."),
+    ("A man in St. Louis walks his dog .", "A man in St. Louis walks his dog ."),
+    # more real shapes of chat answers
+    ("Sure! Here's a caption for the image:\nA woman holds an umbrella in the rain.",
+     "A woman holds an umbrella in the rain."),
+    ("Here is a caption: A dog catches a frisbee on the beach.", "A dog catches a frisbee on the beach."),
+    ("**Caption:**\nA surfer rides a large wave.", "A surfer rides a large wave."),
+    ("Caption:\n\nA girl in a pink dress smiles.", "A girl in a pink dress smiles."),
+    ("*A black dog* jumps over a **wooden** fence.", "A black dog jumps over a wooden fence."),
+    ("“A cyclist speeds down a mountain road.”", "A cyclist speeds down a mountain road."),
+    ("Mr. Smith walks his dog past the U.S. Capitol. The sky is blue.",
+     "Mr. Smith walks his dog past the U.S. Capitol."),
+    ("A statue of J. Edgar Hoover stands in a hall. It is old.", "A statue of J. Edgar Hoover stands in a hall."),
+    ('A boy shouts "hello." to his friend. They laugh.', 'A boy shouts "hello." to his friend.'),
+    ("Dr. Brown walks on Main St. in the snow", "Dr. Brown walks on Main St. in the snow ."),
+    ("A dog runs on the beach!  Waves crash behind it.", "A dog runs on the beach!"),
+    ("Is this a dog? Yes.", "Is this a dog?"),
+    ("  a   dog\trunning  ", "a dog running ."),
+    ("The image shows a man riding a horse. In the background there are trees.",
+     "The image shows a man riding a horse."),
+])
+def test_clean_caption_survives_instruction_model_outputs(output, expected):
+    assert caption.clean_caption(output) == expected
+
+
 # ----------------------------------------------------------------------------- training, resume, prediction
 def logits_of(model, processor):
     batch = caption.make_batch(processor, [image("yellow")], ["A yellow square ."])
@@ -155,11 +189,11 @@ def test_train_saves_an_adapter_that_reloads_to_the_same_logits(tiny, data_dir, 
     out_dir = str(tmp_path / "out")
     caption.train_model(data_dir, out_dir)
     assert os.path.exists(os.path.join(out_dir, "adapter", "adapter_config.json"))
-    assert torch.load(os.path.join(out_dir, "last", "state.pt"), weights_only=False)["step"] == 4
-    trained, processor, _ = caption.load_model(os.path.join(out_dir, "last"), trainable=False)
+    assert torch.load(os.path.join(out_dir, "last", "state.pt"), weights_only=True)["step"] == 4
+    trained, processor, _ = caption.load_model(adapter_dir=os.path.join(out_dir, "last"), trainable=False)
     fresh, _, _ = caption.load_model()
     assert not torch.allclose(logits_of(trained, processor), logits_of(fresh, processor))   # training changed it
-    again, _, _ = caption.load_model(os.path.join(out_dir, "last"), trainable=False)
+    again, _, _ = caption.load_model(adapter_dir=os.path.join(out_dir, "last"), trainable=False)
     torch.testing.assert_close(logits_of(trained, processor), logits_of(again, processor), rtol=0, atol=0)
 
 
@@ -169,11 +203,11 @@ def test_resume_continues_exactly(tiny, data_dir, tmp_path):
     interrupted = str(tmp_path / "interrupted")
     caption.max_minutes = 1e-9                      # out of time after every step
     caption.train_model(data_dir, interrupted)
-    assert torch.load(os.path.join(interrupted, "last", "state.pt"), weights_only=False)["step"] == 1
+    assert torch.load(os.path.join(interrupted, "last", "state.pt"), weights_only=True)["step"] == 1
     caption.max_minutes = 0.0
     caption.train_model(data_dir, interrupted)
-    a, _, _ = caption.load_model(os.path.join(straight, "last"), trainable=False)
-    b, _, _ = caption.load_model(os.path.join(interrupted, "last"), trainable=False)
+    a, _, _ = caption.load_model(adapter_dir=os.path.join(straight, "last"), trainable=False)
+    b, _, _ = caption.load_model(adapter_dir=os.path.join(interrupted, "last"), trainable=False)
     state_a, state_b = lora_state(a), lora_state(b)
     assert state_a.keys() == state_b.keys()
     for name in state_a:
