@@ -190,6 +190,8 @@ def test_news_errors_are_one_line(tmp_path, news_source):
     one_line_error(run("prepare_news.py", f"--source={source}", out, "stray"), "no positional arguments")
     assert not (tmp_path / "out" / "News_train.json").exists()
     assert "n_test = 1000" in ok(run("prepare_news.py", "--help"))
+    assert "crop_box = (19, 39, 159, 179)" in ok(run("prepare_celeba.py", "--help"))
+    assert "n_train = 2000" in ok(run("prepare_flickr8k.py", "--help"))
 
 
 # ============================================================================= CelebA (part 2-2)
