@@ -107,11 +107,11 @@ def write_atomic(path, data):
 def main():
     if not os.path.exists(source):
         raise SystemExit(f"error: {source}: no such file or folder")
-    os.makedirs(out_dir, exist_ok=True)
-    if not os.access(out_dir, os.W_OK):
-        raise SystemExit(f"error: {out_dir}: not writable")
     loaders, where = open_source(source)
     chosen = choose(list(loaders), n, seed)
+    os.makedirs(out_dir, exist_ok=True)  # checked before the faces, the long part
+    if not os.access(out_dir, os.W_OK):
+        raise SystemExit(f"error: {out_dir}: not writable")
     stale = sorted(set(f for f in os.listdir(out_dir) if f.lower().endswith((".jpg", ".jpeg", ".png")))
                    - set(chosen))
     if stale:  # fid.py and ddpm.py read every image of the folder: other faces would join the set

@@ -173,23 +173,22 @@ def write_json(path, rows):
 def main():
     if not os.path.isdir(source):
         raise SystemExit(f"error: {source}: not a folder: give the folder holding Flickr8k's text files and images")
-    os.makedirs(out_dir, exist_ok=True)
-    if not os.access(out_dir, os.W_OK):
-        raise SystemExit(f"error: {out_dir}: not writable")
     caption_path = find_file(CAPTION_FILES, TEXT_FOLDERS, "caption file")
     captions = (read_token_file if caption_path.endswith(".token.txt") else read_captions_csv)(caption_path)
     image_folder = find_image_folder()
+    text_folders = tuple(dict.fromkeys((os.path.relpath(os.path.dirname(caption_path), source),) + TEXT_FOLDERS))
     counts = {"train": n_train, "valid": n_valid, "test": n_test}
     splits = {}
     for split, filename in SPLIT_FILES.items():
-        text_folders = (os.path.relpath(os.path.dirname(caption_path), source),) + TEXT_FOLDERS
-        path = find_file([filename], tuple(dict.fromkeys(text_folders)),
-                         f"split list (it comes in Flickr8k_text.zip)")
+        path = find_file([filename], text_folders, "split list (it comes in Flickr8k_text.zip)")
         splits[split] = choose(read_split(path), counts[split], split)
         for name in splits[split]:
             if len(captions.get(name, [])) != CAPTIONS_PER_IMAGE:
                 raise SystemExit(f"error: {caption_path}: {name} (in {filename}) has {len(captions.get(name, []))} "
                                  f"captions, expected {CAPTIONS_PER_IMAGE}")
+    os.makedirs(out_dir, exist_ok=True)  # checked before the images, the long part
+    if not os.access(out_dir, os.W_OK):
+        raise SystemExit(f"error: {out_dir}: not writable")
     total = sum(len(names) for names in splits.values())
     print(f"{len(captions):,} captioned images in {caption_path}; images from {image_folder}/; writing "
           f"{', '.join(f'{split} {len(names):,}' for split, names in splits.items())} to {out_dir}/")
