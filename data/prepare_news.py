@@ -13,7 +13,6 @@ the first `n_test` become the test set and the next `n_train` (0 = all the rest)
 ids 0, 1, 2, ... The files are written exactly as the homework's are (a JSON array, indent 1, UTF-8; CSV with
 CRLF line ends), and the same seed gives the same bytes.
 """
-import io
 import json
 import os
 import random
