@@ -1,0 +1,375 @@
+"""caption.py's real-model path (issue 12) on the CPU: the tiny Mllama quantized for real by bitsandbytes
+(Linear4bit, NF4), trained through peft's prepare_model_for_kbit_training with non-reentrant checkpointing, the
+vision layers checkpointed, --predict on the 4-bit model, the precision policy, fp16 with a GradScaler on the CPU
+and its state across a resume, the unsloth backend's dtype and fallback, and training on every caption."""
+import json
+import os
+import sys
+import types
+import weakref
+
+import pytest
+import torch
+from PIL import Image
+
+import caption
+from test_caption import COLOURS, write_parquet
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    settings = dict(tiny=True, backend="transformers", load_in_4bit=True, precision="fp32", checkpointing=True,
+                    batch_size=2, grad_accum=1, lr=5e-3, warmup_steps=1, max_steps=2, eval_every=100,
+                    save_every=100, val_samples=2, max_new_tokens=4, predict_batch_size=4, log_every=1,
+                    max_minutes=0.0, lora_r=8, lora_alpha=16)
+    for name, value in settings.items():
+        monkeypatch.setattr(caption, name, value)
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    write_parquet(tmp_path / "train_data.parquet", 8)
+    write_parquet(tmp_path / "valid_data.parquet", 2)
+    write_parquet(tmp_path / "test_data.parquet", 3, kind="test")
+    return str(tmp_path)
+
+
+def image(colour):
+    return Image.new("RGB", (64, 64), COLOURS[colour])
+
+
+def linear4bit_names(model):
+    import bitsandbytes as bnb
+    return [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+# ----------------------------------------------------------------------------- 4-bit for real
+def test_the_tiny_model_is_quantized_for_real_with_the_skip_modules_kept(tiny):
+    base, _ = caption.load_base(caption.settings(), "fp32", use_cuda=False)
+    quantized = linear4bit_names(base)
+    # 4 language layers x 7 projections (self- and cross-attention, MLP) become NF4; nothing else does
+    assert len(quantized) == 4 * 7 and all(".language_model." in n for n in quantized)
+    first = dict(base.named_modules())[quantized[0]]
+    assert first.weight.dtype == torch.uint8 and first.weight.quant_state.quant_type == "nf4"
+    plain = {n for n, m in base.named_modules() if type(m) is torch.nn.Linear}
+    assert "lm_head" in plain and "model.multi_modal_projector" in plain
+    assert any(n.startswith("model.vision_model.") and n.endswith("q_proj") for n in plain)
+    assert base.is_loaded_in_4bit
+
+
+@pytest.mark.parametrize("finetune_vision", [True, False])
+def test_three_kbit_training_steps_lower_the_loss_with_a_gradient_on_every_lora_tensor(tiny, monkeypatch,
+                                                                                      finetune_vision):
+    monkeypatch.setattr(caption, "finetune_vision", finetune_vision)
+    import peft
+    calls = []
+    real_prepare = peft.prepare_model_for_kbit_training
+
+    def spy(model, **kwargs):
+        calls.append(kwargs)
+        return real_prepare(model, **kwargs)
+    monkeypatch.setattr(peft, "prepare_model_for_kbit_training", spy)
+    model, processor, _ = caption.load_model(trainable=True, precision_name="fp32")
+    assert calls == [{"use_gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}]
+    assert len(linear4bit_names(model)) == 28
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert lora and all(".lora_A." in n or ".lora_B." in n for n in lora)
+    assert any("vision_model" in n for n in lora) == finetune_vision
+    batch = caption.make_batch(processor, [image("red"), image("blue")], ["A red square .", "A blue square ."])
+    optimizer = torch.optim.AdamW(lora.values(), lr=1e-2)
+    model.train()
+    losses = []
+    for step in range(3):
+        with caption.autocast("cpu", "fp32"):
+            loss = caption.training_loss(model, batch)
+        loss.backward()
+        if step > 0:   # at step 0 every lora_B is 0, so lora_A's gradient is 0 by construction
+            missing = [n for n, p in lora.items() if p.grad is None or not p.grad.abs().sum() > 0]
+            assert not missing, missing
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[2] < losses[1] < losses[0], losses
+
+
+def test_the_old_reentrant_preparation_crashes_on_the_first_backward(tiny, monkeypatch):
+    """What issue 12 found: peft's default gradient_checkpointing_kwargs leave use_reentrant unset, so the
+    test above would fail without the fix."""
+    import peft
+    real_prepare = peft.prepare_model_for_kbit_training
+    monkeypatch.setattr(peft, "prepare_model_for_kbit_training",
+                        lambda model, **kwargs: real_prepare(model, use_gradient_checkpointing=True))
+    monkeypatch.setattr(caption, "remove_input_grad_hooks", lambda model: None)
+    monkeypatch.setattr(caption, "checkpointing", False)   # only the language layers, as before the fix
+    model, processor, _ = caption.load_model(trainable=True, precision_name="fp32")
+    model.train()
+    batch = caption.make_batch(processor, [image("red")], ["A red square ."])
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        caption.training_loss(model, batch).backward()
+
+
+def test_vision_layers_are_checkpointed_with_the_same_gradients(tiny, monkeypatch):
+    monkeypatch.setattr(caption, "load_in_4bit", False)
+    grads, recomputed = {}, {}
+    for checkpointing in (False, True):
+        monkeypatch.setattr(caption, "checkpointing", checkpointing)
+        model, processor, _ = caption.load_model(trainable=True, precision_name="fp32")
+        torch.manual_seed(0)
+        with torch.no_grad():   # the same nonzero LoRA in both models, so vision LoRA gets a real gradient
+            for name, p in sorted(model.named_parameters()):
+                if p.requires_grad:
+                    p.normal_(std=0.1)
+        vision_layers = [m for n, m in model.named_modules() if type(m).__name__ == "MllamaVisionEncoderLayer"]
+        assert len(vision_layers) == 3
+        calls = []
+        vision_layers[0].self_attn.register_forward_hook(lambda *args: calls.append(1))
+        model.train()
+        batch = caption.make_batch(processor, [image("red"), image("green")], ["A red square .", "A green one ."])
+        caption.training_loss(model, batch).backward()
+        grads[checkpointing] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        recomputed[checkpointing] = len(calls)
+        # no hook makes the frozen patch embedding's output require grad (backward through the frozen tower)
+        assert not any(getattr(h, "__name__", "").startswith("make_inputs_require_grad")
+                       for m in model.modules() for h in m._forward_hooks.values())
+    assert recomputed == {False: 1, True: 2}          # checkpointed: the layer runs again in backward
+    assert grads[True].keys() == grads[False].keys()
+    vision = [n for n in grads[True] if "vision_model" in n]
+    assert vision and all(grads[True][n].abs().sum() > 0 for n in vision)
+    for name in grads[True]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_predict_on_the_4bit_model_writes_a_valid_submission(tiny, data_dir, tmp_path, monkeypatch):
+    out_dir = str(tmp_path / "out")
+    caption.train_model(data_dir, out_dir)
+    import peft
+    prepared = []
+    monkeypatch.setattr(peft, "prepare_model_for_kbit_training", lambda *a, **k: prepared.append(1))
+    loaded = []
+    real_load = caption.load_model
+
+    def spy(*args, **kwargs):
+        result = real_load(*args, **kwargs)
+        loaded.append(result[0])
+        return result
+    monkeypatch.setattr(caption, "load_model", spy)
+    caption.write_submission(data_dir, out_dir, str(tmp_path / "submission.json"))
+    assert len(linear4bit_names(loaded[0])) == 28 and prepared == []    # 4-bit, and no k-bit training prep
+    assert not any(p.requires_grad for p in loaded[0].parameters())
+    submission = json.loads((tmp_path / "submission.json").read_text())
+    assert [s["idx"] for s in submission] == [0, 1, 2]
+    assert all(set(s) == {"idx", "output"} and isinstance(s["output"], str) for s in submission)
+
+
+# ----------------------------------------------------------------------------- precision
+@pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((7, 0), "fp16"), ((6, 1), "fp16"),
+                                                  ((8, 0), "bf16"), ((8, 6), "bf16"), ((9, 0), "bf16")])
+def test_precision_follows_the_cuda_capability(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    name, why = caption.choose_precision("auto", "cuda")
+    assert name == expected and f"{capability[0]}.{capability[1]}" in why
+    assert caption.choose_precision("fp32", "cuda") == ("fp32", "asked for")
+
+
+def test_precision_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(caption, "cpu_has_bf16", lambda: True)
+    assert caption.choose_precision("auto", "cpu")[0] == "bf16"
+    monkeypatch.setattr(caption, "cpu_has_bf16", lambda: False)
+    assert caption.choose_precision("auto", "cpu")[0] == "fp32"
+
+
+def test_the_4bit_compute_dtype_and_16bit_weights_follow_the_precision(tiny):
+    """On a T4 (fp16): NF4 layers compute in fp16, the skipped matrices are stored in fp16 (not the fp32 peft's
+    preparation upcasts them to), norms stay fp32, LoRA is fp32 for the scaler."""
+    model, _, _ = caption.load_model(trainable=True, precision_name="fp16")
+    modules = dict(model.named_modules())
+    assert all(modules[n].compute_dtype == torch.float16 for n in linear4bit_names(model))
+    assert model.base_model.model.lm_head.weight.dtype == torch.float16
+    assert model.base_model.model.model.language_model.embed_tokens.weight.dtype == torch.float16
+    assert model.base_model.model.model.language_model.norm.weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+def test_fp16_with_a_grad_scaler_trains_on_the_cpu_and_resumes_with_the_scaler_state(tiny, data_dir, tmp_path,
+                                                                                     monkeypatch):
+    """Both backends' loop: autocast fp16 and a GradScaler (enabled), its state saved in last/state.pt and loaded
+    on resume."""
+    monkeypatch.setattr(caption, "precision", "fp16")
+    monkeypatch.setattr(caption, "max_steps", 3)
+    monkeypatch.setattr(caption, "max_minutes", 1e-9)          # stop after each step
+    out_dir = str(tmp_path / "out")
+    caption.train_model(data_dir, out_dir)
+    path = os.path.join(out_dir, "last", "state.pt")
+    state = torch.load(path, weights_only=True)
+    assert state["step"] == 1 and state["precision"] == "fp16"
+    assert state["scaler"]["scale"] in (65536.0, 32768.0)    # enabled: the default scale, halved on an overflow
+    state["scaler"]["scale"] = 1024.0                         # a value only the saved state can bring back
+    torch.save(state, path)
+    seen = []
+    real_unscale = torch.amp.GradScaler.unscale_
+
+    def spy(self, optimizer):
+        seen.append(self.get_scale())
+        return real_unscale(self, optimizer)
+    monkeypatch.setattr(torch.amp.GradScaler, "unscale_", spy)
+    caption.train_model(data_dir, out_dir)
+    assert seen == [1024.0]
+    state = torch.load(path, weights_only=True)
+    assert state["step"] == 2 and state["scaler"]["scale"] in (1024.0, 512.0)
+    lora = caption.load_model(adapter_dir=os.path.join(out_dir, "last"), trainable=False, precision_name="fp16")[0]
+    assert all(torch.isfinite(p).all() for n, p in lora.named_parameters() if "lora_" in n)
+
+
+class FakeUnsloth(types.ModuleType):
+    """unsloth's FastVisionModel API over the tiny model: records what caption.py asks of it."""
+    def __init__(self):
+        super().__init__("unsloth")
+        self.calls = []
+        fake = self
+
+        class FastVisionModel:
+            @staticmethod
+            def from_pretrained(name, **kwargs):
+                fake.calls.append(("from_pretrained", name, kwargs))
+                model, processor = caption.build_tiny_model()
+                if os.path.isdir(name) and os.path.exists(os.path.join(name, "adapter_config.json")):
+                    from peft import PeftModel
+                    model = PeftModel.from_pretrained(model, name)
+                return model.to(kwargs["dtype"]), processor
+
+            @staticmethod
+            def get_peft_model(model, **kwargs):
+                fake.calls.append(("get_peft_model", kwargs))
+                from peft import LoraConfig, get_peft_model
+                return get_peft_model(model, LoraConfig(r=kwargs["r"], lora_alpha=kwargs["lora_alpha"],
+                                                        target_modules=caption.LANGUAGE_TARGETS))
+
+            @staticmethod
+            def for_training(model):
+                fake.calls.append(("for_training",))
+
+            @staticmethod
+            def for_inference(model):
+                fake.calls.append(("for_inference",))
+        self.FastVisionModel = FastVisionModel
+
+
+def test_the_unsloth_backend_gets_the_precision_and_trains_with_the_scaler(tiny, data_dir, tmp_path, monkeypatch):
+    fake = FakeUnsloth()
+    monkeypatch.setitem(sys.modules, "unsloth", fake)
+    monkeypatch.setattr(caption, "backend", "unsloth")
+    monkeypatch.setattr(caption, "precision", "fp16")
+    out_dir = str(tmp_path / "out")
+    caption.train_model(data_dir, out_dir)
+    assert fake.calls[0][0] == "from_pretrained" and fake.calls[0][2]["dtype"] == torch.float16
+    assert fake.calls[0][2]["load_in_4bit"] is True
+    assert fake.calls[1][0] == "get_peft_model" and fake.calls[1][1]["finetune_vision_layers"] is True
+    assert ("for_inference",) in fake.calls and fake.calls[-1] in (("for_training",), ("for_inference",))
+    state = torch.load(os.path.join(out_dir, "last", "state.pt"), weights_only=True)
+    assert state["step"] == 2 and state["scaler"]["scale"] > 0 and state["scaler"]["_growth_tracker"] >= 0
+
+
+def test_a_broken_unsloth_falls_back_to_transformers_with_one_line(tmp_path, monkeypatch, capsys):
+    package = tmp_path / "unsloth"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise RuntimeError('Unsloth: your GPU is too old\\nmore detail')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "unsloth", raising=False)
+    assert caption.choose_backend("auto", use_cuda=True, is_tiny=False) == "transformers"
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["note: unsloth does not import (RuntimeError: Unsloth: your GPU is too old); "
+                   "using transformers + peft"]
+    with pytest.raises(SystemExit, match="error: --backend=unsloth but unsloth does not import"):
+        caption.choose_backend("unsloth", use_cuda=True, is_tiny=False)
+    monkeypatch.setitem(sys.modules, "unsloth", None)        # not installed at all
+    assert caption.choose_backend("auto", use_cuda=True, is_tiny=False) == "transformers"
+    assert caption.choose_backend("auto", use_cuda=False, is_tiny=False) == "transformers"
+
+
+# ----------------------------------------------------------------------------- the run a user starts
+def test_training_draws_every_caption_of_an_image(tiny, tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_caption import jpeg
+    references = {"red": ["A red square .", "Crimson tile .", "Scarlet patch ."],
+                  "blue": ["A blue square .", "Navy tile .", "Azure patch ."]}
+    pq.write_table(pa.table({"image": [{"bytes": jpeg(COLOURS[c]), "path": c} for c in references],
+                             "caption": [r[0] for r in references.values()],
+                             "references": list(references.values())}), tmp_path / "train_data.parquet")
+    write_parquet(tmp_path / "valid_data.parquet", 1)
+    monkeypatch.setattr(caption, "load_in_4bit", False)
+    monkeypatch.setattr(caption, "max_steps", 8)
+    drawn = []
+    real_make_batch = caption.make_batch
+
+    def spy(processor, images, captions=None, **kwargs):
+        if captions is not None:
+            drawn.extend(zip([im.getpixel((0, 0)) for im in images], captions))
+        return real_make_batch(processor, images, captions, **kwargs)
+    monkeypatch.setattr(caption, "make_batch", spy)
+    caption.train_model(str(tmp_path), str(tmp_path / "out"))
+    assert len(drawn) == 16
+    by_colour = {}
+    for pixel, text in drawn:
+        colour = "red" if pixel[0] > 150 else "blue"
+        by_colour.setdefault(colour, set()).add(text)
+    assert by_colour == {colour: set(texts) for colour, texts in references.items()}
+    # and the choice is seeded: the same run draws the same captions
+    again = [caption.visit(caption.load_split(str(tmp_path / "train_data.parquet"), True), i, caption.seed)[1]
+             for i in range(16)]
+    assert again == [text for _, text in drawn]
+
+
+def test_a_file_with_one_row_per_caption_becomes_one_image_with_all_its_captions(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_caption import jpeg
+    red, blue = jpeg(COLOURS["red"]), jpeg(COLOURS["blue"])
+    pq.write_table(pa.table({"image": [red, blue, red, red], "caption": ["A red one .", "A blue one .",
+                                                                        "Red square .", "A red one ."]}),
+                   tmp_path / "t.parquet")
+    rows = caption.load_split(str(tmp_path / "t.parquet"), need_caption=True)
+    assert [r["references"] for r in rows] == [["A red one .", "Red square ."], ["A blue one ."]]
+
+
+def test_step_0_validation_save_every_and_all_validation_images(tiny, data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(caption, "load_in_4bit", False)
+    monkeypatch.setattr(caption, "val_samples", 0)
+    monkeypatch.setattr(caption, "max_steps", 5)
+    monkeypatch.setattr(caption, "save_every", 2)
+    monkeypatch.setattr(caption, "eval_every", 4)
+    monkeypatch.setattr(caption, "max_new_tokens", 2)
+    saved = []
+    real_save = caption.save_adapter
+    monkeypatch.setattr(caption, "save_adapter", lambda model, folder, c, extra=None: (
+        saved.append((os.path.basename(folder), extra and extra["step"])), real_save(model, folder, c, extra)))
+    caption.train_model(data_dir, str(tmp_path / "out"))
+    out = capsys.readouterr().out
+    assert "step 0: validation BLEU" in out and out.index("step 0: validation") < out.index("step 1/5")
+    assert "on 2 images" in out                                  # all of valid_data.parquet
+    assert [s for s in saved if s[0] == "last"] == [("last", 2), ("last", 4), ("last", 5)]
+
+
+def test_config_block_defaults():
+    """Without a fixture the module holds the file's own values."""
+    assert caption.save_every == 20 and caption.val_samples == 0 and caption.eval_every == 50
+    assert caption.precision == "auto" and caption.load_in_4bit and caption.checkpointing
+
+
+def test_the_trained_model_is_freed_before_predict_loads_the_adapter(tiny, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(caption, "load_in_4bit", False)
+    models = []
+    real_load = caption.load_model
+
+    def spy(*args, **kwargs):
+        alive = [ref for ref in models if ref() is not None]
+        assert not alive, "the first model is still in memory when the second one loads"
+        result = real_load(*args, **kwargs)
+        models.append(weakref.ref(result[0]))
+        return result
+    monkeypatch.setattr(caption, "load_model", spy)
+    for name in ("train", "predict", "data_dir", "out_dir", "submission"):
+        monkeypatch.setattr(caption, name, getattr(caption, name))   # main's overrides are undone after the test
+    caption.main(["--train", "--predict", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}",
+                  f"--submission={tmp_path / 's.json'}"])
+    assert len(models) == 2 and len(json.loads((tmp_path / "s.json").read_text())) == 3
