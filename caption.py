@@ -902,6 +902,8 @@ def main(argv):
             print("\nchoose --train or --predict (--help lists every option)")
     except CaptionDataError as e:
         raise SystemExit(f"error: {e}") from None
+    except OSError as e:   # a full disk or a folder gone while writing: one line naming the file
+        raise SystemExit(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}") from None
 
 
 if __name__ == "__main__":
