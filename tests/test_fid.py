@@ -1,8 +1,16 @@
 """fid.py: the network against the standard weights' manifest and an independent functional forward, the
 distance against closed forms, and the inputs (folder, zip, npy, stats) against each other."""
+import ast
+import difflib
 import json
+import os
+import pathlib
+import re
+import runpy
+import shutil
 import subprocess
 import sys
+import time
 import zipfile
 
 import numpy as np
@@ -373,3 +381,394 @@ def test_cli_prints_fid_and_kid_last(tmp_path):
     lines = result.stdout.strip().splitlines()
     assert lines[-2].startswith("KID: ") and " +- " in lines[-2]
     assert lines[-1].startswith("FID: ") and float(lines[-1].split()[1]) > 0
+
+
+# ----------------------------------------------------------------------------- faults (issue 16)
+# Each bad input stops with one line naming it, before any expensive work where it can be known in advance.
+def run_fid(*args, timeout=120):
+    """The real command line, in a child process with a time limit: a hang fails the test, it cannot stall it."""
+    return subprocess.run([sys.executable, str(ROOT / "fid.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def one_line_error(result):
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("note:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def run_fid_in_process(monkeypatch, *args):
+    """The real command line (fid.py run as __main__) in this process: fast, and any exception other than the
+    SystemExit of a one-line error propagates and fails the test. Returns the exit message."""
+    monkeypatch.setattr(sys, "argv", ["fid.py", *map(str, args)])
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(ROOT / "fid.py"), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    message = exit_info.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    """A real state_dict file of the standard's keys and shapes (default initialisation), as --weights."""
+    path = tmp_path_factory.mktemp("weights") / "inception.pth"
+    torch.save(fid.InceptionV3().state_dict(), path)
+    return path
+
+
+def write_images(folder, n, seed=10, size=32):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)).save(folder / f"{i + 1}.png")
+    return folder
+
+
+def test_one_image_stops_at_once_on_the_command_line(tmp_path, weights_file):
+    """The case that hung: a NaN covariance of 192+ features sent sqrtm into a loop of minutes (at 64 it
+    fails with a LinAlgError instead). Now: one line, within the seconds it takes to start Python."""
+    write_images(tmp_path / "one", 1)
+    np.save(tmp_path / "b.npy", np.random.default_rng(1).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8))
+    start = time.time()
+    result = run_fid(tmp_path / "one", tmp_path / "b.npy", "--dims=192", f"--weights={weights_file}",
+                     "--device=cpu", timeout=90)
+    line = one_line_error(result)
+    assert f"{tmp_path / 'one'}: 1 image;" in line and "at least 2" in line and "thousands" in line
+    assert time.time() - start < 60
+
+
+def test_one_image_through_the_library_stops_before_sqrtm(tmp_path, weights_file):
+    """compute_fid (no preflight): the check sits in statistics(), after the features and before sqrtm. At 64
+    features the old code failed with a LinAlgError rather than looping, so this test cannot hang."""
+    write_images(tmp_path / "one", 1)
+    write_images(tmp_path / "three", 3)
+    with pytest.raises(fid.FIDInputError, match="one: 1 image; a covariance needs at least 2"):
+        fid.compute_fid(tmp_path / "one", tmp_path / "three", device="cpu", dims=64, weights=str(weights_file))
+    with pytest.raises(fid.FIDInputError, match="0 images"):
+        fid.statistics(np.zeros((0, 8)))
+    with pytest.raises(fid.FIDInputError, match="KID: 1 image"):
+        fid.kernel_inception_distance(np.ones((1, 8)), np.ones((5, 8)))
+    mu, sigma = fid.statistics(np.random.default_rng(0).normal(size=(2, 8)))  # two are enough for a number
+    assert np.isfinite(sigma).all() and fid.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0, abs=1e-6)
+
+
+def test_non_finite_statistics_stop_at_once(tmp_path):
+    """NaN or inf in features or statistics stops before sqrtm. Run in a child with a time limit, on the size
+    that made sqrtm loop (192)."""
+    with pytest.raises(fid.FIDInputError, match="NaN or inf"):
+        fid.statistics(np.array([[1.0, 2.0], [np.inf, 0.0], [0.0, 1.0]]))
+    code = ("import numpy as np, time, fid\n"
+            "mu, sigma = np.zeros(192), np.full((192, 192), np.nan)\n"
+            "start = time.time()\n"
+            "try:\n"
+            "    fid.frechet_distance(mu, sigma, mu, np.eye(192))\n"
+            "except fid.FIDInputError as e:\n"
+            "    print(e, time.time() - start)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.stdout.startswith("the statistics hold NaN or inf values"), result.stdout + result.stderr
+    assert float(result.stdout.split()[-1]) < 1
+
+
+def test_save_stats_to_a_bad_path_fails_before_any_work(tmp_path):
+    """The input holds a broken image and the weights file does not exist: had either been touched first, the
+    error would name them. It names the output path instead."""
+    write_images(tmp_path / "images", 2)
+    (tmp_path / "images" / "3.jpg").write_bytes(b"broken")
+    missing = tmp_path / "missing" / "stats.npz"
+    line = one_line_error(run_fid(tmp_path / "images", f"--save_stats={missing}",
+                                  f"--weights={tmp_path / 'no_weights.pth'}", "--dims=64"))
+    assert line == f"error: --save_stats={missing}: the folder {missing.parent} does not exist; create it first"
+    assert not missing.parent.exists()
+
+
+@pytest.mark.parametrize("case", ["missing folder", "folder", "under a file", "no .npz", "read-only folder",
+                                  "full disk"])
+def test_save_stats_output_checks(tmp_path, monkeypatch, case):
+    write_images(tmp_path / "images", 2)
+    (tmp_path / "a_file").write_text("x")
+    target = {"missing folder": tmp_path / "missing" / "s.npz", "folder": tmp_path / "out.npz",
+              "under a file": tmp_path / "a_file" / "s.npz", "no .npz": tmp_path / "stats.txt",
+              "read-only folder": tmp_path / "ro" / "s.npz", "full disk": tmp_path / "s.npz"}[case]
+    expected = {"missing folder": "does not exist", "folder": "is a folder", "under a file": "is not a folder",
+                "no .npz": "must be a file name ending in .npz", "read-only folder": "cannot write in",
+                "full disk": "MB free in"}[case]
+    if case == "folder":
+        (tmp_path / "out.npz").mkdir()
+    if case == "read-only folder":
+        target.parent.mkdir()
+        target.parent.chmod(0o555)
+        if os.access(target.parent, os.W_OK):  # root writes anyway: use a folder the kernel refuses
+            target = pathlib.Path("/sys/stats.npz")
+            try:
+                open(target, "wb").close()
+                pytest.skip("no read-only folder on this machine")
+            except OSError:
+                pass
+    if case == "full disk":
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 2**20, 2**20))
+    extracted = []
+    monkeypatch.setattr(fid, "extract_features", lambda *a, **k: extracted.append(a))
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: extracted.append(a))
+    message = run_fid_in_process(monkeypatch, tmp_path / "images", f"--save_stats={target}")
+    assert expected in message and str(target) in message and extracted == []
+    assert not os.path.exists(str(target) + ".tmp")
+
+
+def test_save_stats_writes_atomically(tmp_path, monkeypatch, weights_file):
+    np.save(tmp_path / "images.npy", np.random.default_rng(2).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8))
+    out = tmp_path / "stats.npz"
+    fid.save_statistics(out, np.zeros(3), np.eye(3))  # the previous statistics
+    before = out.read_bytes()
+    savez = np.savez_compressed
+    def disk_full(file, **arrays):  # half the file, then the disk is full
+        file.write(b"PK\x03\x04 half an npz")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(np, "savez_compressed", disk_full)
+    with pytest.raises(fid.FIDInputError, match="stats.npz: cannot write the statistics .No space left on device.; "
+                                                "the previous file, if any, is unchanged"):
+        fid.save_statistics(out, np.ones(3), np.eye(3))
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["images.npy", "stats.npz"]
+    monkeypatch.setattr(np, "savez_compressed", savez)
+    # the whole command (main, in this process): the file appears whole, equal to the statistics of the images
+    for name, value in (("save_stats", str(out)), ("weights", str(weights_file)), ("dims", 64), ("device", "cpu")):
+        monkeypatch.setattr(fid, name, value)
+    fid.main([str(tmp_path / "images.npy")])
+    model = fid.load_inception(64, str(weights_file))
+    mu, sigma = fid.path_statistics(tmp_path / "images.npy", model)
+    saved_mu, saved_sigma = fid.load_statistics(out, 64)
+    np.testing.assert_array_equal(saved_mu, mu)
+    np.testing.assert_array_equal(saved_sigma, sigma)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images.npy", "stats.npz"]
+
+
+def damaged_input(tmp_path, case):
+    """(paths, extra flags, the name the error must hold, a phrase it must hold) for one damaged input."""
+    images = tmp_path / "images.npy"
+    np.save(images, np.random.default_rng(3).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8))
+    def stats(name, d, sigma=True, nan=False):
+        arrays = {"mu": np.full(d, np.nan) if nan else np.zeros(d)}
+        if sigma:
+            arrays["sigma"] = np.eye(d)
+        np.savez(tmp_path / name, **arrays)
+        return tmp_path / name
+    write_images(tmp_path / "pngs", 3)
+    with zipfile.ZipFile(tmp_path / "good.zip", "w") as archive:
+        for i in range(3):
+            archive.write(tmp_path / "pngs" / f"{i + 1}.png", f"{i + 1}.png")
+    data = (tmp_path / "good.zip").read_bytes()
+    if case == "truncated zip":
+        (tmp_path / "cut.zip").write_bytes(data[: len(data) // 2])
+        return [tmp_path / "cut.zip", images], [], "cut.zip", "not a readable zip file"
+    if case == "non-zip .zip":
+        (tmp_path / "page.zip").write_text("<html>404 Not Found</html>")
+        return [tmp_path / "page.zip", images], [], "page.zip", "not a readable zip file"
+    if case == "damaged zip entry":  # a flipped byte inside 2.png's compressed data: a bad CRC
+        with zipfile.ZipFile(tmp_path / "good.zip") as archive:
+            info = archive.getinfo("2.png")
+        offset = info.header_offset + 30 + len(info.filename) + 10
+        (tmp_path / "flip.zip").write_bytes(data[:offset] + bytes([data[offset] ^ 0xFF]) + data[offset + 1:])
+        return [tmp_path / "flip.zip", images], [], "flip.zip/2.png", "damaged zip entry"
+    if case == "undecodable image":
+        (tmp_path / "pngs" / "2.png").write_bytes((tmp_path / "pngs" / "2.png").read_bytes()[:60])
+        return [tmp_path / "pngs", images], [], str(tmp_path / "pngs" / "2.png"), "cannot read image"
+    if case == "truncated .npy":
+        (tmp_path / "cut.npy").write_bytes(images.read_bytes()[:100])
+        return [tmp_path / "cut.npy", images], [], "cut.npy", "not a readable numpy file"
+    if case == "stats of 64 against 192 features":
+        return [images, stats("s64.npz", 64)], ["--dims=192"], "s64.npz", "64 features, but the other side has 192"
+    if case == "two stats of different sizes":
+        return [stats("s64.npz", 64), stats("s192.npz", 192)], ["--dims=64"], "s192.npz", "192 features, but the other side has 64"
+    if case == "stats without sigma":
+        return [images, stats("mu_only.npz", 64, sigma=False)], ["--dims=64"], "mu_only.npz", "no sigma"
+    if case == "NaN stats":
+        return [images, stats("nan.npz", 64, nan=True)], ["--dims=64"], "nan.npz", "NaN or inf"
+    if case == "npz of neither":
+        np.savez(tmp_path / "other.npz", mean=np.zeros(64))
+        return [images, tmp_path / "other.npz"], ["--dims=64"], "other.npz", "expected a uint8 array"
+    raise ValueError(case)
+
+
+DAMAGED = ["truncated zip", "non-zip .zip", "damaged zip entry", "undecodable image", "truncated .npy",
+           "stats of 64 against 192 features", "two stats of different sizes", "stats without sigma", "NaN stats",
+           "npz of neither"]
+
+
+@pytest.mark.parametrize("case", DAMAGED)
+def test_damaged_input_gives_one_line_naming_it(tmp_path, monkeypatch, weights_file, case):
+    paths, flags, name, phrase = damaged_input(tmp_path, case)
+    message = run_fid_in_process(monkeypatch, *paths, *flags, f"--weights={weights_file}", "--device=cpu",
+                                 "--batch_size=2")
+    assert name in message and phrase in message, message
+
+
+def test_damaged_zip_in_a_child_process(tmp_path, weights_file):
+    """One case through a real `python fid.py`: the line printed, exit status 1, no traceback."""
+    paths, flags, name, phrase = damaged_input(tmp_path, "truncated zip")
+    line = one_line_error(run_fid(*paths, *flags, f"--weights={weights_file}"))
+    assert name in line and phrase in line
+
+
+def test_statistics_checks_through_the_library(tmp_path, small_model):
+    np.savez(tmp_path / "s192.npz", mu=np.zeros(192), sigma=np.eye(192))
+    with pytest.raises(fid.FIDInputError, match="s192.npz: statistics of 192 features, but the other side has 64"):
+        fid.path_statistics(tmp_path / "s192.npz", small_model)
+    with pytest.raises(fid.FIDInputError, match=r"statistics of different sizes: mu \(64,\) .* mu \(192,\)"):
+        fid.frechet_distance(np.zeros(64), np.eye(64), np.zeros(192), np.eye(192))
+    np.savez(tmp_path / "sigma_only.npz", sigma=np.eye(4))
+    with pytest.raises(fid.FIDInputError, match="sigma_only.npz: no mu"):
+        fid.path_statistics(tmp_path / "sigma_only.npz", small_model)
+    np.savez(tmp_path / "bad_shapes.npz", mu=np.zeros(4), sigma=np.eye(5))
+    with pytest.raises(fid.FIDInputError, match="bad_shapes.npz: mu .4,. and sigma .5, 5. do not fit"):
+        fid.load_statistics(tmp_path / "bad_shapes.npz")
+    np.savez(tmp_path / "empty.npz")
+    with pytest.raises(fid.FIDInputError, match="empty.npz: an empty .npz"):
+        fid.list_images(tmp_path / "empty.npz")
+
+
+def test_a_folder_named_like_an_image_is_skipped_with_a_note(tmp_path, small_model, capsys):
+    write_images(tmp_path / "set.jpg", 2)                # the set itself may be named anything
+    write_images(tmp_path / "set.jpg" / "3.jpg", 2)      # a subfolder named like an image: not read
+    names = [name for name, _ in fid.list_images(tmp_path / "set.jpg")]
+    assert names == [str(tmp_path / "set.jpg" / "1.png"), str(tmp_path / "set.jpg" / "2.png")]
+    assert "skipped 1 folder named like an image (3.jpg)" in capsys.readouterr().err
+    assert fid.extract_features(small_model, tmp_path / "set.jpg", progress=False).shape == (2, 64)
+    (tmp_path / "only_folders").mkdir()
+    (tmp_path / "only_folders" / "1.jpg").mkdir()
+    with pytest.raises(fid.FIDInputError, match="only_folders: no images found"):
+        fid.extract_features(small_model, tmp_path / "only_folders")
+
+
+def test_mac_metadata_in_zips_and_folders_is_skipped(tmp_path, small_model):
+    write_images(tmp_path / "faces", 3)
+    junk = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(100)  # an AppleDouble header
+    with zipfile.ZipFile(tmp_path / "plain.zip", "w") as plain, zipfile.ZipFile(tmp_path / "mac.zip", "w") as mac:
+        for i in range(1, 4):
+            plain.write(tmp_path / "faces" / f"{i}.png", f"faces/{i}.png")
+            mac.write(tmp_path / "faces" / f"{i}.png", f"faces/{i}.png")
+            mac.writestr(f"__MACOSX/faces/._{i}.png", junk)
+        mac.writestr("faces/._1.png", junk)
+        mac.writestr("__MACOSX/faces/cover.jpg", junk)
+    assert [n for n, _ in fid.list_images(tmp_path / "mac.zip")] == \
+        [f"{tmp_path / 'mac.zip'}/faces/{i}.png" for i in range(1, 4)]
+    np.testing.assert_array_equal(fid.extract_features(small_model, tmp_path / "mac.zip", progress=False),
+                                  fid.extract_features(small_model, tmp_path / "plain.zip", progress=False))
+    (tmp_path / "faces" / "._1.png").write_bytes(junk)  # as a Mac leaves on a FAT or exFAT drive
+    assert len(fid.list_images(tmp_path / "faces")) == 3
+
+
+def crafted_pickle(path, marker):
+    """A file that torch.save wrote, whose unpickling would call open(marker, "w"): code run from a file."""
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    torch.save({"Conv2d_1a_3x3.conv.weight": Payload()}, path)
+
+
+def test_a_crafted_pickle_as_weights_never_runs(tmp_path):
+    np.save(tmp_path / "a.npy", np.random.default_rng(4).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8))
+    crafted_pickle(tmp_path / "evil.pth", tmp_path / "marker")
+    line = one_line_error(run_fid(tmp_path / "a.npy", tmp_path / "a.npy", f"--weights={tmp_path / 'evil.pth'}",
+                                  "--dims=64"))
+    assert "evil.pth: not a plain state_dict of tensors; refused to load it" in line
+    with pytest.raises(fid.FIDInputError, match="evil.pth: not a plain state_dict"):
+        fid.load_inception(64, str(tmp_path / "evil.pth"))
+    assert not (tmp_path / "marker").exists()
+    # the file is live: a load without weights_only runs it (the test above can fail)
+    crafted_pickle(tmp_path / "evil2.pth", tmp_path / "marker2")
+    torch.load(tmp_path / "evil2.pth", weights_only=False)
+    assert (tmp_path / "marker2").exists()
+
+
+def test_damaged_or_foreign_weights_files_give_one_line(tmp_path, weights_file):
+    data = weights_file.read_bytes()
+    cases = {"cut.pth": (data[: len(data) // 3], "not a readable weights file"),
+             "empty.pth": (b"", "not a readable weights file"),
+             "text.pth": (b"hello", "not a readable weights file")}
+    for name, (content, phrase) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(fid.FIDInputError, match=f"{name}: {phrase}"):
+            fid.load_inception(64, str(tmp_path / name))
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    with pytest.raises(fid.FIDInputError, match="tensor.pth: holds a Tensor, not a state_dict"):
+        fid.load_inception(64, str(tmp_path / "tensor.pth"))
+    torch.save({"fc.weight": torch.zeros(1008, 2048)}, tmp_path / "other.pth")
+    with pytest.raises(fid.FIDInputError, match="other.pth: not the FID Inception weights .* 565 missing"):
+        fid.load_inception(64, str(tmp_path / "other.pth"))
+
+
+def test_every_torch_load_in_fid_uses_weights_only():
+    tree = ast.parse((ROOT / "fid.py").read_text())
+    loads = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load"]
+    assert loads and all(any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                             for k in node.keywords) for node in loads)
+
+
+# ----------------------------------------------------------------------------- shared code
+COMMAND_LINE_START = "# ----------------------------------------------------------------------------- command line"
+
+
+def command_line_block(script):
+    """The text of a script from the '... command line' heading to the end of parse_overrides."""
+    lines = (ROOT / script).read_text(encoding="utf-8").splitlines()
+    start = lines.index(COMMAND_LINE_START)
+    definition = next(i for i in range(start, len(lines)) if lines[i].startswith("def parse_overrides("))
+    end = next((i for i in range(definition + 1, len(lines)) if lines[i] and not lines[i][0].isspace()), len(lines))
+    while not lines[end - 1].strip():
+        end -= 1
+    return "\n".join(lines[start:end])
+
+
+def test_command_line_blocks_are_identical():
+    blocks = {script: command_line_block(script) for script in ("tokenizer.py", "fid.py", "bleu.py")}
+    assert "def config_block(" in blocks["fid.py"] and blocks["fid.py"].rstrip().endswith("return positional")
+    for script, block in blocks.items():
+        assert block == blocks["tokenizer.py"], "\n".join(difflib.unified_diff(
+            blocks["tokenizer.py"].splitlines(), block.splitlines(), "tokenizer.py", script, lineterm=""))
+
+
+def python_311_only_syntax(pattern, flags=0):
+    """The Python-3.11-only constructs in a regular expression: atomic groups (?>...) and possessive
+    quantifiers (*+, ++, ?+, {m,n}+), found in the parse tree (so '[*+]' or '\\++' are not mistaken for them)."""
+    import re._constants as constants
+    import re._parser as parser
+    found = []
+    def walk(items):
+        for op, arg in items:
+            if op in (constants.ATOMIC_GROUP, constants.POSSESSIVE_REPEAT):
+                found.append(str(op))
+            for part in (arg if isinstance(arg, (tuple, list)) else [arg]):
+                if isinstance(part, parser.SubPattern):
+                    walk(part)
+                elif isinstance(part, (tuple, list)):
+                    for sub in part:
+                        if isinstance(sub, parser.SubPattern):
+                            walk(sub)
+    walk(parser.parse(pattern, flags))
+    return found
+
+
+def test_tokenizer_regexes_run_on_python_310():
+    """tokenizer.py must import on Python 3.10 (Colab, Kaggle): no regex syntax that is new in 3.11."""
+    assert python_311_only_syntax(r"(?>a|b)c") == ["ATOMIC_GROUP"]
+    assert python_311_only_syntax(r"x(?:a|b)*+y") == ["POSSESSIVE_REPEAT"]
+    assert python_311_only_syntax(r"a++|b?+|c{1,3}+") == ["POSSESSIVE_REPEAT"] * 3
+    assert python_311_only_syntax(r"[*+?]+\++(?:a)*") == []
+    import tokenizer
+    compiled = [value for value in vars(tokenizer).values() if isinstance(value, re.Pattern)]
+    # and every pattern literal handed to re.* in the source, compiled at import or not
+    tree = ast.parse((ROOT / "tokenizer.py").read_text(encoding="utf-8"))
+    literals = [node.args[0].value for node in ast.walk(tree) if isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "re" and node.args and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)]
+    assert len(compiled) >= 3 and len(literals) >= 3  # HTML_TAG, POSSESSIVE, TOKEN at least
+    for pattern in compiled:
+        assert python_311_only_syntax(pattern.pattern, pattern.flags) == [], pattern.pattern
+    for literal in literals:
+        assert python_311_only_syntax(literal, re.VERBOSE) == [], literal
