@@ -104,9 +104,10 @@ CHECKS = {
 MODEL_KEYS = ("model_name", "tiny", "instruction", "lora_r", "lora_alpha", "lora_dropout", "finetune_vision", "seed")
 RESUME_KEYS = MODEL_KEYS + ("batch_size", "grad_accum")
 CONFIG_FILE = "caption_config.json"
-# The versions this file was tested with (README); older ones stop with one line: transformers before 4.56 has no
-# dtype= keyword, bitsandbytes before 0.50 cannot quantize on the CPU.
-VERSION_FLOORS = {"transformers": "4.56", "peft": "0.17", "bitsandbytes": "0.45"}
+# The oldest versions this file was tested with (README; requirements.txt says the same); older ones stop with one
+# line on the transformers backend (unsloth pins its own): transformers before 4.56 has no dtype= keyword and 4.x
+# has no MllamaImageProcessorPil, bitsandbytes before 0.50 cannot quantize on the CPU.
+VERSION_FLOORS = {"transformers": "5.23", "peft": "0.21", "bitsandbytes": "0.50"}
 
 EOT = "<|eot_id|>"      # Llama 3's end of turn: the assistant's caption ends with it, generation stops on it
 IGNORE_INDEX = -100     # cross_entropy skips these label positions

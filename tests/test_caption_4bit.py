@@ -373,3 +373,14 @@ def test_the_trained_model_is_freed_before_predict_loads_the_adapter(tiny, data_
     caption.main(["--train", "--predict", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}",
                   f"--submission={tmp_path / 's.json'}"])
     assert len(models) == 2 and len(json.loads((tmp_path / "s.json").read_text())) == 3
+
+
+def test_versions_older_than_the_tested_floor_stop_with_one_line(monkeypatch):
+    import importlib.metadata
+    caption.check_versions()                        # the installed ones pass
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "4.45.0" if name == "transformers" else real_version(name))
+    with pytest.raises(SystemExit, match=r"^error: caption.py needs transformers >= 5.23, found 4.45.0: "
+                                         r"pip install -U transformers$"):
+        caption.check_versions()
