@@ -83,6 +83,9 @@ def is_mac_metadata(name):
     return "__MACOSX" in parts or parts[-1].startswith("._")
 
 
+_noted = set()
+
+
 def list_images(path):
     """The images of a folder, a .zip or a uint8 .npy/.npz array, as (name, loader) pairs in name order.
     A folder is read without its subfolders (one named like an image, 'x.jpg/', is skipped with a note);
@@ -94,7 +97,8 @@ def list_images(path):
             if not name.lower().endswith(IMAGE_EXTENSIONS) or is_mac_metadata(name):
                 continue
             (skipped if os.path.isdir(os.path.join(path, name)) else names).append(name)
-        if skipped:
+        if skipped and path not in _noted:  # once per folder, though it is listed more than once
+            _noted.add(path)
             print(f"note: {path}: skipped {len(skipped)} folder{'s' if len(skipped) > 1 else ''} named like an "
                   f"image ({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}): subfolders are not read",
                   file=sys.stderr)
@@ -548,11 +552,13 @@ def save_statistics(path, mu, sigma):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # a full disk, Ctrl-C: no half file stays behind, the previous one is untouched
         try:
             os.remove(tmp)
         except OSError:
             pass
+        if not isinstance(e, OSError):
+            raise
         raise FIDInputError(f"{path}: cannot write the statistics ({e.strerror or e}); the previous file, if any, "
                             f"is unchanged") from None
 

@@ -534,6 +534,13 @@ def test_save_stats_writes_atomically(tmp_path, monkeypatch, weights_file):
                                                 "the previous file, if any, is unchanged"):
         fid.save_statistics(out, np.ones(3), np.eye(3))
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["images.npy", "stats.npz"]
+    def interrupted(file, **arrays):  # Ctrl-C in the middle of the write
+        file.write(b"PK\x03\x04 half an npz")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(np, "savez_compressed", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fid.save_statistics(out, np.ones(3), np.eye(3))
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["images.npy", "stats.npz"]
     monkeypatch.setattr(np, "savez_compressed", savez)
     # the whole command (main, in this process): the file appears whole, equal to the statistics of the images
     for name, value in (("save_stats", str(out)), ("weights", str(weights_file)), ("dims", 64), ("device", "cpu")):
