@@ -687,8 +687,11 @@ class StopRequested:
 
     def __enter__(self):
         self.previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-        for s in self.previous:
-            signal.signal(s, self.handle)
+        try:
+            for s in self.previous:
+                signal.signal(s, self.handle)
+        except ValueError:   # not the main thread: signals stay as they were
+            self.previous = {}
         return self
 
     def handle(self, number, frame):
