@@ -233,7 +233,7 @@ def test_predict_on_the_shared_test_parquet(tiny, tmp_path, monkeypatch):
         pytest.skip("DL_DATA not set")
     monkeypatch.setattr(caption, "max_steps", 1)
     monkeypatch.setattr(caption, "val_samples", 4)
-    monkeypatch.setattr(caption, "max_new_tokens", 8)
+    monkeypatch.setattr(caption, "max_new_tokens", 4)
     monkeypatch.setattr(caption, "predict_batch_size", 25)
     out_dir = str(tmp_path / "out")
     caption.train_model(caption_dir, out_dir)

@@ -169,6 +169,35 @@ def test_recover_keeps_a_complete_resume_point_at_every_moment_of_the_swap(tmp_p
     assert step_of(folder) == 4
 
 
+def test_every_moment_of_the_swap_has_a_complete_resume_point(tmp_path, monkeypatch):
+    """save_adapter's own order of file operations: before and after each one, a kill would leave a complete
+    folder among last/, last.tmp/, last.old/ that recover() picks, and it is the newest complete one written."""
+    folder = str(tmp_path / "last")
+
+    class Model:   # what save_adapter needs of a model
+        def __init__(self, step):
+            self.step = step
+
+        def save_pretrained(self, path):
+            os.makedirs(path)
+            pathlib.Path(path, "adapter_model.safetensors").write_text(str(self.step))
+    c = {key: 0 for key in caption.RESUME_KEYS}
+    caption.save_adapter(Model(2), folder, c, {"step": 2})
+    moments = []
+    real_replace, real_rmtree = os.replace, shutil.rmtree
+
+    def snapshot():
+        copies = [p for p in (folder, folder + ".tmp", folder + ".old") if caption.is_complete(p)]
+        moments.append(max(step_of(p) for p in copies) if copies else None)
+    monkeypatch.setattr(caption.os, "replace", lambda a, b: (snapshot(), real_replace(a, b), snapshot()))
+    monkeypatch.setattr(caption.shutil, "rmtree", lambda p, **k: (snapshot(), real_rmtree(p, **k), snapshot()))
+    caption.save_adapter(Model(4), folder, c, {"step": 4})
+    assert None not in moments and moments[0] == 2 and moments[-1] == 4
+    assert moments == sorted(moments)                     # never back to an older point once the new one is there
+    monkeypatch.undo()
+    assert step_of(folder) == 4 and os.listdir(tmp_path) == ["last"]
+
+
 def test_a_kill_inside_the_swap_resumes_from_the_new_point_and_keeps_the_best_adapter(tiny, data_dir, tmp_path,
                                                                                      monkeypatch, capsys):
     out_dir = str(tmp_path / "out")
