@@ -14,7 +14,6 @@ adapter with the best validation BLEU, with the settings it was trained with: --
 out_dir/last (adapter, optimizer and scaler state every save_every steps: run the same command again to resume).
 Ctrl-C or SIGTERM saves out_dir/last, then exits; a non-finite loss stops without touching it.
 """
-import contextlib
 import functools
 import gc
 import io
@@ -147,6 +146,10 @@ def choose_precision(requested, device_type):
     return "fp32", f"no native bfloat16 on this {device_type}"
 
 
+def default_device_type():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def autocast(device_type, precision_name):
     return torch.autocast(device_type, dtype=DTYPES[precision_name], enabled=precision_name != "fp32")
 
@@ -259,7 +262,7 @@ def load_model(c=None, adapter_dir=None, trainable=True, precision_name=None):
     saved adapter to load instead of new LoRA; trainable: prepare for training (k-bit preparation, checkpointing)."""
     c = c or settings()
     use_cuda = torch.cuda.is_available()
-    precision_name = precision_name or choose_precision(c["precision"], "cuda" if use_cuda else "cpu")[0]
+    precision_name = precision_name or choose_precision(c["precision"], default_device_type())[0]
     used_backend = choose_backend(c["backend"], use_cuda, c["tiny"])
     if used_backend == "unsloth":
         return (*load_unsloth(c, adapter_dir, trainable, precision_name), "unsloth")
@@ -727,8 +730,7 @@ def train_model(data_dir, out_dir, c=None):
             raise SystemExit(f"error: {last_dir} was trained with other settings: " + ", ".join(
                 f"{k} = {saved[k]!r} there, {c[k]!r} now" for k in differing) +
                 f"; use the same values, or another --out_dir")
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    precision_name, why = choose_precision(c["precision"], device_type)
+    precision_name, why = choose_precision(c["precision"], default_device_type())
     model, processor, used_backend = load_model(c, last_dir if resuming else None, trainable=True,
                                                 precision_name=precision_name)
     device = next(model.parameters()).device
@@ -857,8 +859,7 @@ def write_submission(data_dir, out_dir, submission, c=None):
     if differing:
         print("using the adapter's settings: " + ", ".join(f"{k} = {v!r}" for k, v in differing.items()))
     c = {**c, **{k: v for k, v in saved.items() if k in MODEL_KEYS}}
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    precision_name = choose_precision(c["precision"], device_type)[0]
+    precision_name = choose_precision(c["precision"], default_device_type())[0]
     model, processor, used_backend = load_model(c, adapter_dir, trainable=False, precision_name=precision_name)
     set_mode(model, used_backend, training=False)
     rows.sort(key=lambda r: r["idx"])
