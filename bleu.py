@@ -38,6 +38,11 @@ bench = False          # time corpus_bleu beside sacrebleu over the files in dat
 data_dir = "data/bleu"
 # -----------------------------------------------------------------------------
 
+# values with a fixed set of choices or a range, checked before any work (see parse_overrides)
+CHECKS = {
+    "max_order": (lambda v: v >= 1, "an integer >= 1"), "smooth": ("exp", "floor", "add-k", "none"),
+    "tokenize": ("13a", "none"), "mode": ("sacrebleu", "nltk"), "nltk_smoothing": tuple(range(8))
+}
 SMOOTH_DEFAULTS = {"floor": 0.1, "add-k": 1.0}  # Chen & Cherry 2014, "A Systematic Comparison of Smoothing..."
 
 
@@ -481,16 +486,16 @@ def print_help(config, entries):
 
 def parse_overrides(argv, config, checks=None):
     """--name=value sets the constant `name` of the configuration block at the top of the script whose globals()
-    are `config`; -h/--help prints the docstring and every constant; other arguments are returned as positional.
+    are `config`; -h/--help prints the docstring and every constant (overrides applied) and exits; other arguments
+    are returned as positional.
     checks: {name: tuple of allowed values, or (predicate, "what it accepts")}, tested after the overrides, so an
     edited constant is checked too. Every mistake stops with one line naming the flag, before any work starts."""
     entries = config_block(config["__file__"])
     names = [name for _, name, _ in entries]
-    if "-h" in argv or "--help" in argv:
-        print_help(config, entries)
-        raise SystemExit(0)
     positional = []
     for arg in argv:
+        if arg in ("-h", "--help"):
+            continue
         if not arg.startswith("--"):
             positional.append(arg)
             continue
@@ -503,6 +508,9 @@ def parse_overrides(argv, config, checks=None):
             raise SystemExit(f"error: --{name} needs a value: --{name}=VALUE (now {config[name]!r})")
         config[name] = parse_value(f"--{name}", text, config[name]) if has_value else True
         print(f"overriding: {name} = {config[name]!r}")
+    if "-h" in argv or "--help" in argv:       # after the overrides, so that it shows the values a run would use
+        print_help(config, entries)
+        raise SystemExit(0)
     for name, rule in (checks or {}).items():
         value = config[name]
         if isinstance(rule, tuple) and len(rule) == 2 and callable(rule[0]):
@@ -518,9 +526,7 @@ def parse_overrides(argv, config, checks=None):
 
 
 if __name__ == "__main__":
-    files = parse_overrides(sys.argv[1:], globals(), {
-        "max_order": (lambda v: v >= 1, "an integer >= 1"), "smooth": ("exp", "floor", "add-k", "none"),
-        "tokenize": ("13a", "none"), "mode": ("sacrebleu", "nltk"), "nltk_smoothing": tuple(range(8))})
+    files = parse_overrides(sys.argv[1:], globals(), CHECKS)
     if bench:
         run_bench(data_dir)
         sys.exit(0)

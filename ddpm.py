@@ -3,21 +3,26 @@ Denoising diffusion probabilistic model (Ho, Jain & Abbeel 2020, "DDPM") on 64x6
 2-2): noise schedule, UNet, training (Algorithm 1), sampling (Algorithm 2, and DDIM by Song et al. 2021), a
 figure of 5 images being denoised, and 1,000 samples 1.jpg..1000.jpg zipped flat into submission.zip.
 
-    python ddpm.py --train --data_dir=data/celeba --out_dir=out/ddpm --preset=gpu     # or --preset=cpu
-    python ddpm.py --sample --out_dir=out/ddpm --n=1000 --sampler=ddim --steps=100 --submission=submission.zip
-    python ddpm.py --denoise_figure --out_dir=out/ddpm                                # out_dir/denoising.png
-    python ddpm.py --sample ... --fid --fid_ref=data/celeba                           # + FID and KID (fid.py)
-    torchrun --nproc_per_node=4 ddpm.py --train ...                                   # DDP, as nanoGPT does it
+    python ddpm.py --train --data_dir=data/celeba --out_dir=out/ddpm          # the model below, for a GPU
+    python ddpm.py --train --preset=cpu --max_minutes=60                      # a small model for a 2-core CPU
+    python ddpm.py --sample --out_dir=out/ddpm --n=1000 --submission=submission.zip
+    python ddpm.py --denoise_figure --out_dir=out/ddpm                        # out_dir/denoising.png
+    python ddpm.py --sample ... --fid --fid_ref=data/celeba                   # + FID and KID (fid.py)
+    torchrun --nproc_per_node=2 ddpm.py --train ...                           # DDP, as nanoGPT does it
 
-Training keeps out_dir/ckpt.pt (model, EMA, optimizer, step, config; written atomically), samples_<step>.png
-grids, loss.csv and loss.png. Run the same --train command again to resume.
+Training keeps out_dir/ckpt.pt (model, EMA, optimizer, gradient scaler, step, configuration; written
+atomically), samples_<step>.png grids, loss.csv and loss.png. Run the same --train command again to resume;
+Ctrl-C or SIGTERM saves a checkpoint first. python ddpm.py --help lists every constant below.
 """
 import copy
 import io
 import math
 import os
+import shutil
+import signal
 import sys
 import time
+import warnings
 import zipfile
 
 import numpy as np
@@ -30,39 +35,42 @@ from fid import FIDInputError, list_images, parse_overrides
 
 # -----------------------------------------------------------------------------
 # configuration: every constant below can be overridden as --name=value
+# what to do
 train = False           # Algorithm 1 on data_dir
 sample = False          # n samples with the EMA weights -> images_dir and submission
 denoise_figure = False  # out_dir/denoising.png: 5 images from x_T to x_0
-bench = False           # images/s of training steps of the preset on random images (no data needed)
+bench = False           # images/s of training steps on random images, in each precision (no data needed)
 data_dir = "data/celeba"  # a folder of images, a .zip, or a uint8 .npy of shape (N, 64, 64, 3)
 out_dir = "out/ddpm"
-preset = "cpu"          # "gpu" or "cpu": the UNet size and batch below (see PRESETS); explicit flags win
+preset = ""             # "cpu": the small model of CPU_PRESET below, applied before the other overrides
 # forward process
 timesteps = 1000        # T
 schedule = "linear"     # "linear" (Ho et al. 4: 1e-4..0.02) or "cosine" (Nichol & Dhariwal 2021, eq. 17)
 beta_start = 1e-4
 beta_end = 0.02
-# UNet (the cpu preset's values; --preset=gpu replaces those not given on the command line)
-channels = 32           # base width
-channel_mults = "1,2,2,2"  # width multiplier per resolution level: 64, 32, 16, 8
-num_res_blocks = 1      # residual blocks per level
+# UNet: the CelebA-64 model of the DDIM paper (Song et al. 2021, appendix D.1), 78.7 M parameters
+channels = 128          # base width
+channel_mults = "1,2,2,2,4"  # width multiplier per resolution level: 64, 32, 16, 8, 4
+num_res_blocks = 2      # residual blocks per level
 attn_resolutions = "16"  # self-attention at these feature-map sizes
-dropout = 0.0
+dropout = 0.1
+norm_groups = 32        # GroupNorm groups (fewer where the width is not a multiple)
 # training
-batch_size = 32
+batch_size = 64
 lr = 2e-4
 warmup_steps = 1000     # linear learning-rate warmup (Ho et al. use 5000)
 grad_clip = 1.0
-ema_decay = 0.9995      # EMA of the weights, used for sampling (Ho et al. use 0.9999 over 800k steps)
-max_steps = 100000
+ema_decay = 0.9999      # EMA of the weights, used for sampling (Ho et al.: 0.9999 over 800k steps)
+max_steps = 500000
 max_minutes = 0.0       # stop cleanly (checkpoint saved) after this long; 0 = no limit
 log_every = 50
-sample_every = 2000     # steps between sample grids (DDIM, 50 steps)
+sample_every = 5000     # steps between sample grids (DDIM, 50 steps)
 ckpt_every = 500
 seed = 1337
 device = ""             # "" = cuda if available, else cpu
-amp = True              # bfloat16 autocast on CUDA
-compile = False         # torch.compile the UNet (CUDA)
+precision = "auto"      # auto | bf16 | fp16 | fp32: auto = bf16 where native (GPU capability >= 8.0, AMX/AVX512-BF16 CPUs), fp16 + gradient scaler on older GPUs, else fp32
+compile = False         # torch.compile the UNet (CUDA capability >= 7.0, where Triton runs)
+channels_last = False   # NHWC memory layout for the convolutions (--bench measures both)
 num_threads = 2         # CPU threads per process
 # sampling
 n = 1000                # images to generate
@@ -79,16 +87,32 @@ fid_weights = ""        # the FID Inception weights file; "" = torch hub cache, 
 fid_dims = 2048         # Inception feature size: 2048 is the standard FID (64, 192, 768 for quick looks)
 # -----------------------------------------------------------------------------
 
-PRESETS = {
-    # close to the CelebA-64 model of the DDIM paper (Song et al. 2021, appendix D.1): 128 channels,
-    # multipliers 1,2,2,2,4, 2 blocks per level, attention at 16x16, dropout 0.1
-    "gpu": dict(channels=128, channel_mults="1,2,2,2,4", num_res_blocks=2, attn_resolutions="16", dropout=0.1,
-                batch_size=64, lr=2e-4, ema_decay=0.9999, warmup_steps=1000, sample_every=5000),
-    # small enough for a 2-core CPU (see the README for its images/s)
-    "cpu": dict(channels=32, channel_mults="1,2,2,2", num_res_blocks=1, attn_resolutions="16", dropout=0.0,
-                batch_size=32, lr=2e-4, ema_decay=0.9995, warmup_steps=1000, sample_every=2000),
-}
+# --preset=cpu: a small UNet that trains on a 2-core CPU (README: its images/s and faces after an hour)
+CPU_PRESET = dict(channels=32, channel_mults="1,2,2,2", num_res_blocks=1, attn_resolutions="16", dropout=0.0,
+                  batch_size=32, lr=2e-4, ema_decay=0.9995, warmup_steps=1000, sample_every=2000)
 IMAGE_SIZE = 64
+
+
+def _int_list(text):
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+# values with a fixed set of choices or a range, checked before any work (see parse_overrides)
+CHECKS = {
+    "preset": ("", "cpu"), "schedule": ("linear", "cosine"), "sampler": ("ddpm", "ddim"),
+    "variance": ("beta", "posterior"), "precision": ("auto", "bf16", "fp16", "fp32"),
+    "fid_dims": (2048, 768, 192, 64),
+    "channel_mults": (lambda v: len(_int_list(v)) >= 1 and min(_int_list(v)) >= 1, "comma-separated integers >= 1, like 1,2,2,2"),
+    "attn_resolutions": (lambda v: all(r >= 1 for r in _int_list(v)), "comma-separated sizes like 16 (or empty)"),
+    **{name: (lambda v: v >= 1, "an integer >= 1") for name in
+       ("timesteps", "channels", "num_res_blocks", "norm_groups", "batch_size", "max_steps", "log_every",
+        "sample_every", "ckpt_every", "num_threads", "n", "steps", "sample_batch")},
+    "warmup_steps": (lambda v: v >= 0, "an integer >= 0"), "max_minutes": (lambda v: v >= 0, "a number >= 0"),
+    "lr": (lambda v: v > 0, "a number > 0"), "grad_clip": (lambda v: v > 0, "a number > 0"),
+    "dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"), "ema_decay": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "eta": (lambda v: v >= 0, "a number >= 0"),
+    "beta_start": (lambda v: 0 < v < 1, "a number in (0, 1)"), "beta_end": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+}
 
 
 # ----------------------------------------------------------------------------- data
@@ -112,12 +136,12 @@ def load_images(path):
 
 
 def training_batch(images, batch, generator):
-    """A random batch scaled to [-1, 1] with random horizontal flips (Ho et al. appendix B)."""
-    indices = torch.randint(len(images), (batch,), generator=generator)
+    """A random batch scaled to [-1, 1] with random horizontal flips (Ho et al. appendix B), made on the device
+    that holds the uint8 images and the generator (on a GPU nothing crosses the bus)."""
+    indices = torch.randint(len(images), (batch,), generator=generator, device=generator.device)
     x = images[indices].float() / 127.5 - 1
-    flip = torch.rand(batch, generator=generator) < 0.5
-    x[flip] = x[flip].flip(-1)
-    return x
+    flip = torch.rand(batch, generator=generator, device=generator.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 # ----------------------------------------------------------------------------- forward process
@@ -156,10 +180,17 @@ class Diffusion:
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1 - self.alphas_cumprod)
 
+    def to(self, device):
+        """Every buffer moved to the device once (they stay float64 there)."""
+        for name, value in vars(self).items():
+            if torch.is_tensor(value):
+                setattr(self, name, value.to(device))
+        return self
+
     @staticmethod
     def gather(buffer, t, x):
         """buffer[t] for a batch of steps t, shaped to broadcast over images like x, in x's dtype."""
-        return buffer.to(x.device)[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        return buffer.to(t.device)[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
     def q_sample(self, x0, t, noise):
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (eq. 4, reparameterised)."""
@@ -174,12 +205,14 @@ class Diffusion:
         return self.gather(self.sqrt_recip_alphas_cumprod, t, xt) * xt - self.gather(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
 
     def loss(self, model, x0, generator):
-        """Algorithm 1: t ~ Uniform, eps ~ N(0, I), || eps - eps_theta(x_t, t) ||^2 (L_simple, eq. 14)."""
-        t = torch.randint(self.timesteps, (len(x0),), generator=generator).to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        """Algorithm 1: t ~ Uniform, eps ~ N(0, I), || eps - eps_theta(x_t, t) ||^2 (L_simple, eq. 14). t and eps
+        come from the generator, on its device."""
+        t = torch.randint(self.timesteps, (len(x0),), generator=generator, device=generator.device)
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device)
         return F.mse_loss(model(self.q_sample(x0, t, noise), t).float(), noise)
 
     # ------------------------------------------------------------------------- sampling
+    # model_eps (below, with the precision policy) runs the network under the run's autocast precision.
     @torch.no_grad()
     def ddpm_sample(self, model, shape, generator, variance="beta", record=()):
         """Algorithm 2 (ancestral sampling). Each step predicts x_0 from eps, clips it to [-1, 1] (as Ho et al.'s
@@ -211,6 +244,10 @@ class Diffusion:
         mean = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
         return mean, sigma
 
+    def ddim_sequence(self, steps):
+        """The S time steps DDIM visits: evenly spaced over 0..T-1 (Song et al. 4.2, "linear" tau)."""
+        return np.linspace(0, self.timesteps - 1, steps).round().astype(int).tolist()
+
     @torch.no_grad()
     def ddim_sample(self, model, shape, generator, steps=100, eta=0.0, record=()):
         """DDIM with `steps` evenly spaced steps of the T (eta = 1 and steps = T give Algorithm 2 with beta~_t)."""
@@ -218,7 +255,7 @@ class Diffusion:
             raise SystemExit(f"DDIM steps must be between 1 and T={self.timesteps}, got {steps}")
         device = next(model.parameters()).device
         x = torch.randn(shape, generator=generator).to(device)
-        sequence = np.linspace(0, self.timesteps - 1, steps).round().astype(int).tolist()
+        sequence = self.ddim_sequence(steps)
         kept = {self.timesteps: x.cpu()} if self.timesteps in record else {}
         for i in reversed(range(len(sequence))):
             t = torch.full((shape[0],), sequence[i], device=device, dtype=torch.long)
@@ -231,41 +268,101 @@ class Diffusion:
         return x, kept
 
 
+# ----------------------------------------------------------------------------- device and precision
 def default_device():
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def cpu_has_bf16():
+    """True where the CPU computes bfloat16 natively: AMX or AVX512-BF16 in Linux's /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def choose_precision(requested, device_type):
+    """The autocast precision for `precision` on this device, and why: auto is bf16 where the hardware computes it
+    natively (CUDA capability >= 8.0, i.e. Ampere and later; CPUs with AMX or AVX512-BF16), fp16 with a gradient
+    scaler on older GPUs (a T4, 7.5, only emulates bf16: its convolutions then skip cuDNN and the tensor cores),
+    and fp32 elsewhere."""
+    if requested != "auto":
+        return requested, "asked for"
+    if device_type == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        if major >= 8:
+            return "bf16", f"CUDA capability {major}.{minor} computes bfloat16 natively"
+        return "fp16", f"CUDA capability {major}.{minor} has no native bfloat16: float16 with a gradient scaler"
+    if device_type == "cpu" and cpu_has_bf16():
+        return "bf16", "this CPU computes bfloat16 natively (AMX or AVX512-BF16)"
+    return "fp32", f"no native bfloat16 on this {device_type}"
+
+
+def check_cuda_build():
+    """Stop at once where this PyTorch build has no kernels for the GPU (Kaggle's P100, sm_60, under a build for
+    sm_70 and newer), rather than with a CUDA error from deep inside. A cubin sm_XY runs on capability X.y for
+    y >= Y; PTX compute_XY is compiled for any capability >= X.Y."""
+    major, minor = torch.cuda.get_device_capability()
+    archs = torch.cuda.get_arch_list()
+
+    def version(arch):  # "sm_86" -> (8, 6), "sm_90a" -> (9, 0), "compute_120" -> (12, 0)
+        digits = "".join(char for char in arch.split("_")[-1] if char.isdigit())
+        return int(digits[:-1]), int(digits[-1])
+    runs = any((arch.startswith("sm_") and version(arch)[0] == major and version(arch)[1] <= minor) or
+               (arch.startswith("compute_") and version(arch) <= (major, minor)) for arch in archs)
+    if archs and not runs:
+        raise SystemExit(f"error: this PyTorch {torch.__version__} has GPU kernels for {' '.join(archs)}, none for "
+                         f"{torch.cuda.get_device_name()} (sm_{major}{minor}): install a PyTorch build that lists "
+                         f"sm_{major}{minor} (see the README, 'On a GPU'), or choose another GPU")
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+run_precision = "fp32"  # set once by use_precision(); the samplers and the training step read it
+
+
+def use_precision(name):
+    """Set the precision that autocast() and model_eps() use from now on."""
+    global run_precision
+    run_precision = name
+
+
+def autocast(device_type):
+    return torch.autocast(device_type, dtype=AUTOCAST_DTYPES.get(run_precision, torch.bfloat16),
+                          enabled=run_precision in AUTOCAST_DTYPES)
+
+
 def model_eps(model, x, t):
+    """eps_theta(x_t, t) under the run's precision, returned in float32 for the sampler's arithmetic."""
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     with autocast(x.device.type):
         return model(x, t).float()
 
 
-def autocast(device_type):
-    use = amp and device_type == "cuda"
-    return torch.autocast("cuda" if use else "cpu", dtype=torch.bfloat16, enabled=use)
-
-
 # ----------------------------------------------------------------------------- UNet (Ho et al. appendix B)
 def timestep_embedding(t, dim):
-    """Sinusoidal embedding of the step (Transformer positional encoding, Vaswani et al. 3.5)."""
+    """Sinusoidal embedding of the step: Ho et al.'s code concatenates [sin | cos] of geometric frequencies from 1 to
+    1/10000 (Vaswani et al. 3.5 interleave them instead; the two differ only by a fixed permutation)."""
     half = dim // 2
     frequencies = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
     angles = t.float()[:, None] * frequencies[None]
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-def group_norm(channels):
-    return nn.GroupNorm(math.gcd(32, channels), channels)   # 32 groups, as in the paper, when the width allows
+def group_norm(channels, groups):
+    return nn.GroupNorm(math.gcd(groups, channels), channels)   # `groups` (the paper: 32) where the width allows
 
 
 class ResidualBlock(nn.Module):
     """GroupNorm, SiLU, 3x3 conv; the time embedding added; GroupNorm, SiLU, dropout, 3x3 conv; a skip path."""
 
-    def __init__(self, in_channels, out_channels, time_dim, dropout):
+    def __init__(self, in_channels, out_channels, time_dim, dropout, groups):
         super().__init__()
-        self.norm1, self.conv1 = group_norm(in_channels), nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm1, self.conv1 = group_norm(in_channels, groups), nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_projection = nn.Linear(time_dim, out_channels)
-        self.norm2, self.dropout = group_norm(out_channels), nn.Dropout(dropout)
+        self.norm2, self.dropout = group_norm(out_channels, groups), nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)   # each block starts as the identity (the paper's code: init_scale ~ 0)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
@@ -280,9 +377,9 @@ class ResidualBlock(nn.Module):
 class SelfAttention(nn.Module):
     """Single-head self-attention over the pixels of a feature map, with a residual connection."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, groups):
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.out = nn.Conv2d(channels, channels, 1)
         nn.init.zeros_(self.out.weight)
@@ -295,8 +392,11 @@ class SelfAttention(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(self, channels, channel_mults, num_res_blocks, attn_resolutions, dropout, image_size=IMAGE_SIZE):
+    def __init__(self, channels, channel_mults, num_res_blocks, attn_resolutions, dropout, image_size=IMAGE_SIZE,
+                 norm_groups=32):
         super().__init__()
+        block = lambda c_in, c_out: ResidualBlock(c_in, c_out, 4 * channels, dropout, norm_groups)
+        attention = lambda width: SelfAttention(width, norm_groups)
         time_dim = 4 * channels
         self.channels = channels
         self.time_mlp = nn.Sequential(nn.Linear(channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
@@ -306,31 +406,29 @@ class UNet(nn.Module):
         skip_channels, width, resolution = [channels], channels, image_size
         for level, mult in enumerate(channel_mults):
             for _ in range(num_res_blocks):
-                self.down.append(nn.ModuleList([ResidualBlock(width, channels * mult, time_dim, dropout)]))
+                self.down.append(nn.ModuleList([block(width, channels * mult)]))
                 width = channels * mult
                 if resolution in attn_resolutions:
-                    self.down[-1].append(SelfAttention(width))
+                    self.down[-1].append(attention(width))
                 skip_channels.append(width)
             if level != len(channel_mults) - 1:
                 self.down.append(nn.ModuleList([nn.Conv2d(width, width, 3, stride=2, padding=1)]))
                 skip_channels.append(width)
                 resolution //= 2
-        self.middle = nn.ModuleList([ResidualBlock(width, width, time_dim, dropout), SelfAttention(width),
-                                     ResidualBlock(width, width, time_dim, dropout)])
+        self.middle = nn.ModuleList([block(width, width), attention(width), block(width, width)])
         # up path: num_res_blocks + 1 blocks per level, each taking one skip, then nearest upsampling + conv
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mults))):
             for _ in range(num_res_blocks + 1):
-                self.up.append(nn.ModuleList([ResidualBlock(width + skip_channels.pop(), channels * mult,
-                                                             time_dim, dropout)]))
+                self.up.append(nn.ModuleList([block(width + skip_channels.pop(), channels * mult)]))
                 width = channels * mult
                 if resolution in attn_resolutions:
-                    self.up[-1].append(SelfAttention(width))
+                    self.up[-1].append(attention(width))
             if level != 0:
                 self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"),
                                               nn.Conv2d(width, width, 3, padding=1)]))
                 resolution *= 2
-        self.norm_out, self.conv_out = group_norm(width), nn.Conv2d(width, 3, 3, padding=1)
+        self.norm_out, self.conv_out = group_norm(width, norm_groups), nn.Conv2d(width, 3, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
 
     def forward(self, x, t):
@@ -352,131 +450,257 @@ class UNet(nn.Module):
 
 
 def model_config():
-    return dict(channels=channels, channel_mults=[int(m) for m in channel_mults.split(",")],
-                num_res_blocks=num_res_blocks, attn_resolutions=[int(r) for r in attn_resolutions.split(",") if r],
-                dropout=dropout, schedule=schedule, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end)
+    """The constants that define the model and its diffusion: saved in every checkpoint, and all that --sample
+    and --denoise_figure build from (they never read the constants above for it)."""
+    return dict(channels=channels, channel_mults=_int_list(channel_mults), num_res_blocks=num_res_blocks,
+                attn_resolutions=_int_list(attn_resolutions), dropout=dropout, norm_groups=norm_groups,
+                schedule=schedule, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end)
 
 
 def build(config):
     model = UNet(config["channels"], config["channel_mults"], config["num_res_blocks"], config["attn_resolutions"],
-                 config["dropout"])
+                 config["dropout"], norm_groups=config.get("norm_groups", 32))
     diffusion = Diffusion(make_betas(config["schedule"], config["timesteps"], config["beta_start"], config["beta_end"]))
     return model, diffusion
 
 
-# ----------------------------------------------------------------------------- training (Algorithm 1)
+# ----------------------------------------------------------------------------- checkpoints and output paths
 def save_atomic(obj, path):
     torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)   # an interrupted save never leaves a half-written checkpoint
 
 
-def train_model(data_dir, out_dir):
-    ddp = int(os.environ.get("RANK", -1)) != -1                     # launched by torchrun, as in nanoGPT
+def load_checkpoint(path, map_location):
+    """A checkpoint of this script. weights_only=True: tensors, numbers and strings only, so a file from elsewhere
+    cannot run code on loading; a damaged file is a one-line error that says what to do."""
+    try:
+        with warnings.catch_warnings():     # torch warns about a foreign pickle before it refuses it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:   # truncated, empty, not a checkpoint, or a pickle that asks for code
+        previous = f"the previous state may be in {path}.tmp; " if os.path.exists(path + ".tmp") else ""
+        raise SystemExit(f"error: {path} is damaged or not a ddpm.py checkpoint ({type(e).__name__}: "
+                         f"{(str(e).strip() or 'no data').splitlines()[0][:60]}); {previous}delete it to start again")
+
+
+def check_writable(folder):
+    """Make sure files can be written in folder (creating it) before any long work, not after."""
+    folder = folder or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write_test_{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to {folder}: {e.strerror}")
+
+
+def weights_finite(model):
+    return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
+
+
+# ----------------------------------------------------------------------------- training (Algorithm 1)
+def setup_distributed():
+    """-> (ddp, rank, world_size, device). Under torchrun (RANK and WORLD_SIZE set, as in nanoGPT) one process per
+    GPU with nccl, or several CPU processes with gloo; otherwise one process."""
     run_device = default_device()
-    rank, world_size = 0, 1
-    if ddp:
-        import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        if run_device.startswith("cuda"):
-            run_device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(run_device)
-        dist.init_process_group(backend="nccl" if run_device.startswith("cuda") else "gloo")
-    master = rank == 0
-    os.makedirs(out_dir, exist_ok=True)
-    images = load_images(data_dir)
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 1, run_device
+    import torch.distributed as dist
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if run_device.startswith("cuda"):
+        run_device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(run_device)
+    dist.init_process_group(backend="nccl" if run_device.startswith("cuda") else "gloo")
+    return True, rank, world_size, run_device
+
+
+def any_rank(flag, ddp, run_device):
+    """True if `flag` is True in any process. Every process gets the same answer, so all stop at the same step
+    (one that stopped alone would leave the others waiting for it in the next gradient all-reduce)."""
+    if not ddp:
+        return flag
+    import torch.distributed as dist
+    value = torch.tensor([int(flag)], device=run_device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM (what Colab and Kaggle send when a runtime ends) asks the training loop to
+    save a checkpoint after the current step and stop; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.name = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.name:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+        print(f"\n{self.name}: saving a checkpoint after this step, then stopping", flush=True)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def prepare_loss_log(path, step):
+    """loss.csv cut back to the checkpoint's step (the steps after it are trained, and logged, again)."""
+    rows = open(path).read().splitlines() if os.path.exists(path) else []
+    with open(path, "w") as f:
+        f.writelines(row + "\n" for row in rows if row and int(row.split(",")[0]) <= step)
+    return open(path, "a")
+
+
+def train_model(data_dir, out_dir):
+    ddp, rank, world_size, run_device = setup_distributed()
+    device_type, master = run_device.split(":")[0], rank == 0
+    check_writable(out_dir)
+    if device_type == "cuda":
+        check_cuda_build()
+        torch.backends.cudnn.benchmark = True       # fixed input shapes: let cuDNN pick its fastest kernels once
+    images = load_images(data_dir).to(run_device)   # uint8 on the device: each batch is made there
+
+    # the model, its EMA copy, the optimizer and the gradient scaler, resumed from out_dir/ckpt.pt if it is there
     config = model_config()
     torch.manual_seed(seed)
     model, diffusion = build(config)
-    model.to(run_device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    step = 0
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    model.to(run_device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    diffusion.to(run_device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)     # only ever samples: eval mode, no dropout
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device_type == "cuda")
+    chosen, why = choose_precision(precision, device_type)
+    use_precision(chosen)
+    scaler = torch.amp.GradScaler(device_type, enabled=chosen == "fp16")   # fp16 only: see choose_precision
+    step, ckpt_path = 0, os.path.join(out_dir, "ckpt.pt")
     if os.path.exists(ckpt_path):
-        checkpoint = torch.load(ckpt_path, map_location=run_device, weights_only=False)
-        if checkpoint["config"] != config:
-            raise SystemExit(f"{ckpt_path} was trained with another configuration; use another --out_dir")
+        checkpoint = load_checkpoint(ckpt_path, run_device)
+        saved = {"norm_groups": 32, **checkpoint["config"]}
+        differing = [f"{k} = {saved.get(k)!r} there, {v!r} now" for k, v in config.items() if saved.get(k) != v]
+        if differing:
+            raise SystemExit(f"error: {ckpt_path} was trained with another configuration ({'; '.join(differing)}): "
+                             f"run with its values, or use another --out_dir")
         model.load_state_dict(checkpoint["model"])
         ema.load_state_dict(checkpoint["ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint.get("scaler", {}))
         step = checkpoint["step"]
-        if master:
-            print(f"resuming from {ckpt_path} at step {step}")
+    n_params = sum(p.numel() for p in model.parameters())
     if master:
-        print(f"{len(images)} images from {data_dir}; UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
-              f"parameters; {config}; batch {batch_size} x {world_size} process(es) on {run_device}")
+        print(f"{len(images)} images from {data_dir}; UNet {n_params / 1e6:.2f} M parameters; {config}; "
+              f"batch {batch_size} x {world_size} process(es) on {run_device}")
+        print(f"precision: {chosen} ({why})" + (f"; resuming from {ckpt_path} at step {step}" if step else ""))
+        if device_type == "cpu" and n_params > 20e6:
+            print(f"note: no GPU: this {n_params / 1e6:.0f} M-parameter UNet trains at about 1 image/s on a 2-core CPU "
+                  f"(README); --preset=cpu is a {1.5:.1f} M-parameter one made for CPUs")
     raw_model = model
-    if compile and run_device.startswith("cuda"):
-        model = torch.compile(model)
+    if compile:
+        if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 7:
+            model = torch.compile(model)
+        elif master:
+            print("note: --compile needs a CUDA GPU of capability >= 7.0 (Triton); training in eager mode")
     if ddp:
-        model = DistributedDataParallel(model, device_ids=[run_device] if run_device.startswith("cuda") else None)
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(model, device_ids=[run_device] if device_type == "cuda" else None)
+    ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
 
     def save():
+        if not weights_finite(raw_model):            # never overwrite the last good checkpoint with NaN weights
+            raise FloatingPointError
         save_atomic({"model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                     "step": step, "config": config}, ckpt_path)
+                     "scaler": scaler.state_dict(), "step": step, "config": config}, ckpt_path)
 
-    start, loss_sum, loss_count, start_step = time.time(), 0.0, 0, step
+    loss_log = prepare_loss_log(os.path.join(out_dir, "loss.csv"), step) if master else None
+    loss_sum = torch.zeros((), device=run_device)     # summed on the device: the host reads it at log steps only
+    finite_steps = torch.zeros((), device=run_device)
+    start, start_step, stop = time.time(), step, StopRequest()
     deadline = start + max_minutes * 60 if max_minutes > 0 else float("inf")
-    loss_log = open(os.path.join(out_dir, "loss.csv"), "a") if master else None
-    while step < max_steps:
-        # every random draw of a step comes from (seed, step, rank): a resumed run repeats it exactly
-        generator = torch.Generator().manual_seed(seed + step * world_size + rank)
-        torch.manual_seed(seed + step * world_size + rank)          # dropout masks, too
-        x0 = training_batch(images, batch_size, generator).to(run_device)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup_steps)
-        with autocast(run_device.split(":")[0]):
-            loss = diffusion.loss(model, x0, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        # EMA with a decay that starts low and rises to ema_decay, so early averages are not dominated by noise
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for ema_p, p in zip(ema.parameters(), raw_model.parameters()):
-                ema_p.lerp_(p.detach(), 1 - decay)
-        step += 1
-        loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
-        if master and (step % log_every == 0 or step == max_steps):
-            rate = (step - start_step) * batch_size * world_size / (time.time() - start)
-            left = min((max_steps - step) * batch_size * world_size / rate, deadline - time.time())
-            print(f"step {step}/{max_steps} loss {loss_sum / loss_count:.4f} lr {optimizer.param_groups[0]['lr']:.1e} "
-                  f"{rate:.1f} images/s, {(time.time() - start) / 60:.1f} min so far, about {left / 60:.1f} min left",
-                  flush=True)
-            loss_log.write(f"{step},{loss_sum / loss_count:.6f}\n")
-            loss_log.flush()
-            loss_sum, loss_count = 0.0, 0
-        if master and step % sample_every == 0:
-            grid, _ = diffusion.ddim_sample(ema, (16, 3, IMAGE_SIZE, IMAGE_SIZE), torch.Generator().manual_seed(seed),
-                                            steps=min(50, diffusion.timesteps))
-            save_grid(grid, os.path.join(out_dir, f"samples_{step:07d}.png"), columns=4)
-        out_of_time = time.time() > deadline
-        if master and (step % ckpt_every == 0 or step == max_steps or out_of_time):
-            save()
-        if out_of_time:
-            if master:
-                print(f"stopped after {max_minutes} minutes at step {step}; checkpoint saved, run the same command "
-                      f"to resume")
-            break
-    if master:
-        loss_log.close()
-        plot_loss(os.path.join(out_dir, "loss.csv"), os.path.join(out_dir, "loss.png"))
-    if ddp:
-        dist.destroy_process_group()
+    try:
+        while step < max_steps:
+            # every random draw of a step comes from (seed, step, rank): a resumed run repeats it exactly
+            generator = torch.Generator(run_device).manual_seed(seed + step * world_size + rank)
+            torch.manual_seed(seed + step * world_size + rank)                  # dropout masks, too
+            # set the learning rate for this step: linear warmup, then constant (Ho et al. appendix B)
+            step_lr = lr * min(1.0, (step + 1) / max(1, warmup_steps))
+            for group in optimizer.param_groups:
+                group["lr"] = step_lr
+            # forward and backward (Algorithm 1); in fp16 the scaler multiplies the loss so that small
+            # gradients do not underflow, and skips the update when a gradient overflowed
+            x0 = training_batch(images, batch_size, generator)
+            if channels_last:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            with autocast(device_type):
+                loss = diffusion.loss(model, x0, generator)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            # clip the true (unscaled) gradient, then update
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            # EMA of the weights, its decay rising from 0.1 to ema_decay: min(decay, (1 + n) / (10 + n)), the
+            # warm-up of TensorFlow's ExponentialMovingAverage(num_updates) that Ho et al.'s code uses
+            torch._foreach_lerp_(ema_params, model_params, 1 - min(ema_decay, (1 + step) / (10 + step)))
+            step += 1
+            finite = torch.isfinite(loss.detach())
+            loss_sum += torch.where(finite, loss.detach(), 0.0)
+            finite_steps += finite
+            # log, and stop on a loss that is no longer a number (the scaler's skipped fp16 steps aside)
+            if step % log_every == 0 or step == max_steps:
+                count = int(finite_steps.item())
+                if master and count:
+                    rate = (step - start_step) * batch_size * world_size / (time.time() - start)
+                    left = min((max_steps - step) * batch_size * world_size / rate, deadline - time.time())
+                    print(f"step {step}/{max_steps} loss {loss_sum.item() / count:.4f} lr {step_lr:.1e} {rate:.1f} "
+                          f"images/s, {(time.time() - start) / 60:.1f} min so far, about {left / 60:.1f} min left",
+                          flush=True)
+                    loss_log.write(f"{step},{loss_sum.item() / count:.6f}\n")
+                    loss_log.flush()
+                if any_rank(count == 0 or not weights_finite(raw_model), ddp, run_device):
+                    raise FloatingPointError
+                loss_sum.zero_()
+                finite_steps.zero_()
+            if master and step % sample_every == 0:
+                grid, _ = diffusion.ddim_sample(ema, (16, 3, IMAGE_SIZE, IMAGE_SIZE),
+                                                torch.Generator().manual_seed(seed), steps=min(50, diffusion.timesteps))
+                save_grid(grid, os.path.join(out_dir, f"samples_{step:07d}.png"), columns=4)
+            # termination conditions, agreed by every process; a checkpoint first
+            stopping = any_rank(time.time() > deadline or stop.name is not None, ddp, run_device)
+            if master and (step % ckpt_every == 0 or step == max_steps or stopping):
+                save()
+            if stopping:
+                break
+    except FloatingPointError:
+        raise SystemExit(f"error: the loss or the weights stopped being finite numbers (NaN or inf) by step {step}: "
+                         f"training stopped; {ckpt_path} keeps the last good state. Try a lower --lr (now {lr:g}) "
+                         f"or --precision=fp32")
+    finally:
+        stop.restore()
+        if master:
+            loss_log.close()
+            plot_loss(os.path.join(out_dir, "loss.csv"), os.path.join(out_dir, "loss.png"))
+        if ddp:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+    if stop.name:
+        raise SystemExit(f"stopped by {stop.name} at step {step}; checkpoint saved, run the same command to resume")
+    if master and time.time() > deadline:
+        print(f"stopped after {max_minutes} minutes at step {step}; checkpoint saved, run the same command to resume")
     return step
 
 
 # ----------------------------------------------------------------------------- sampling and outputs
 def load_ema(out_dir, run_device):
+    """The EMA weights of out_dir/ckpt.pt, built from the configuration saved with them (not the constants above)."""
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(path):
-        raise SystemExit(f"{path} not found: train first (python ddpm.py --train --out_dir={out_dir})")
-    checkpoint = torch.load(path, map_location=run_device, weights_only=False)
+        raise SystemExit(f"error: {path} not found: train first (python ddpm.py --train --out_dir={out_dir})")
+    checkpoint = load_checkpoint(path, "cpu")
     model, diffusion = build(checkpoint["config"])
     model.load_state_dict(checkpoint["ema"])
-    return model.to(run_device).eval(), diffusion
+    model.to(run_device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    return model.eval(), diffusion.to(run_device)
 
 
 def to_uint8(x):
@@ -486,40 +710,56 @@ def to_uint8(x):
 
 def generate(model, diffusion, count, generator):
     """count images in batches of sample_batch, with the sampler chosen above."""
-    outputs = []
-    for s in range(0, count, sample_batch):
-        shape = (min(sample_batch, count - s), 3, IMAGE_SIZE, IMAGE_SIZE)
+    outputs, start = [], time.time()
+    for first in range(0, count, sample_batch):
+        shape = (min(sample_batch, count - first), 3, IMAGE_SIZE, IMAGE_SIZE)
         if sampler == "ddpm":
             x, _ = diffusion.ddpm_sample(model, shape, generator, variance)
-        elif sampler == "ddim":
-            x, _ = diffusion.ddim_sample(model, shape, generator, steps, eta)
         else:
-            raise SystemExit(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+            x, _ = diffusion.ddim_sample(model, shape, generator, steps, eta)
         outputs.append(to_uint8(x))
-        print(f"generated {s + shape[0]}/{count}", flush=True)
+        done = first + shape[0]
+        print(f"generated {done}/{count}, {done / (time.time() - start):.2f} images/s, "
+              f"about {(count - done) / done * (time.time() - start) / 60:.1f} min left", flush=True)
     return np.concatenate(outputs)
 
 
 def write_submission(images, folder, zip_path):
-    """1.jpg..N.jpg (64x64 RGB JPEG) into folder, and the same files at the root of zip_path, nothing else."""
+    """1.jpg..N.jpg (64x64 RGB JPEG) into folder, and the same files at the root of zip_path, nothing else. The zip
+    is written beside its place and renamed into it, so a killed run leaves the previous one whole; numbered
+    images of an earlier, larger run are removed from folder."""
     os.makedirs(folder, exist_ok=True)
-    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as archive:
+    for name in os.listdir(folder):
+        if name.endswith(".jpg") and name[:-4].isdigit():
+            os.remove(os.path.join(folder, name))
+    with zipfile.ZipFile(zip_path + ".tmp", "w", zipfile.ZIP_DEFLATED) as archive:
         for i, array in enumerate(images, 1):
             buffer = io.BytesIO()
             Image.fromarray(array).save(buffer, "JPEG", quality=95)
             with open(os.path.join(folder, f"{i}.jpg"), "wb") as f:
                 f.write(buffer.getvalue())
             archive.writestr(f"{i}.jpg", buffer.getvalue())
+    os.replace(zip_path + ".tmp", zip_path)
 
 
 def sample_command(out_dir):
     run_device = default_device()
+    folder = images_dir or os.path.join(out_dir, "images")
+    # every output path checked before the first image is generated
+    if not os.path.isdir(os.path.dirname(os.path.abspath(submission))):
+        raise SystemExit(f"error: the folder of --submission={submission} does not exist")
+    check_writable(os.path.dirname(os.path.abspath(submission)))
+    check_writable(folder)
+    if fid and not os.path.exists(fid_ref or data_dir):
+        raise SystemExit(f"error: --fid_ref={fid_ref or data_dir} not found (a folder, zip or statistics .npz)")
     model, diffusion = load_ema(out_dir, run_device)
+    if sampler == "ddim" and steps > diffusion.timesteps:
+        raise SystemExit(f"error: --steps={steps} is more than the model's T={diffusion.timesteps}")
+    use_precision(choose_precision(precision, run_device.split(":")[0])[0])
     start = time.time()
     images = generate(model, diffusion, n, torch.Generator().manual_seed(seed))
-    folder = images_dir or os.path.join(out_dir, "images")
     write_submission(images, folder, submission)
-    print(f"{n} images ({sampler}, {steps if sampler == 'ddim' else diffusion.timesteps} steps) in "
+    print(f"{n} images ({sampler}, {steps if sampler == 'ddim' else diffusion.timesteps} steps, {run_precision}) in "
           f"{time.time() - start:.0f} s: {folder}/1.jpg..{n}.jpg and {submission}")
     if fid:
         evaluate_fid(submission, fid_ref or data_dir, run_device)
@@ -547,14 +787,15 @@ def denoising_figure(out_dir, columns=10):
     """5 images (rows) from x_T to x_0 (columns at evenly spaced steps), with the sampler chosen above."""
     run_device = default_device()
     model, diffusion = load_ema(out_dir, run_device)
+    use_precision(choose_precision(precision, run_device.split(":")[0])[0])
     generator = torch.Generator().manual_seed(seed)
     shape = (5, 3, IMAGE_SIZE, IMAGE_SIZE)
     if sampler == "ddpm":
         record = set(np.linspace(0, diffusion.timesteps, columns).round().astype(int).tolist())
         _, kept = diffusion.ddpm_sample(model, shape, generator, variance, record=record)
     else:
-        sequence = np.linspace(0, diffusion.timesteps - 1, steps).round().astype(int)
-        record = set(sequence[np.linspace(0, steps - 1, columns - 1).round().astype(int)].tolist()) | {diffusion.timesteps}
+        sequence = diffusion.ddim_sequence(steps)
+        record = {sequence[i] for i in np.linspace(0, steps - 1, columns - 1).round().astype(int)} | {diffusion.timesteps}
         _, kept = diffusion.ddim_sample(model, shape, generator, steps, eta, record=record)
     order = sorted(kept, reverse=True)                      # x_T first
     label_height, size = 16, IMAGE_SIZE
@@ -598,43 +839,54 @@ def plot_loss(csv_path, png_path, width=640, height=320, margin=50):
     image.save(png_path)
 
 
-def run_bench(n_steps=10):
-    """Training-step throughput of the current configuration: forward, backward and Adam on random images."""
+def run_bench():
+    """Training-step throughput of the configured UNet on random images, in each precision this device offers and
+    in both memory layouts: forward, backward and Adam, after one warm-up step."""
     run_device = default_device()
-    torch.manual_seed(seed)
-    model, diffusion = build(model_config())
-    model.to(run_device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    x0 = torch.rand(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator).to(run_device) * 2 - 1
-    for i in range(n_steps + 2):                       # two warm-up steps, then the timed ones
-        if i == 2:
-            if run_device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.time()
-        with autocast(run_device.split(":")[0]):
-            loss = diffusion.loss(model, x0, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    if run_device.startswith("cuda"):
-        torch.cuda.synchronize()
-    seconds = (time.time() - start) / n_steps
-    print(f"preset {preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, batch {batch_size}, "
-          f"{seconds:.3f} s/step, {batch_size / seconds:.1f} images/s on {run_device} ({num_threads} threads)")
-
-
-def apply_preset(argv):
-    """--preset=gpu|cpu sets the UNet and batch constants it lists, except those given on the command line."""
-    if preset not in PRESETS:
-        raise SystemExit(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    explicit = {arg[2:].partition("=")[0] for arg in argv}
-    globals().update({k: v for k, v in PRESETS[preset].items() if k not in explicit})
+    device_type = run_device.split(":")[0]
+    precisions = ["fp32", "bf16"] + (["fp16"] if device_type == "cuda" else [])
+    for name, layout in [(p, l) for p in precisions for l in (torch.contiguous_format, torch.channels_last)]:
+        use_precision(name)
+        torch.manual_seed(seed)
+        model, diffusion = build(model_config())
+        model.to(run_device, memory_format=layout)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device_type == "cuda")
+        scaler = torch.amp.GradScaler(device_type, enabled=name == "fp16")
+        generator = torch.Generator(run_device).manual_seed(seed)
+        x0 = (torch.rand(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator, device=run_device) * 2 - 1
+              ).contiguous(memory_format=layout)
+        timed, start = -1, None
+        while timed < 3 or (time.time() - start < 20 and timed < 20):   # >= 3 timed steps, up to 20 s
+            if timed == 0:
+                if device_type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.time()
+            with autocast(device_type):
+                loss = diffusion.loss(model, x0, generator)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            timed += 1
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.time() - start) / timed
+        print(f"{'preset ' + preset if preset else 'constants'}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} "
+              f"M parameters, batch {batch_size}, {name}, {'channels_last' if layout == torch.channels_last else 'NCHW'}: "
+              f"{seconds:.3f} s/step, {batch_size / seconds:.1f} images/s on {run_device} ({num_threads} threads)",
+              flush=True)
 
 
 if __name__ == "__main__":
-    parse_overrides(sys.argv[1:], globals())
-    apply_preset(sys.argv[1:])
+    # --preset=cpu first (it sets the small model's constants), then every other override on top of it
+    preset_flags = [arg for arg in sys.argv[1:] if arg.partition("=")[0] == "--preset"]
+    parse_overrides(preset_flags, globals(), {"preset": CHECKS["preset"]})
+    if preset == "cpu":
+        globals().update(CPU_PRESET)
+        print("preset cpu: " + ", ".join(f"{name} = {value!r}" for name, value in CPU_PRESET.items()))
+    unexpected = parse_overrides([arg for arg in sys.argv[1:] if arg not in preset_flags], globals(), CHECKS)
+    if unexpected:
+        sys.exit(f"error: unexpected argument {unexpected[0]!r} (options are --name=value; --help lists them)")
     torch.set_num_threads(num_threads)
     try:
         if train:

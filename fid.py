@@ -47,6 +47,12 @@ nearest = ""            # a training set: report how close the first path's imag
 seed = 0                # for KID's subsets
 # -----------------------------------------------------------------------------
 
+# values with a fixed set of choices or a range, checked before any work (see parse_overrides)
+CHECKS = {
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"), "dims": (2048, 768, 192, 64),
+    "kid_subsets": (lambda v: v >= 1, "an integer >= 1"), "kid_subset_size": (lambda v: v >= 2, "an integer >= 2"),
+    "save_stats": (lambda v: v == "" or v.endswith(".npz"), "a file name ending in .npz")
+}
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
 WEIGHTS_SHA256_PREFIX = "6726825d"
@@ -680,16 +686,16 @@ def print_help(config, entries):
 
 def parse_overrides(argv, config, checks=None):
     """--name=value sets the constant `name` of the configuration block at the top of the script whose globals()
-    are `config`; -h/--help prints the docstring and every constant; other arguments are returned as positional.
+    are `config`; -h/--help prints the docstring and every constant (overrides applied) and exits; other arguments
+    are returned as positional.
     checks: {name: tuple of allowed values, or (predicate, "what it accepts")}, tested after the overrides, so an
     edited constant is checked too. Every mistake stops with one line naming the flag, before any work starts."""
     entries = config_block(config["__file__"])
     names = [name for _, name, _ in entries]
-    if "-h" in argv or "--help" in argv:
-        print_help(config, entries)
-        raise SystemExit(0)
     positional = []
     for arg in argv:
+        if arg in ("-h", "--help"):
+            continue
         if not arg.startswith("--"):
             positional.append(arg)
             continue
@@ -702,6 +708,9 @@ def parse_overrides(argv, config, checks=None):
             raise SystemExit(f"error: --{name} needs a value: --{name}=VALUE (now {config[name]!r})")
         config[name] = parse_value(f"--{name}", text, config[name]) if has_value else True
         print(f"overriding: {name} = {config[name]!r}")
+    if "-h" in argv or "--help" in argv:       # after the overrides, so that it shows the values a run would use
+        print_help(config, entries)
+        raise SystemExit(0)
     for name, rule in (checks or {}).items():
         value = config[name]
         if isinstance(rule, tuple) and len(rule) == 2 and callable(rule[0]):
@@ -768,10 +777,7 @@ def main(paths):
 
 if __name__ == "__main__":
     torch.set_num_threads(min(os.cpu_count() or 1, 16))
-    args = parse_overrides(sys.argv[1:], globals(), {
-        "batch_size": (lambda v: v >= 1, "an integer >= 1"), "dims": (2048, 768, 192, 64),
-        "kid_subsets": (lambda v: v >= 1, "an integer >= 1"), "kid_subset_size": (lambda v: v >= 2, "an integer >= 2"),
-        "save_stats": (lambda v: v == "" or v.endswith(".npz"), "a file name ending in .npz")})
+    args = parse_overrides(sys.argv[1:], globals(), CHECKS)
     try:
         main(args)
     except (FIDInputError, FileNotFoundError, RuntimeError) as e:

@@ -29,6 +29,8 @@ bench_docs = 0          # 0 = all documents; a smaller number for a quick look
 vocab_path = ""         # a saved Vocab (JSON) for the demo's ids; empty = build one from the sentence
 # -----------------------------------------------------------------------------
 
+CHECKS = {"bench_docs": (lambda v: v >= 0, "an integer >= 0")}   # checked before any work (see parse_overrides)
+
 # ----------------------------------------------------------------------------- cleaning
 # Unicode punctuation that has a plain ASCII twin. Curly quotes become straight ones so that "didn’t" and
 # "didn't" are the same word; hyphen look-alikes become "-" (they join words: "covid‑19"), while en and em
@@ -439,16 +441,16 @@ def print_help(config, entries):
 
 def parse_overrides(argv, config, checks=None):
     """--name=value sets the constant `name` of the configuration block at the top of the script whose globals()
-    are `config`; -h/--help prints the docstring and every constant; other arguments are returned as positional.
+    are `config`; -h/--help prints the docstring and every constant (overrides applied) and exits; other arguments
+    are returned as positional.
     checks: {name: tuple of allowed values, or (predicate, "what it accepts")}, tested after the overrides, so an
     edited constant is checked too. Every mistake stops with one line naming the flag, before any work starts."""
     entries = config_block(config["__file__"])
     names = [name for _, name, _ in entries]
-    if "-h" in argv or "--help" in argv:
-        print_help(config, entries)
-        raise SystemExit(0)
     positional = []
     for arg in argv:
+        if arg in ("-h", "--help"):
+            continue
         if not arg.startswith("--"):
             positional.append(arg)
             continue
@@ -461,6 +463,9 @@ def parse_overrides(argv, config, checks=None):
             raise SystemExit(f"error: --{name} needs a value: --{name}=VALUE (now {config[name]!r})")
         config[name] = parse_value(f"--{name}", text, config[name]) if has_value else True
         print(f"overriding: {name} = {config[name]!r}")
+    if "-h" in argv or "--help" in argv:       # after the overrides, so that it shows the values a run would use
+        print_help(config, entries)
+        raise SystemExit(0)
     for name, rule in (checks or {}).items():
         value = config[name]
         if isinstance(rule, tuple) and len(rule) == 2 and callable(rule[0]):
@@ -476,7 +481,7 @@ def parse_overrides(argv, config, checks=None):
 
 
 if __name__ == "__main__":
-    sentences = parse_overrides(sys.argv[1:], globals(), {"bench_docs": (lambda v: v >= 0, "an integer >= 0")})
+    sentences = parse_overrides(sys.argv[1:], globals(), CHECKS)
     if bench:
         run_bench(data_dir, bench_docs)
     else:

@@ -136,7 +136,8 @@ def test_timestep_embedding_closed_form():
 
 @pytest.mark.parametrize("preset", ["cpu", "gpu"])
 def test_presets_build_a_unet_of_the_right_shape(preset):
-    config = dict(ddpm.PRESETS[preset])
+    """gpu: the constants as written at the top of ddpm.py; cpu: CPU_PRESET."""
+    config = dict(ddpm.CPU_PRESET) if preset == "cpu" else {k: getattr(ddpm, k) for k in ddpm.CPU_PRESET}
     model = ddpm.UNet(config["channels"], [int(m) for m in config["channel_mults"].split(",")],
                       config["num_res_blocks"], [16], config["dropout"])
     attention = sum(isinstance(m, ddpm.SelfAttention) for m in model.modules())
@@ -182,7 +183,7 @@ def test_tiny_unet_overfits_a_handful_of_images():
 def tiny_config(monkeypatch):
     settings = dict(channels=8, channel_mults="1,2,2", num_res_blocks=1, attn_resolutions="16", dropout=0.1,
                     batch_size=4, warmup_steps=2, max_steps=5, log_every=1, sample_every=4, ckpt_every=100,
-                    max_minutes=0.0, timesteps=10, device="cpu", seed=0, sample_batch=3)
+                    max_minutes=0.0, timesteps=10, device="cpu", seed=0, sample_batch=3, precision="fp32")
     for name, value in settings.items():
         monkeypatch.setattr(ddpm, name, value)
 
@@ -203,8 +204,8 @@ def test_resume_continues_exactly(tiny_config, faces_npy, tmp_path):
     assert ddpm.train_model(faces_npy, interrupted) == 2
     ddpm.max_minutes = 0.0
     assert ddpm.train_model(faces_npy, interrupted) == 5
-    a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=False)
-    b = torch.load(os.path.join(interrupted, "ckpt.pt"), weights_only=False)
+    a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
+    b = torch.load(os.path.join(interrupted, "ckpt.pt"), weights_only=True)
     assert a["step"] == b["step"] == 5
     for part in ("model", "ema"):
         for name in a[part]:
@@ -296,7 +297,7 @@ def test_two_process_ddp_training_on_cpu(faces_npy, tmp_path):
                              "ddpm.py", "--train", f"--data_dir={faces_npy}", f"--out_dir={tmp_path / 'out'}", *options],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    checkpoint = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert checkpoint["step"] == 3
     assert "batch 2 x 2 process(es)" in result.stdout and result.stdout.count("step 3/3") == 1   # rank 0 logs
 
