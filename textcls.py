@@ -833,7 +833,7 @@ def _train(records, out_dir, mlm_records, ddp, rank, world_size, run_device, req
                 generator = torch.Generator().manual_seed(seed * 1000003 + step * world_size + rank)
                 inputs, targets = mask_tokens(ids, len(vocab), generator, mask_prob)
                 logits, chosen = net(inputs.to(run_device), targets.to(run_device))
-                if chosen.numel() == 0:        # nothing chosen in this batch: a zero loss that still reaches every weight
+                if chosen.numel() == 0:        # nothing chosen in this batch: a zero loss that reaches every weight
                     return logits.float().sum() * 0.0
                 return F.cross_entropy(logits.float(), chosen)
 
@@ -850,8 +850,9 @@ def _train(records, out_dir, mlm_records, ddp, rank, world_size, run_device, req
 
             share_deadline = start + pretrain_share * max_minutes * 60 if max_minutes > 0 else math.inf
             mlm_step, reason, value = run_phase("pre-training ", mlm_net, mlm_optimizer, mlm_scaler, mlm_step,
-                                                mlm_total, mlm_steps_per_epoch, [len(e) for e in mlm_encoded], mlm_loss, pretrain_lr,
-                                                7777, share_deadline, mlm_epoch_end, save_pretrain)
+                                                mlm_total, mlm_steps_per_epoch, [len(e) for e in mlm_encoded],
+                                                mlm_loss, pretrain_lr, 7777, share_deadline, mlm_epoch_end,
+                                                save_pretrain)
             if reason == "nonfinite":
                 stop_for_nonfinite("pre-training", mlm_step, value, pre_path)
             if reason == "signal":
@@ -1142,7 +1143,8 @@ def run_bench(data_dir, out_dir):
         f.writelines(f"__label__{r['label']} {text(r)}\n" for r in fit_records)
     ft = fasttext.train_supervised(os.path.join(out_dir, "fasttext_train.txt"), wordNgrams=2, epoch=10,
                                    thread=num_threads, seed=seed, verbose=0)
-    predictions = [int(labels[0].removeprefix("__label__")) for labels in ft.predict([text(r) for r in test_records])[0]]
+    predictions = [int(labels[0].removeprefix("__label__"))
+                   for labels in ft.predict([text(r) for r in test_records])[0]]
     results["fastText (bigrams, 10 epochs)"] = (classification_metrics(predictions, test_labels), time.time() - start)
 
     start = time.time()
