@@ -606,8 +606,6 @@ def train_model(data_dir, out_dir):
     ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
 
     def save():
-        if not weights_finite(raw_model):            # never overwrite the last good checkpoint with NaN weights
-            raise FloatingPointError
         save_atomic({"model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "step": step, "config": config}, ckpt_path)
 
@@ -667,8 +665,11 @@ def train_model(data_dir, out_dir):
                 save_grid(grid, os.path.join(out_dir, f"samples_{step:07d}.png"), columns=4)
             # termination conditions, agreed by every process; a checkpoint first
             stopping = any_rank(time.time() > deadline or stop.name is not None, ddp, run_device)
-            if master and (step % ckpt_every == 0 or step == max_steps or stopping):
-                save()
+            if step % ckpt_every == 0 or step == max_steps or stopping:
+                if not weights_finite(raw_model):    # never overwrite the last good checkpoint with NaN weights
+                    raise FloatingPointError         # (every rank sees the same weights: DDP keeps them equal)
+                if master:
+                    save()
             if stopping:
                 break
     except FloatingPointError:

@@ -117,3 +117,12 @@ def test_edited_constants_are_checked_too():
     config["sampler"] = "ddmi"                     # as if edited at the top of the file
     with pytest.raises(SystemExit, match="--sampler must be one of"):
         module.parse_overrides([], config, module.CHECKS)
+
+
+@pytest.mark.parametrize("name", SCRIPTS + ["data/prepare_news", "data/prepare_celeba", "data/prepare_flickr8k",
+                                            "data/score_news"])
+def test_every_script_is_python_3_10_syntax(name):
+    """Kaggle and Colab run 3.10 to 3.12: no syntax newer than 3.10 (ast checks the grammar of that version)."""
+    import ast
+    source = open(ROOT / f"{name}.py", encoding="utf-8").read()
+    ast.parse(source, filename=f"{name}.py", feature_version=(3, 10))
