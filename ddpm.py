@@ -593,7 +593,7 @@ def train_model(data_dir, out_dir):
         print(f"precision: {chosen} ({why})" + (f"; resuming from {ckpt_path} at step {step}" if step else ""))
         if device_type == "cpu" and n_params > 20e6:
             print(f"note: no GPU: this {n_params / 1e6:.0f} M-parameter UNet trains at about 1 image/s on a 2-core CPU "
-                  f"(README); --preset=cpu is a {1.5:.1f} M-parameter one made for CPUs")
+                  f"(README); --preset=cpu is a 1.5 M-parameter one made for CPUs")
     raw_model = model
     if compile:
         if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 7:
@@ -693,7 +693,8 @@ def train_model(data_dir, out_dir):
 
 # ----------------------------------------------------------------------------- sampling and outputs
 def load_ema(out_dir, run_device):
-    """The EMA weights of out_dir/ckpt.pt, built from the configuration saved with them (not the constants above)."""
+    """The EMA weights of out_dir/ckpt.pt, built from the configuration saved with them (not the constants above),
+    ready to sample in this run's precision."""
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(path):
         raise SystemExit(f"error: {path} not found: train first (python ddpm.py --train --out_dir={out_dir})")
@@ -701,6 +702,7 @@ def load_ema(out_dir, run_device):
     model, diffusion = build(checkpoint["config"])
     model.load_state_dict(checkpoint["ema"])
     model.to(run_device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    use_precision(choose_precision(precision, run_device.split(":")[0])[0])
     return model.eval(), diffusion.to(run_device)
 
 
@@ -756,7 +758,6 @@ def sample_command(out_dir):
     model, diffusion = load_ema(out_dir, run_device)
     if sampler == "ddim" and steps > diffusion.timesteps:
         raise SystemExit(f"error: --steps={steps} is more than the model's T={diffusion.timesteps}")
-    use_precision(choose_precision(precision, run_device.split(":")[0])[0])
     start = time.time()
     images = generate(model, diffusion, n, torch.Generator().manual_seed(seed))
     write_submission(images, folder, submission)
@@ -788,7 +789,6 @@ def denoising_figure(out_dir, columns=10):
     """5 images (rows) from x_T to x_0 (columns at evenly spaced steps), with the sampler chosen above."""
     run_device = default_device()
     model, diffusion = load_ema(out_dir, run_device)
-    use_precision(choose_precision(precision, run_device.split(":")[0])[0])
     generator = torch.Generator().manual_seed(seed)
     shape = (5, 3, IMAGE_SIZE, IMAGE_SIZE)
     if sampler == "ddpm":
