@@ -24,6 +24,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import NamedTuple
 
 # -----------------------------------------------------------------------------
 # configuration: every constant below can be overridden as --name=value
@@ -82,6 +83,15 @@ def to_tokens(segment, tokenizer="13a", lowercase=False):
 
 
 # ----------------------------------------------------------------------------- n-gram statistics
+class BLEUStats(NamedTuple):
+    """The counts BLEU is computed from (sacrebleu's "sufficient statistics"), of one segment or, summed, of a
+    corpus. matches[n-1] and totals[n-1] are the clipped matches and the hypothesis n-grams of order n."""
+    hyp_len: int       # hypothesis tokens (c in Papineni et al.)
+    ref_len: int       # the closest reference's tokens (r, the "best match length")
+    matches: list
+    totals: list
+
+
 def ngram_counts(tokens, max_order):
     """Counter of all n-grams of orders 1..max_order of a token list, each a tuple:
     ngram_counts("a b a".split(), 2) -> {(a,): 2, (b,): 1, (a, b): 1, (b, a): 1}."""
@@ -92,14 +102,15 @@ def ngram_counts(tokens, max_order):
 
 
 def closest_ref_length(hyp_len, ref_lens):
-    """The reference length closest to the hypothesis length; a tie goes to the shorter reference."""
+    """The reference length closest to the hypothesis length, Papineni et al.'s "best match length" (section
+    2.2.2); a tie goes to the shorter reference, as in mteval-v13a and sacrebleu (the paper does not say)."""
     return min(ref_lens, key=lambda ref_len: (abs(ref_len - hyp_len), ref_len))
 
 
 def segment_stats(hyp_tokens, refs_tokens, max_order=4):
-    """For one segment: hypothesis length, closest reference length, and per order n the matched
-    ("clipped") and total n-gram counts. Clipping (Papineni et al., section 2.1) counts a hypothesis n-gram
-    at most as often as it appears in any single reference: "the the the" against "the cat" matches 1."""
+    """BLEUStats of one segment. Clipping (Papineni et al., section 2.1, "modified n-gram precision") counts a
+    hypothesis n-gram at most as often as it appears in any single reference: "the the the" against "the cat"
+    matches 1."""
     max_ref_counts = ngram_counts(refs_tokens[0], max_order)
     for ref in refs_tokens[1:]:
         for ngram, count in ngram_counts(ref, max_order).items():
@@ -111,7 +122,26 @@ def segment_stats(hyp_tokens, refs_tokens, max_order=4):
             matches[len(ngram) - 1] += min(count, max_ref_counts[ngram])
     totals = [max(0, len(hyp_tokens) - n + 1) for n in range(1, max_order + 1)]
     ref_len = closest_ref_length(len(hyp_tokens), [len(r) for r in refs_tokens])
-    return len(hyp_tokens), ref_len, matches, totals
+    return BLEUStats(len(hyp_tokens), ref_len, matches, totals)
+
+
+def corpus_segment_stats(hypotheses, refs_per_segment, max_order=4, tokenize="13a", lowercase=False):
+    """BLEUStats of every segment, one at a time (a generator: sum_stats, next, adds them as they come)."""
+    for hypothesis, refs in zip(hypotheses, refs_per_segment):
+        yield segment_stats(to_tokens(hypothesis, tokenize, lowercase),
+                            [to_tokens(r, tokenize, lowercase) for r in refs], max_order)
+
+
+def sum_stats(segments, max_order):
+    """The corpus' BLEUStats: every count summed over the segments. BLEU pools the counts of all segments
+    and divides once (Papineni et al., section 2.1.1); it does not average segment scores."""
+    hyp_len = ref_len = 0
+    matches, totals = [0] * max_order, [0] * max_order
+    for segment in segments:
+        hyp_len, ref_len = hyp_len + segment.hyp_len, ref_len + segment.ref_len
+        matches = [a + b for a, b in zip(matches, segment.matches)]
+        totals = [a + b for a, b in zip(totals, segment.totals)]
+    return BLEUStats(hyp_len, ref_len, matches, totals)
 
 
 # ----------------------------------------------------------------------------- corpus BLEU
@@ -136,38 +166,31 @@ class BLEUScore:
 
 
 def brevity_penalty(hyp_len, ref_len):
-    """BP = 1 if c > r else exp(1 - r/c) (Papineni et al., section 2.2.2), c and r summed over the corpus."""
+    """BP = 1 if c > r else exp(1 - r/c) (Papineni et al., section 2.2.2; the formula in section 2.3), with c
+    and r summed over the corpus: precision alone would reward a hypothesis that says little."""
     if hyp_len >= ref_len:
         return 1.0
     return math.exp(1 - ref_len / hyp_len) if hyp_len > 0 else 0.0
 
 
-def bleu_from_stats(hyp_len, ref_len, matches, totals, smooth="exp", smooth_value=None, effective_order=False):
-    """BLEU = BP * exp(sum_n log(p_n) / N), the geometric mean of the n-gram precisions p_n = matches/totals.
-    A precision of 0 makes the mean 0; the smoothing methods replace it by a small number instead:
-      exp   (mteval-v13a's): the k-th order with no match gets 1 / (2^k * total)
-      floor: an order with no match gets smooth_value / total  (default 0.1)
-      add-k: orders 2..N get smooth_value added to matches and totals  (default 1)
-      none : no smoothing
-    effective_order (for single sentences) averages only over the orders that have any n-grams at all."""
-    if smooth not in ("exp", "floor", "add-k", "none"):
-        raise ValueError(f"unknown smoothing {smooth!r} (exp, floor, add-k or none)")
+def smoothed_precisions(matches, totals, smooth="exp", smooth_value=None):
+    """The n-gram precisions p_n = matches/totals in percent (Papineni et al., section 2.1.1), with a p_n of 0
+    replaced by a small number as `smooth` says, sacrebleu's methods (numbered as in Chen & Cherry 2014):
+      exp   (method 3, mteval-v13a's; the default): the k-th order with no match gets 1 / (2^k * total)
+      floor (method 1): an order with no match gets smooth_value / total  (default 0.1)
+      add-k (method 2): orders 2..N get smooth_value added to matches and totals  (default 1)
+      none : no smoothing, the p_n stays 0
+    Also returns how many orders have n-grams at all (a corpus of 2-word hypotheses has no 3-grams)."""
     if smooth_value is None or smooth_value < 0:
         smooth_value = SMOOTH_DEFAULTS.get(smooth)
-    max_order = len(matches)
-    bp = brevity_penalty(hyp_len, ref_len)
-    precisions = [0.0] * max_order
-    if not any(matches):  # nothing matched at all: BLEU is 0 whatever the smoothing
-        return BLEUScore(0.0, precisions, bp, hyp_len, ref_len, list(matches), list(totals))
-    orders_used, halvings = max_order, 1
-    for n in range(1, max_order + 1):
+    precisions, orders_with_ngrams, halvings = [0.0] * len(matches), 0, 1
+    for n in range(1, len(matches) + 1):
         matched, total = matches[n - 1], totals[n - 1]
         if smooth == "add-k" and n > 1:
             matched, total = matched + smooth_value, total + smooth_value
         if total == 0:  # the hypotheses are all shorter than n: no n-grams of this order or above
             break
-        if effective_order:
-            orders_used = n
+        orders_with_ngrams = n
         if matched == 0:
             if smooth == "exp":
                 halvings *= 2
@@ -176,43 +199,47 @@ def bleu_from_stats(hyp_len, ref_len, matches, totals, smooth="exp", smooth_valu
                 precisions[n - 1] = 100.0 * smooth_value / total
         else:
             precisions[n - 1] = 100.0 * matched / total
+    return precisions, orders_with_ngrams
+
+
+def bleu_from_stats(stats, smooth="exp", smooth_value=None, effective_order=False):
+    """BLEU = BP * exp(sum_n log(p_n) / N) (Papineni et al., section 2.3, uniform weights 1/N): the geometric
+    mean of the n-gram precisions (section 2.1.3) times the brevity penalty. A p_n of 0 makes it 0 unless
+    smoothed. effective_order (for single sentences) averages only over the orders that have n-grams at all."""
+    if smooth not in ("exp", "floor", "add-k", "none"):
+        raise ValueError(f"unknown smoothing {smooth!r} (exp, floor, add-k or none)")
+    hyp_len, ref_len, matches, totals = stats.hyp_len, stats.ref_len, list(stats.matches), list(stats.totals)
+    bp = brevity_penalty(hyp_len, ref_len)
+    if not any(matches):  # nothing matched at all: BLEU is 0 whatever the smoothing
+        return BLEUScore(0.0, [0.0] * len(matches), bp, hyp_len, ref_len, matches, totals)
+    precisions, orders_with_ngrams = smoothed_precisions(matches, totals, smooth, smooth_value)
+    orders_used = orders_with_ngrams if effective_order else len(matches)
     # log(0) is -infinity; like mteval, use a huge negative number so that the score is exactly 0.0
     log_mean = sum(math.log(p) if p > 0 else -9999999999 for p in precisions[:orders_used]) / orders_used
-    return BLEUScore(bp * math.exp(log_mean), precisions, bp, hyp_len, ref_len, list(matches), list(totals))
+    return BLEUScore(bp * math.exp(log_mean), precisions, bp, hyp_len, ref_len, matches, totals)
 
 
-def _check_corpus(hypotheses, references):
+def references_per_segment(hypotheses, references):
+    """sacrebleu's layout of the references (one list per reference set, each aligned with the hypotheses),
+    checked, turned into one list of references per segment."""
     if isinstance(hypotheses, str) or isinstance(references, str):
         raise TypeError("hypotheses and references must be lists of str (references: a list of such lists)")
     if not references:
         raise ValueError("no references given")
-    for i, stream in enumerate(references):
-        if isinstance(stream, str) or len(stream) != len(hypotheses):
-            raise ValueError(f"reference set {i + 1} has {len(stream)} segments, the hypotheses "
+    for i, reference_set in enumerate(references):
+        if isinstance(reference_set, str) or len(reference_set) != len(hypotheses):
+            raise ValueError(f"reference set {i + 1} has {len(reference_set)} segments, the hypotheses "
                              f"{len(hypotheses)} (references: one list per reference set, as in sacrebleu)")
-    return [list(refs) for refs in zip(*references)]  # one list of references per segment
-
-
-def corpus_stats(hypotheses, refs_per_segment, max_order=4, tokenize="13a", lowercase=False):
-    """Sum the segment statistics over the corpus: BLEU pools counts first, it does not average scores."""
-    hyp_len = ref_len = 0
-    matches, totals = [0] * max_order, [0] * max_order
-    for hypothesis, refs in zip(hypotheses, refs_per_segment):
-        segment = segment_stats(to_tokens(hypothesis, tokenize, lowercase),
-                                [to_tokens(r, tokenize, lowercase) for r in refs], max_order)
-        hyp_len, ref_len = hyp_len + segment[0], ref_len + segment[1]
-        matches = [a + b for a, b in zip(matches, segment[2])]
-        totals = [a + b for a, b in zip(totals, segment[3])]
-    return hyp_len, ref_len, matches, totals
+    return [list(refs) for refs in zip(*references)]
 
 
 def corpus_bleu(hypotheses, references, max_order=4, smooth="exp", smooth_value=None, tokenize="13a",
                 lowercase=False, effective_order=False):
     """BLEU of a list of hypothesis strings against references given as sacrebleu takes them: a list of
     reference sets, each a list of strings aligned with the hypotheses. Same defaults as sacrebleu.corpus_bleu."""
-    refs_per_segment = _check_corpus(hypotheses, references)
-    stats = corpus_stats(hypotheses, refs_per_segment, max_order, tokenize, lowercase)
-    return bleu_from_stats(*stats, smooth=smooth, smooth_value=smooth_value, effective_order=effective_order)
+    refs_per_segment = references_per_segment(hypotheses, references)
+    stats = sum_stats(corpus_segment_stats(hypotheses, refs_per_segment, max_order, tokenize, lowercase), max_order)
+    return bleu_from_stats(stats, smooth=smooth, smooth_value=smooth_value, effective_order=effective_order)
 
 
 def sentence_bleu(hypothesis, references, max_order=4, smooth="exp", smooth_value=None, tokenize="13a",
@@ -221,85 +248,6 @@ def sentence_bleu(hypothesis, references, max_order=4, smooth="exp", smooth_valu
     default, as in sacrebleu.sentence_bleu: a 3-word sentence has no 4-grams and should not score 0."""
     return corpus_bleu([hypothesis], [[r] for r in references], max_order, smooth, smooth_value, tokenize,
                        lowercase, effective_order)
-
-
-# ----------------------------------------------------------------------------- the NLTK convention
-# nltk.translate.bleu_score.corpus_bleu differs from sacrebleu in three ways:
-#   1. tokens: it takes token lists; scoring scripts usually make them with str.split(), no 13a rules.
-#   2. counting: each segment adds max(1, its n-gram count) to the denominator of p_n, so a hypothesis
-#      shorter than n still counts one n-gram that cannot match; sacrebleu adds its true count, 0.
-#   3. zero precisions: without smoothing (method0) a p_n of 0 becomes the smallest float instead of
-#      0, and the score is a tiny number, not 0.0; its smoothing functions are not sacrebleu's either.
-#      They see the corpus' total hypothesis length but only the LAST segment's tokens (methods 5-7).
-# Worked example, one reference each: "a b c d e" -> "a b c d e" and "x" -> "x y".
-#   sacrebleu: n-grams 6/4/3/2, all matched, p = 100/100/100/100, BP = exp(1 - 7/6) = 0.846 -> 84.65
-#   nltk     : "x" adds 1 to each denominator: p = 6/6, 4/5, 3/4, 2/3, mean 0.795 * 0.846 -> 67.32
-NLTK_EPSILON, NLTK_ALPHA, NLTK_K = 0.1, 5, 5  # SmoothingFunction's defaults
-
-
-def nltk_corpus_bleu(hypotheses, references, max_order=4, smoothing=0, lowercase=False):
-    """nltk's corpus_bleu(list_of_references, hypotheses, smoothing_function=SmoothingFunction().method<k>)
-    with uniform weights and whitespace tokens, returned as a BLEUScore in percent, like corpus_bleu."""
-    refs_per_segment = _check_corpus(hypotheses, references)
-    if smoothing not in range(8):
-        raise ValueError(f"nltk smoothing must be 0..7, got {smoothing}")
-    hyp_len = ref_len = 0
-    matches, totals, denominators = [0] * max_order, [0] * max_order, [0] * max_order
-    for hypothesis, refs in zip(hypotheses, refs_per_segment):
-        hyp_tokens = to_tokens(hypothesis, "none", lowercase)
-        refs_tokens = [to_tokens(r, "none", lowercase) for r in refs]
-        segment = segment_stats(hyp_tokens, refs_tokens, max_order)
-        hyp_len, ref_len = hyp_len + segment[0], ref_len + segment[1]
-        for n in range(max_order):
-            matches[n] += segment[2][n]
-            totals[n] += segment[3][n]
-            denominators[n] += max(1, segment[3][n])  # difference 2 above
-    bp = brevity_penalty(hyp_len, ref_len)
-    if matches[0] == 0:
-        return BLEUScore(0.0, [0.0] * max_order, bp, hyp_len, ref_len, matches, totals)
-    last = (hyp_tokens, refs_tokens)  # what nltk's smoothing functions see as "the hypothesis"
-    p = _nltk_smooth(smoothing, matches, denominators, hyp_len, last, max_order)
-    score = bp * math.exp(math.fsum(math.log(p_n) / max_order for p_n in p))
-    return BLEUScore(100 * score, [100 * p_n for p_n in p], bp, hyp_len, ref_len, matches, totals)
-
-
-def _nltk_smooth(method, matches, denominators, hyp_len, last, max_order):
-    """SmoothingFunction().method0..7 of nltk (Chen & Cherry 2014), on the corpus precisions."""
-    p = [m / d for m, d in zip(matches, denominators)]
-    if method == 0:    # no smoothing: a zero precision becomes the smallest positive float
-        return [p_n if m else sys.float_info.min for p_n, m in zip(p, matches)]
-    if method == 1:    # add epsilon to zero match counts
-        return [p_n if m else NLTK_EPSILON / d for p_n, m, d in zip(p, matches, denominators)]
-    if method == 2:    # add 1 to matches and denominators of orders 2..N (Lin & Och 2004)
-        return [p[0]] + [(m + 1) / (d + 1) for m, d in zip(matches[1:], denominators[1:])]
-    if method == 6:    # interpolate with a prior p_{n-1}^2 / p_{n-2} (Gao & He 2013); needs p_3 > 0
-        if max_order < 3 or not matches[2]:
-            raise ValueError("nltk smoothing 6 needs max_order >= 3 and a non-zero trigram precision")
-        hyp_tokens = last[0]
-        for i in range(2, max_order):
-            prior = 0 if p[i - 2] == 0 else p[i - 1] ** 2 / p[i - 2]
-            length = max(0, len(hyp_tokens) - i)  # n-grams of order i+1 in the last hypothesis
-            p[i] = (matches[i] + NLTK_ALPHA * prior) / (length + NLTK_ALPHA)
-        return p
-    if method in (3, 4, 7):  # a k-th order with no match gets 1/(2^k ...), like sacrebleu's exp
-        halvings = 1
-        for i in range(max_order):
-            if matches[i] == 0 and (method == 3 or hyp_len > 1):
-                p[i] = 1 / (2 ** halvings * denominators[i]) if method == 3 else \
-                    1 / (2 ** halvings * NLTK_K / math.log(hyp_len)) / denominators[i]
-                halvings += 1
-        if method != 7:
-            return p
-    # methods 5 and 7: average each precision with its neighbours; the one after the last order is the
-    # 5-gram precision of the last segment alone (nltk takes order 5 whatever max_order is)
-    hyp_tokens, refs_tokens = last
-    order5 = segment_stats(hyp_tokens, refs_tokens, 5)
-    neighbours = p + [order5[2][4] / max(1, order5[3][4])]
-    previous = p[0] + 1
-    for i in range(max_order):
-        p[i] = (previous + p[i] + neighbours[i + 1]) / 3
-        previous = p[i]
-    return p
 
 
 # ----------------------------------------------------------------------------- reading the inputs
@@ -322,6 +270,16 @@ def read_lines(path):
         raise InputError(f"{path}: the file is empty")
     lines = text.split("\n")
     return lines[:-1] if lines[-1] == "" else lines
+
+
+def read_text_files(hyp_path, ref_paths):
+    """Hypotheses, and the references per segment, from plain text files of one segment a line."""
+    hypotheses = read_lines(hyp_path)
+    references = [read_lines(p) for p in ref_paths]
+    for path, reference_set in zip(ref_paths, references):
+        if len(reference_set) != len(hypotheses):
+            raise InputError(f"{path} has {len(reference_set)} lines, {hyp_path} has {len(hypotheses)}")
+    return hypotheses, [list(refs) for refs in zip(*references)]
 
 
 def read_json_list(path):
@@ -373,37 +331,85 @@ def read_json_pair(submission_path, references_path):
     return hypotheses, refs_per_segment
 
 
-def read_text_files(hyp_path, ref_paths):
-    hypotheses = read_lines(hyp_path)
-    references = [read_lines(p) for p in ref_paths]
-    for path, stream in zip(ref_paths, references):
-        if len(stream) != len(hypotheses):
-            raise InputError(f"{path} has {len(stream)} lines, {hyp_path} has {len(hypotheses)}")
-    return hypotheses, [list(refs) for refs in zip(*references)]
+# =============================================================================================================
+# extras: not needed for BLEU itself. nltk's convention (--mode=nltk) and the benchmark (--bench).
+# =============================================================================================================
+
+# ----------------------------------------------------------------------------- the NLTK convention
+# nltk.translate.bleu_score.corpus_bleu differs from sacrebleu in three ways:
+#   1. tokens: it takes token lists; scoring scripts usually make them with str.split(), no 13a rules.
+#   2. counting: each segment adds max(1, its n-gram count) to the denominator of p_n, so a hypothesis
+#      shorter than n still counts one n-gram that cannot match; sacrebleu adds its true count, 0.
+#   3. zero precisions: without smoothing (method0) a p_n of 0 becomes the smallest float instead of
+#      0, and the score is a tiny number, not 0.0; its smoothing functions are not sacrebleu's either.
+#      They see the corpus' total hypothesis length but only the LAST segment's tokens (methods 5-7).
+# Worked example, one reference each: "a b c d e" -> "a b c d e" and "x" -> "x y".
+#   sacrebleu: n-grams 6/4/3/2, all matched, p = 100/100/100/100, BP = exp(1 - 7/6) = 0.846 -> 84.65
+#   nltk     : "x" adds 1 to each denominator: p = 6/6, 4/5, 3/4, 2/3, mean 0.795 * 0.846 -> 67.32
+NLTK_EPSILON, NLTK_ALPHA, NLTK_K = 0.1, 5, 5  # SmoothingFunction's defaults
 
 
-def score_files(paths):
-    """The CLI's work: BLEU of the first file against the others, in the configured mode."""
-    if len(paths) < 2:
-        raise InputError("usage: python bleu.py HYP REF [REF ...]  or  python bleu.py submission.json refs.json")
-    if paths[0].endswith(".json"):
-        if len(paths) != 2:
-            raise InputError("with a JSON submission give exactly one JSON reference file")
-        hypotheses, refs_per_segment = read_json_pair(paths[0], paths[1])
-    else:
-        hypotheses, refs_per_segment = read_text_files(paths[0], paths[1:])
-    if mode == "nltk":
-        # nltk_corpus_bleu takes reference sets; segments with fewer references get none in the later sets
-        n_sets = max(len(r) for r in refs_per_segment)
-        if any(len(r) != n_sets for r in refs_per_segment):
-            raise InputError("nltk mode needs the same number of references for every segment")
-        return nltk_corpus_bleu(hypotheses, list(map(list, zip(*refs_per_segment))), max_order, nltk_smoothing,
-                                lowercase)
-    stats = corpus_stats(hypotheses, refs_per_segment, max_order, tokenize, lowercase)
-    return bleu_from_stats(*stats, smooth=smooth, smooth_value=smooth_value)
+def nltk_corpus_bleu(hypotheses, references, max_order=4, smoothing=0, lowercase=False):
+    """nltk's corpus_bleu(list_of_references, hypotheses, smoothing_function=SmoothingFunction().method<k>)
+    with uniform weights and whitespace tokens, returned as a BLEUScore in percent, like corpus_bleu."""
+    refs_per_segment = references_per_segment(hypotheses, references)
+    if smoothing not in range(8):
+        raise ValueError(f"nltk smoothing must be 0..7, got {smoothing}")
+    segments = list(corpus_segment_stats(hypotheses, refs_per_segment, max_order, "none", lowercase))
+    stats = sum_stats(segments, max_order)
+    denominators = [sum(max(1, s.totals[n]) for s in segments) for n in range(max_order)]  # difference 2 above
+    bp = brevity_penalty(stats.hyp_len, stats.ref_len)
+    if stats.matches[0] == 0:
+        return BLEUScore(0.0, [0.0] * max_order, bp, stats.hyp_len, stats.ref_len, stats.matches, stats.totals)
+    # what nltk's smoothing functions see as "the hypothesis" and its references: the last segment's tokens
+    last_hyp_tokens = to_tokens(hypotheses[-1], "none", lowercase)
+    last_refs_tokens = [to_tokens(r, "none", lowercase) for r in refs_per_segment[-1]]
+    p = nltk_smoothed_precisions(smoothing, stats.matches, denominators, stats.hyp_len, last_hyp_tokens,
+                                 last_refs_tokens)
+    score = bp * math.exp(math.fsum(math.log(p_n) / max_order for p_n in p))
+    return BLEUScore(100 * score, [100 * p_n for p_n in p], bp, stats.hyp_len, stats.ref_len, stats.matches,
+                     stats.totals)
 
 
-# ----------------------------------------------------------------------------- benchmark and main
+def nltk_smoothed_precisions(method, matches, denominators, hyp_len, last_hyp_tokens, last_refs_tokens):
+    """SmoothingFunction().method0..7 of nltk (Chen & Cherry 2014), on the corpus precisions."""
+    max_order = len(matches)
+    p = [m / d for m, d in zip(matches, denominators)]
+    if method == 0:    # no smoothing: a zero precision becomes the smallest positive float
+        return [p_n if m else sys.float_info.min for p_n, m in zip(p, matches)]
+    if method == 1:    # add epsilon to zero match counts
+        return [p_n if m else NLTK_EPSILON / d for p_n, m, d in zip(p, matches, denominators)]
+    if method == 2:    # add 1 to matches and denominators of orders 2..N (Lin & Och 2004)
+        return [p[0]] + [(m + 1) / (d + 1) for m, d in zip(matches[1:], denominators[1:])]
+    if method == 6:    # interpolate with a prior p_{n-1}^2 / p_{n-2} (Gao & He 2013); needs p_3 > 0
+        if max_order < 3 or not matches[2]:
+            raise ValueError("nltk smoothing 6 needs max_order >= 3 and a non-zero trigram precision")
+        for i in range(2, max_order):
+            prior = 0 if p[i - 2] == 0 else p[i - 1] ** 2 / p[i - 2]
+            length = max(0, len(last_hyp_tokens) - i)  # n-grams of order i+1 in the last hypothesis
+            p[i] = (matches[i] + NLTK_ALPHA * prior) / (length + NLTK_ALPHA)
+        return p
+    if method in (3, 4, 7):  # a k-th order with no match gets 1/(2^k ...), like sacrebleu's exp
+        halvings = 1
+        for i in range(max_order):
+            if matches[i] == 0 and (method == 3 or hyp_len > 1):
+                p[i] = 1 / (2 ** halvings * denominators[i]) if method == 3 else \
+                    1 / (2 ** halvings * NLTK_K / math.log(hyp_len)) / denominators[i]
+                halvings += 1
+        if method != 7:
+            return p
+    # methods 5 and 7: average each precision with its neighbours; the one after the last order is the
+    # 5-gram precision of the last segment alone (nltk takes order 5 whatever max_order is)
+    last_segment = segment_stats(last_hyp_tokens, last_refs_tokens, 5)
+    neighbours = p + [last_segment.matches[4] / max(1, last_segment.totals[4])]
+    previous = p[0] + 1
+    for i in range(max_order):
+        p[i] = (previous + p[i] + neighbours[i + 1]) / 3
+        previous = p[i]
+    return p
+
+
+# ----------------------------------------------------------------------------- the benchmark
 def run_bench(data_dir, repeats=3):
     """Seconds to score each shared system output (2,489 lines), ours beside sacrebleu, best of `repeats`."""
     references = [read_lines(f"{data_dir}/refs.test2010.lc.tok.en.0")]
@@ -422,6 +428,9 @@ def run_bench(data_dir, repeats=3):
             timings[name] = best
             print(f"{system:8s} {name:9s} {best:.3f} s  BLEU = {result.score:.10f}")
         print(f"{system:8s} sacrebleu / bleu.py time: {timings['sacrebleu'] / timings['bleu.py']:.2f}x")
+
+
+# ======================================================================================== end of the extras
 
 
 # ----------------------------------------------------------------------------- command line
@@ -523,6 +532,28 @@ def parse_overrides(argv, config, checks=None):
         elif value not in rule:
             raise SystemExit(f"error: --{name} must be one of {', '.join(map(repr, rule))}, got {value!r}")
     return positional
+
+
+def score_files(paths):
+    """The CLI's work: BLEU of the first file against the others, in the configured mode."""
+    if len(paths) < 2:
+        raise InputError("usage: python bleu.py HYP REF [REF ...]  or  python bleu.py submission.json refs.json")
+    if paths[0].endswith(".json"):
+        if len(paths) != 2:
+            raise InputError("with a JSON submission give exactly one JSON reference file")
+        hypotheses, refs_per_segment = read_json_pair(paths[0], paths[1])
+    else:
+        hypotheses, refs_per_segment = read_text_files(paths[0], paths[1:])
+    if mode == "nltk":
+        # nltk_corpus_bleu takes reference sets; segments with fewer references get none in the later sets
+        n_sets = max(len(r) for r in refs_per_segment)
+        if any(len(r) != n_sets for r in refs_per_segment):
+            raise InputError("nltk mode needs the same number of references for every segment")
+        return nltk_corpus_bleu(hypotheses, list(map(list, zip(*refs_per_segment))), max_order, nltk_smoothing,
+                                lowercase)
+    # corpus_bleu's work, on references per segment: a JSON file may give each segment a different number
+    stats = sum_stats(corpus_segment_stats(hypotheses, refs_per_segment, max_order, tokenize, lowercase), max_order)
+    return bleu_from_stats(stats, smooth=smooth, smooth_value=smooth_value)
 
 
 if __name__ == "__main__":

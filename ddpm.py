@@ -4,10 +4,11 @@ Denoising diffusion probabilistic model (Ho, Jain & Abbeel 2020, "DDPM") on 64x6
 figure of 5 images being denoised, and 1,000 samples 1.jpg..1000.jpg zipped flat into submission.zip.
 
     python ddpm.py --train --data_dir=data/celeba --out_dir=out/ddpm          # the model below, for a GPU
-    python ddpm.py --train --preset=cpu --max_minutes=60                      # a small model for a 2-core CPU
-    python ddpm.py --sample --out_dir=out/ddpm --n=1000 --submission=submission.zip
+    python ddpm.py --train --preset=cpu --max_minutes=60                      # a small model for a 2-core CPU,
+    python ddpm.py --sample --preset=cpu                                      # and its 1,000 samples in ~10 min
+    python ddpm.py --sample --out_dir=out/ddpm --n_samples=1000 --submission=submission.zip
     python ddpm.py --denoise_figure --out_dir=out/ddpm                        # out_dir/denoising.png
-    python ddpm.py --sample ... --fid --fid_ref=data/celeba                   # + FID and KID (fid.py)
+    python ddpm.py --sample ... --run_fid --fid_ref=data/celeba               # + FID and KID (fid.py)
     torchrun --nproc_per_node=2 ddpm.py --train ...                           # DDP, as nanoGPT does it
 
 Training keeps out_dir/ckpt.pt (model, EMA, optimizer, gradient scaler, step, configuration; written
@@ -37,7 +38,7 @@ from fid import FIDInputError, list_images, parse_overrides
 # configuration: every constant below can be overridden as --name=value
 # what to do
 train = False           # Algorithm 1 on data_dir
-sample = False          # n samples with the EMA weights -> images_dir and submission
+sample = False          # n_samples samples with the EMA weights -> images_dir and submission
 denoise_figure = False  # out_dir/denoising.png: 5 images from x_T to x_0
 bench = False           # images/s of training steps on random images, in each precision (no data needed)
 data_dir = "data/celeba"  # a folder of images, a .zip, or a uint8 .npy of shape (N, 64, 64, 3)
@@ -60,6 +61,7 @@ batch_size = 64
 lr = 2e-4
 warmup_steps = 1000     # linear learning-rate warmup (Ho et al. use 5000)
 grad_clip = 1.0
+min_snr_gamma = 0.0     # > 0: Min-SNR-gamma loss weights (Hang et al. 2023; they use 5); 0 = L_simple, as Ho et al.
 ema_decay = 0.9999      # EMA of the weights, used for sampling (Ho et al.: 0.9999 over 800k steps)
 max_steps = 500000
 max_minutes = 0.0       # stop cleanly (checkpoint saved) after this long; 0 = no limit
@@ -73,23 +75,25 @@ compile = False         # torch.compile the UNet (CUDA capability >= 7.0, where 
 channels_last = False   # NHWC memory layout for the convolutions (--bench measures both)
 num_threads = 2         # CPU threads per process
 # sampling
-n = 1000                # images to generate
-sampler = "ddim"        # "ddpm" (Algorithm 2, T steps) or "ddim" (steps, eta)
-steps = 100             # DDIM steps S
+n_samples = 1000        # images to generate
+sampler = "ddim"        # "ddpm" (Algorithm 2, T steps) or "ddim" (ddim_steps, eta)
+ddim_steps = 100        # DDIM steps S
 eta = 0.0               # DDIM: 0 = deterministic, 1 = DDPM's posterior variance
 variance = "beta"       # DDPM sigma_t^2: "beta" (beta_t) or "posterior" (beta~_t); Ho et al. 3.2 found both similar
 sample_batch = 100
-images_dir = ""         # where 1.jpg..n.jpg go; "" = out_dir/images
+images_dir = ""         # where 1.jpg..N.jpg go; "" = out_dir/images
 submission = "submission.zip"
-fid = False             # after sampling: FID and KID against fid_ref through fid.py
+run_fid = False         # after sampling: FID and KID against fid_ref through fid.py
 fid_ref = ""            # a folder, zip or statistics .npz; "" = data_dir
 fid_weights = ""        # the FID Inception weights file; "" = torch hub cache, else download (see fid.py)
 fid_dims = 2048         # Inception feature size: 2048 is the standard FID (64, 192, 768 for quick looks)
 # -----------------------------------------------------------------------------
 
-# --preset=cpu: a small UNet that trains on a 2-core CPU (README: its images/s and faces after an hour)
+# --preset=cpu: a small UNet for a 2-core CPU, and how to train and sample it in an hour; each value chosen by
+# measurement (README, "The cpu preset": images/s and FD-face of every variant at equal minutes)
 CPU_PRESET = dict(channels=32, channel_mults="1,2,2,2", num_res_blocks=1, attn_resolutions="16", dropout=0.0,
-                  batch_size=32, lr=2e-4, ema_decay=0.9995, warmup_steps=1000, sample_every=2000)
+                  norm_groups=8, batch_size=32, lr=1e-3, warmup_steps=200, ema_decay=0.999, min_snr_gamma=5.0,
+                  sample_every=1000, ddim_steps=50)
 IMAGE_SIZE = 64
 
 
@@ -106,11 +110,11 @@ CHECKS = {
     "attn_resolutions": (lambda v: all(r >= 1 for r in _int_list(v)), "comma-separated sizes like 16 (or empty)"),
     **{name: (lambda v: v >= 1, "an integer >= 1") for name in
        ("timesteps", "channels", "num_res_blocks", "norm_groups", "batch_size", "max_steps", "log_every",
-        "sample_every", "ckpt_every", "num_threads", "n", "steps", "sample_batch")},
+        "sample_every", "ckpt_every", "num_threads", "n_samples", "ddim_steps", "sample_batch")},
     "warmup_steps": (lambda v: v >= 0, "an integer >= 0"), "max_minutes": (lambda v: v >= 0, "a number >= 0"),
     "lr": (lambda v: v > 0, "a number > 0"), "grad_clip": (lambda v: v > 0, "a number > 0"),
     "dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"), "ema_decay": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "eta": (lambda v: v >= 0, "a number >= 0"),
+    "eta": (lambda v: v >= 0, "a number >= 0"), "min_snr_gamma": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
     "beta_start": (lambda v: 0 < v < 1, "a number in (0, 1)"), "beta_end": (lambda v: 0 < v < 1, "a number in (0, 1)"),
 }
 
@@ -142,130 +146,6 @@ def training_batch(images, batch, generator):
     x = images[indices].float() / 127.5 - 1
     flip = torch.rand(batch, generator=generator, device=generator.device) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
-
-
-# ----------------------------------------------------------------------------- forward process
-def make_betas(schedule, timesteps, beta_start=1e-4, beta_end=0.02):
-    if schedule == "linear":                      # Ho et al. section 4: linear from 1e-4 to 0.02
-        return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
-    if schedule == "cosine":                      # Nichol & Dhariwal eq. 17: alpha_bar(t) = f(t) / f(0)
-        s = 0.008
-        steps_ = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
-        f = torch.cos((steps_ + s) / (1 + s) * math.pi / 2) ** 2
-        alphas_bar = f / f[0]
-        return (1 - alphas_bar[1:] / alphas_bar[:-1]).clamp(max=0.999)   # beta_t clipped at 0.999 (their 3.2)
-    raise ValueError(f"schedule must be 'linear' or 'cosine', got {schedule!r}")
-
-
-class Diffusion:
-    """The forward process and its posterior, every buffer computed once in float64 (then float32 copies).
-    Time steps are 0-based here: t = 0..T-1 stands for the paper's 1..T."""
-
-    def __init__(self, betas):
-        self.timesteps = len(betas)
-        self.betas = betas                                              # beta_t
-        self.alphas = 1 - betas                                         # alpha_t = 1 - beta_t
-        self.alphas_cumprod = torch.cumprod(self.alphas, 0)             # alpha_bar_t = prod_s alpha_s (eq. 4)
-        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=betas.dtype), self.alphas_cumprod[:-1]])
-        # q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)                        (eq. 4)
-        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
-        self.sqrt_one_minus_alphas_cumprod = (1 - self.alphas_cumprod).sqrt()
-        # x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), eq. 4 solved for x_0  (used in eq. 15)
-        self.sqrt_recip_alphas_cumprod = (1 / self.alphas_cumprod).sqrt()
-        self.sqrt_recipm1_alphas_cumprod = (1 / self.alphas_cumprod - 1).sqrt()
-        # q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I)                                          (eqs. 6-7)
-        # beta~_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t
-        self.posterior_variance = betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
-        # mu~_t = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0 + sqrt(alpha_t)(1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t
-        self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1 - self.alphas_cumprod)
-
-    def to(self, device):
-        """Every buffer moved to the device once (they stay float64 there)."""
-        for name, value in vars(self).items():
-            if torch.is_tensor(value):
-                setattr(self, name, value.to(device))
-        return self
-
-    @staticmethod
-    def gather(buffer, t, x):
-        """buffer[t] for a batch of steps t, shaped to broadcast over images like x, in x's dtype."""
-        return buffer.to(t.device)[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-
-    def q_sample(self, x0, t, noise):
-        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (eq. 4, reparameterised)."""
-        return self.gather(self.sqrt_alphas_cumprod, t, x0) * x0 + self.gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
-
-    def q_posterior(self, x0, xt, t):
-        """Mean and variance of q(x_{t-1} | x_t, x_0) (eqs. 6-7)."""
-        mean = self.gather(self.posterior_mean_coef1, t, xt) * x0 + self.gather(self.posterior_mean_coef2, t, xt) * xt
-        return mean, self.gather(self.posterior_variance, t, xt)
-
-    def predict_x0(self, xt, t, eps):
-        return self.gather(self.sqrt_recip_alphas_cumprod, t, xt) * xt - self.gather(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
-
-    def loss(self, model, x0, generator):
-        """Algorithm 1: t ~ Uniform, eps ~ N(0, I), || eps - eps_theta(x_t, t) ||^2 (L_simple, eq. 14). t and eps
-        come from the generator, on its device."""
-        t = torch.randint(self.timesteps, (len(x0),), generator=generator, device=generator.device)
-        noise = torch.randn(x0.shape, generator=generator, device=generator.device)
-        return F.mse_loss(model(self.q_sample(x0, t, noise), t).float(), noise)
-
-    # ------------------------------------------------------------------------- sampling
-    # model_eps (below, with the precision policy) runs the network under the run's autocast precision.
-    @torch.no_grad()
-    def ddpm_sample(self, model, shape, generator, variance="beta", record=()):
-        """Algorithm 2 (ancestral sampling). Each step predicts x_0 from eps, clips it to [-1, 1] (as Ho et al.'s
-        code does), and draws x_{t-1} from the posterior mean with sigma_t^2 = beta_t or beta~_t (section 3.2).
-        record: steps t at which to keep x_t (for the denoising figure). Returns x_0 and {t: x_t}."""
-        device = next(model.parameters()).device
-        x = torch.randn(shape, generator=generator).to(device)
-        kept = {self.timesteps: x.cpu()} if self.timesteps in record else {}
-        sigma2 = self.betas if variance == "beta" else self.posterior_variance
-        for step in reversed(range(self.timesteps)):
-            t = torch.full((shape[0],), step, device=device, dtype=torch.long)
-            x0 = self.predict_x0(x, t, model_eps(model, x, t)).clamp(-1, 1)
-            mean, _ = self.q_posterior(x0, x, t)
-            noise = torch.randn(shape, generator=generator).to(device)
-            x = mean + (self.gather(sigma2, t, x).sqrt() * noise if step > 0 else 0)   # no noise at the last step
-            if step in record:
-                kept[step] = x.cpu()
-        return x, kept
-
-    def ddim_step(self, xt, t, t_prev, eps, eta):
-        """One DDIM update (Song et al. eq. 12) from step t to t_prev (-1 = the end), with x_0 clipped to [-1, 1].
-        sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev) (eq. 16). Returns (mean, sigma)."""
-        alpha_bar = self.gather(self.alphas_cumprod, t, xt)
-        alpha_bar_prev = self.gather(self.alphas_cumprod, t_prev.clamp(min=0), xt)
-        alpha_bar_prev = torch.where(t_prev.view_as(alpha_bar) >= 0, alpha_bar_prev, torch.ones_like(alpha_bar_prev))
-        x0 = self.predict_x0(xt, t, eps).clamp(-1, 1)
-        eps = (xt - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()     # the eps that goes with the clipped x_0
-        sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
-        mean = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
-        return mean, sigma
-
-    def ddim_sequence(self, steps):
-        """The S time steps DDIM visits: evenly spaced over 0..T-1 (Song et al. 4.2, "linear" tau)."""
-        return np.linspace(0, self.timesteps - 1, steps).round().astype(int).tolist()
-
-    @torch.no_grad()
-    def ddim_sample(self, model, shape, generator, steps=100, eta=0.0, record=()):
-        """DDIM with `steps` evenly spaced steps of the T (eta = 1 and steps = T give Algorithm 2 with beta~_t)."""
-        if not 1 <= steps <= self.timesteps:
-            raise SystemExit(f"DDIM steps must be between 1 and T={self.timesteps}, got {steps}")
-        device = next(model.parameters()).device
-        x = torch.randn(shape, generator=generator).to(device)
-        sequence = self.ddim_sequence(steps)
-        kept = {self.timesteps: x.cpu()} if self.timesteps in record else {}
-        for i in reversed(range(len(sequence))):
-            t = torch.full((shape[0],), sequence[i], device=device, dtype=torch.long)
-            t_prev = torch.full_like(t, sequence[i - 1] if i > 0 else -1)
-            mean, sigma = self.ddim_step(x, t, t_prev, model_eps(model, x, t), eta)
-            noise = torch.randn(shape, generator=generator).to(device)
-            x = mean + sigma * noise if i > 0 else mean
-            if sequence[i] in record:
-                kept[sequence[i]] = x.cpu()
-        return x, kept
 
 
 # ----------------------------------------------------------------------------- device and precision
@@ -339,6 +219,136 @@ def model_eps(model, x, t):
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(x.device.type):
         return model(x, t).float()
+
+
+# ----------------------------------------------------------------------------- forward process, loss and samplers
+def make_betas(schedule, timesteps, beta_start=1e-4, beta_end=0.02):
+    if schedule == "linear":                      # Ho et al. section 4: linear from 1e-4 to 0.02
+        return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+    if schedule == "cosine":                      # Nichol & Dhariwal eq. 17: alpha_bar(t) = f(t) / f(0)
+        s = 0.008
+        t_over_T = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+        f = torch.cos((t_over_T + s) / (1 + s) * math.pi / 2) ** 2
+        alphas_bar = f / f[0]
+        return (1 - alphas_bar[1:] / alphas_bar[:-1]).clamp(max=0.999)   # beta_t clipped at 0.999 (their 3.2)
+    raise ValueError(f"schedule must be 'linear' or 'cosine', got {schedule!r}")
+
+
+class Diffusion:
+    """The forward process and its posterior, every buffer computed once in float64 (then float32 copies).
+    Time steps are 0-based here: t = 0..T-1 stands for the paper's 1..T."""
+
+    def __init__(self, betas):
+        self.timesteps = len(betas)
+        self.betas = betas                                              # beta_t
+        self.alphas = 1 - betas                                         # alpha_t = 1 - beta_t
+        self.alphas_cumprod = torch.cumprod(self.alphas, 0)             # alpha_bar_t = prod_s alpha_s (eq. 4)
+        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=betas.dtype), self.alphas_cumprod[:-1]])
+        # q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)                        (eq. 4)
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1 - self.alphas_cumprod).sqrt()
+        # x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), eq. 4 solved for x_0  (used in eq. 15)
+        self.sqrt_recip_alphas_cumprod = (1 / self.alphas_cumprod).sqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1 / self.alphas_cumprod - 1).sqrt()
+        # q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I)                                          (eqs. 6-7)
+        # beta~_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t
+        self.posterior_variance = betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
+        # mu~_t = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0 + sqrt(alpha_t)(1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t
+        self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1 - self.alphas_cumprod)
+
+    def to(self, device):
+        """Every buffer moved to the device once (they stay float64 there)."""
+        for name, value in vars(self).items():
+            if torch.is_tensor(value):
+                setattr(self, name, value.to(device))
+        return self
+
+    @staticmethod
+    def gather(buffer, t, x):
+        """buffer[t] for a batch of steps t, shaped to broadcast over images like x, in x's dtype."""
+        return buffer.to(t.device)[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+    def q_sample(self, x0, t, noise):
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (eq. 4, reparameterised)."""
+        return self.gather(self.sqrt_alphas_cumprod, t, x0) * x0 + self.gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+
+    def q_posterior(self, x0, xt, t):
+        """Mean and variance of q(x_{t-1} | x_t, x_0) (eqs. 6-7)."""
+        mean = self.gather(self.posterior_mean_coef1, t, xt) * x0 + self.gather(self.posterior_mean_coef2, t, xt) * xt
+        return mean, self.gather(self.posterior_variance, t, xt)
+
+    def predict_x0(self, xt, t, eps):
+        return self.gather(self.sqrt_recip_alphas_cumprod, t, xt) * xt - self.gather(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
+
+    def loss(self, model, x0, generator, min_snr_gamma=0.0):
+        """Algorithm 1: t ~ Uniform, eps ~ N(0, I), || eps - eps_theta(x_t, t) ||^2 (L_simple, eq. 14). t and eps
+        come from the generator, on its device. min_snr_gamma > 0 weights each image's error by
+        min(SNR_t, gamma) / SNR_t, SNR_t = alpha_bar_t / (1 - alpha_bar_t) (Min-SNR-gamma, Hang et al. 2023, 3.4,
+        for eps-prediction): the many nearly clean steps, whose noise is easy to predict but whose gradients
+        fight the others', count less, and a short training reaches the same loss in fewer steps."""
+        t = torch.randint(self.timesteps, (len(x0),), generator=generator, device=generator.device)
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device)
+        error = (model(self.q_sample(x0, t, noise), t).float() - noise).pow(2).mean(dim=(1, 2, 3))   # per image
+        if min_snr_gamma > 0:
+            snr = self.alphas_cumprod[t] / (1 - self.alphas_cumprod[t])
+            error = error * (snr.clamp(max=min_snr_gamma) / snr).float()
+        return error.mean()
+
+    # ------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def ddpm_sample(self, model, shape, generator, variance="beta", record=()):
+        """Algorithm 2 (ancestral sampling). Each step predicts x_0 from eps, clips it to [-1, 1] (as Ho et al.'s
+        code does), and draws x_{t-1} from the posterior mean with sigma_t^2 = beta_t or beta~_t (section 3.2).
+        record: steps t at which to keep x_t (for the denoising figure). Returns x_0 and {t: x_t}."""
+        device = next(model.parameters()).device
+        x = torch.randn(shape, generator=generator).to(device)
+        kept = {self.timesteps: x.cpu()} if self.timesteps in record else {}
+        sigma2 = self.betas if variance == "beta" else self.posterior_variance
+        for step in reversed(range(self.timesteps)):
+            t = torch.full((shape[0],), step, device=device, dtype=torch.long)
+            x0 = self.predict_x0(x, t, model_eps(model, x, t)).clamp(-1, 1)
+            mean, _ = self.q_posterior(x0, x, t)
+            noise = torch.randn(shape, generator=generator).to(device)
+            x = mean + (self.gather(sigma2, t, x).sqrt() * noise if step > 0 else 0)   # no noise at the last step
+            if step in record:
+                kept[step] = x.cpu()
+        return x, kept
+
+    def ddim_step(self, xt, t, t_prev, eps, eta):
+        """One DDIM update (Song et al. eq. 12) from step t to t_prev (-1 = the end), with x_0 clipped to [-1, 1].
+        sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev) (eq. 16). Returns (mean, sigma)."""
+        alpha_bar = self.gather(self.alphas_cumprod, t, xt)
+        alpha_bar_prev = self.gather(self.alphas_cumprod, t_prev.clamp(min=0), xt)
+        alpha_bar_prev = torch.where(t_prev.view_as(alpha_bar) >= 0, alpha_bar_prev, torch.ones_like(alpha_bar_prev))
+        x0 = self.predict_x0(xt, t, eps).clamp(-1, 1)
+        eps = (xt - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()     # the eps that goes with the clipped x_0
+        sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
+        mean = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+        return mean, sigma
+
+    def ddim_sequence(self, steps):
+        """The S time steps DDIM visits: evenly spaced over 0..T-1 (Song et al. 4.2, "linear" tau)."""
+        return np.linspace(0, self.timesteps - 1, steps).round().astype(int).tolist()
+
+    @torch.no_grad()
+    def ddim_sample(self, model, shape, generator, steps=100, eta=0.0, record=()):
+        """DDIM with `steps` evenly spaced steps of the T (eta = 1 and steps = T give Algorithm 2 with beta~_t)."""
+        if not 1 <= steps <= self.timesteps:
+            raise SystemExit(f"DDIM steps must be between 1 and T={self.timesteps}, got {steps}")
+        device = next(model.parameters()).device
+        x = torch.randn(shape, generator=generator).to(device)
+        sequence = self.ddim_sequence(steps)
+        kept = {self.timesteps: x.cpu()} if self.timesteps in record else {}
+        for i in reversed(range(len(sequence))):
+            t = torch.full((shape[0],), sequence[i], device=device, dtype=torch.long)
+            t_prev = torch.full_like(t, sequence[i - 1] if i > 0 else -1)
+            mean, sigma = self.ddim_step(x, t, t_prev, model_eps(model, x, t), eta)
+            noise = torch.randn(shape, generator=generator).to(device)
+            x = mean + sigma * noise if i > 0 else mean
+            if sequence[i] in record:
+                kept[sequence[i]] = x.cpu()
+        return x, kept
 
 
 # ----------------------------------------------------------------------------- UNet (Ho et al. appendix B)
@@ -433,19 +443,23 @@ class UNet(nn.Module):
 
     def forward(self, x, t):
         time_embedding = self.time_mlp(timestep_embedding(t, self.channels))
+
+        def run(layers, h):   # one stage: residual blocks also take the step's embedding, the other layers do not
+            for layer in layers:
+                h = layer(h, time_embedding) if isinstance(layer, ResidualBlock) else layer(h)
+            return h
+        # the skips are a stack: every down stage pushes its output, every up block pops one (the last pushed
+        # first), so each up block meets the down output of its own resolution; up-sampling stages take none
         h = self.conv_in(x)
         skips = [h]
         for layers in self.down:
-            for layer in layers:
-                h = layer(h, time_embedding) if isinstance(layer, ResidualBlock) else layer(h)
+            h = run(layers, h)
             skips.append(h)
-        for layer in self.middle:
-            h = layer(h, time_embedding) if isinstance(layer, ResidualBlock) else layer(h)
+        h = run(self.middle, h)
         for layers in self.up:
             if isinstance(layers[0], ResidualBlock):
                 h = torch.cat([h, skips.pop()], dim=1)
-            for layer in layers:
-                h = layer(h, time_embedding) if isinstance(layer, ResidualBlock) else layer(h)
+            h = run(layers, h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -465,11 +479,6 @@ def build(config):
 
 
 # ----------------------------------------------------------------------------- checkpoints and output paths
-def save_atomic(obj, path):
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)   # an interrupted save never leaves a half-written checkpoint
-
-
 def load_checkpoint(path, map_location):
     """A checkpoint of this script. weights_only=True: tensors, numbers and strings only, so a file from elsewhere
     cannot run code on loading; a damaged file is a one-line error that says what to do."""
@@ -545,12 +554,81 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def prepare_loss_log(path, step):
-    """loss.csv cut back to the checkpoint's step (the steps after it are trained, and logged, again)."""
-    rows = open(path).read().splitlines() if os.path.exists(path) else []
-    with open(path, "w") as f:
-        f.writelines(row + "\n" for row in rows if row and int(row.split(",")[0]) <= step)
-    return open(path, "a")
+class ProgressLog:
+    """The mean loss between log lines (summed on the device: the host reads it at log steps only), the progress
+    line and loss.csv, which is cut back to the resumed step (the steps after it are trained, and logged, again)."""
+
+    def __init__(self, path, step, run_device, master, deadline):
+        self.master, self.deadline, self.start, self.start_step = master, deadline, time.time(), step
+        self.loss_sum, self.finite_steps = torch.zeros((), device=run_device), torch.zeros((), device=run_device)
+        self.csv = None
+        if master:
+            rows = open(path).read().splitlines() if os.path.exists(path) else []
+            with open(path, "w") as f:
+                f.writelines(row + "\n" for row in rows if row and int(row.split(",")[0]) <= step)
+            self.csv = open(path, "a")
+
+    def add(self, loss):
+        finite = torch.isfinite(loss)     # the fp16 scaler's overflowed steps are not counted
+        self.loss_sum += torch.where(finite, loss, 0.0)
+        self.finite_steps += finite
+
+    def report(self, step, step_lr, images_per_step):
+        """Print and record the mean loss since the last report; -> how many of those steps had a finite loss."""
+        count = int(self.finite_steps.item())
+        if self.master and count:
+            mean, elapsed = self.loss_sum.item() / count, time.time() - self.start
+            rate = (step - self.start_step) * images_per_step / elapsed
+            left = min((max_steps - step) * images_per_step / rate, self.deadline - time.time())
+            print(f"step {step}/{max_steps} loss {mean:.4f} lr {step_lr:.1e} {rate:.1f} images/s, "
+                  f"{elapsed / 60:.1f} min so far, about {left / 60:.1f} min left", flush=True)
+            self.csv.write(f"{step},{mean:.6f}\n")
+            self.csv.flush()
+        self.loss_sum.zero_()
+        self.finite_steps.zero_()
+        return count
+
+    def close(self):
+        if self.csv:
+            self.csv.close()
+
+
+def start_or_resume(config, run_device, device_type, ckpt_path):
+    """The model, its EMA copy, the optimizer and the gradient scaler for `precision`, resumed from ckpt_path if
+    it is there. -> (model, diffusion, ema, optimizer, scaler, step)"""
+    torch.manual_seed(seed)
+    model, diffusion = build(config)
+    model.to(run_device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    diffusion.to(run_device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)     # only ever samples: eval mode, no dropout
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device_type == "cuda")
+    scaler = torch.amp.GradScaler(device_type, enabled=run_precision == "fp16")   # fp16 only: see choose_precision
+    if not os.path.exists(ckpt_path):
+        return model, diffusion, ema, optimizer, scaler, 0
+    checkpoint = load_checkpoint(ckpt_path, run_device)
+    saved = {"norm_groups": 32, **checkpoint["config"]}
+    differing = [f"{k} = {saved.get(k)!r} there, {v!r} now" for k, v in config.items() if saved.get(k) != v]
+    if differing:
+        raise SystemExit(f"error: {ckpt_path} was trained with another configuration ({'; '.join(differing)}): "
+                         f"run with its values, or use another --out_dir")
+    model.load_state_dict(checkpoint["model"])
+    ema.load_state_dict(checkpoint["ema"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint.get("scaler", {}))
+    return model, diffusion, ema, optimizer, scaler, checkpoint["step"]
+
+
+def wrap_for_training(model, ddp, run_device, device_type, master):
+    """torch.compile and DistributedDataParallel around the model; the EMA and the checkpoints use the bare one."""
+    if compile:
+        if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 7:
+            model = torch.compile(model)
+        elif master:
+            print("note: --compile needs a CUDA GPU of capability >= 7.0 (Triton); training in eager mode")
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(model, device_ids=[run_device] if device_type == "cuda" else None)
+    return model
 
 
 def train_model(data_dir, out_dir):
@@ -561,59 +639,29 @@ def train_model(data_dir, out_dir):
         check_cuda_build()
         torch.backends.cudnn.benchmark = True       # fixed input shapes: let cuDNN pick its fastest kernels once
     images = load_images(data_dir).to(run_device)   # uint8 on the device: each batch is made there
-
-    # the model, its EMA copy, the optimizer and the gradient scaler, resumed from out_dir/ckpt.pt if it is there
-    config = model_config()
-    torch.manual_seed(seed)
-    model, diffusion = build(config)
-    model.to(run_device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    diffusion.to(run_device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)     # only ever samples: eval mode, no dropout
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device_type == "cuda")
     chosen, why = choose_precision(precision, device_type)
     use_precision(chosen)
-    scaler = torch.amp.GradScaler(device_type, enabled=chosen == "fp16")   # fp16 only: see choose_precision
-    step, ckpt_path = 0, os.path.join(out_dir, "ckpt.pt")
-    if os.path.exists(ckpt_path):
-        checkpoint = load_checkpoint(ckpt_path, run_device)
-        saved = {"norm_groups": 32, **checkpoint["config"]}
-        differing = [f"{k} = {saved.get(k)!r} there, {v!r} now" for k, v in config.items() if saved.get(k) != v]
-        if differing:
-            raise SystemExit(f"error: {ckpt_path} was trained with another configuration ({'; '.join(differing)}): "
-                             f"run with its values, or use another --out_dir")
-        model.load_state_dict(checkpoint["model"])
-        ema.load_state_dict(checkpoint["ema"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint.get("scaler", {}))
-        step = checkpoint["step"]
-    n_params = sum(p.numel() for p in model.parameters())
+    config, ckpt_path = model_config(), os.path.join(out_dir, "ckpt.pt")
+    raw_model, diffusion, ema, optimizer, scaler, step = start_or_resume(config, run_device, device_type, ckpt_path)
+    n_params = sum(p.numel() for p in raw_model.parameters())
     if master:
         print(f"{len(images)} images from {data_dir}; UNet {n_params / 1e6:.2f} M parameters; {config}; "
               f"batch {batch_size} x {world_size} process(es) on {run_device}")
         print(f"precision: {chosen} ({why})" + (f"; resuming from {ckpt_path} at step {step}" if step else ""))
         if device_type == "cpu" and n_params > 20e6:
             print(f"note: no GPU: this {n_params / 1e6:.0f} M-parameter UNet trains at about 1 image/s on a 2-core CPU "
-                  f"(README); --preset=cpu is a 1.5 M-parameter one made for CPUs")
-    raw_model = model
-    if compile:
-        if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 7:
-            model = torch.compile(model)
-        elif master:
-            print("note: --compile needs a CUDA GPU of capability >= 7.0 (Triton); training in eager mode")
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel
-        model = DistributedDataParallel(model, device_ids=[run_device] if device_type == "cuda" else None)
+                  f"(README); --preset=cpu is a small model made for CPUs")
+    model = wrap_for_training(raw_model, ddp, run_device, device_type, master)
     ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
 
-    def save():
-        save_atomic({"model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "step": step, "config": config}, ckpt_path)
+    def save():   # to a .tmp file, then renamed: an interrupted save never leaves a half-written checkpoint
+        torch.save({"model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(), "step": step, "config": config}, ckpt_path + ".tmp")
+        os.replace(ckpt_path + ".tmp", ckpt_path)
 
-    loss_log = prepare_loss_log(os.path.join(out_dir, "loss.csv"), step) if master else None
-    loss_sum = torch.zeros((), device=run_device)     # summed on the device: the host reads it at log steps only
-    finite_steps = torch.zeros((), device=run_device)
-    start, start_step, stop = time.time(), step, StopRequest()
-    deadline = start + max_minutes * 60 if max_minutes > 0 else float("inf")
+    deadline = time.time() + max_minutes * 60 if max_minutes > 0 else float("inf")
+    progress = ProgressLog(os.path.join(out_dir, "loss.csv"), step, run_device, master, deadline)
+    stop = StopRequest()
     try:
         while step < max_steps:
             # every random draw of a step comes from (seed, step, rank): a resumed run repeats it exactly
@@ -629,7 +677,7 @@ def train_model(data_dir, out_dir):
             if channels_last:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             with autocast(device_type):
-                loss = diffusion.loss(model, x0, generator)
+                loss = diffusion.loss(model, x0, generator, min_snr_gamma)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             # clip the true (unscaled) gradient, then update
@@ -641,24 +689,13 @@ def train_model(data_dir, out_dir):
             # warm-up of TensorFlow's ExponentialMovingAverage(num_updates) that Ho et al.'s code uses
             torch._foreach_lerp_(ema_params, model_params, 1 - min(ema_decay, (1 + step) / (10 + step)))
             step += 1
-            finite = torch.isfinite(loss.detach())
-            loss_sum += torch.where(finite, loss.detach(), 0.0)
-            finite_steps += finite
+            progress.add(loss.detach())
             # log, and stop on a loss that is no longer a number (the scaler's skipped fp16 steps aside)
             if step % log_every == 0 or step == max_steps:
-                count = int(finite_steps.item())
-                if master and count:
-                    rate = (step - start_step) * batch_size * world_size / (time.time() - start)
-                    left = min((max_steps - step) * batch_size * world_size / rate, deadline - time.time())
-                    print(f"step {step}/{max_steps} loss {loss_sum.item() / count:.4f} lr {step_lr:.1e} {rate:.1f} "
-                          f"images/s, {(time.time() - start) / 60:.1f} min so far, about {left / 60:.1f} min left",
-                          flush=True)
-                    loss_log.write(f"{step},{loss_sum.item() / count:.6f}\n")
-                    loss_log.flush()
-                if any_rank(count == 0 or not weights_finite(raw_model), ddp, run_device):
+                finite_count = progress.report(step, step_lr, batch_size * world_size)
+                if any_rank(finite_count == 0 or not weights_finite(raw_model), ddp, run_device):
                     raise FloatingPointError
-                loss_sum.zero_()
-                finite_steps.zero_()
+            # a grid of EMA samples now and then (save_grid: with the figures at the end of the file)
             if master and step % sample_every == 0:
                 grid, _ = diffusion.ddim_sample(ema, (16, 3, IMAGE_SIZE, IMAGE_SIZE),
                                                 torch.Generator().manual_seed(seed), steps=min(50, diffusion.timesteps))
@@ -678,8 +715,8 @@ def train_model(data_dir, out_dir):
                          f"or --precision=fp32")
     finally:
         stop.restore()
+        progress.close()
         if master:
-            loss_log.close()
             plot_loss(os.path.join(out_dir, "loss.csv"), os.path.join(out_dir, "loss.png"))
         if ddp:
             import torch.distributed as dist
@@ -688,7 +725,7 @@ def train_model(data_dir, out_dir):
         raise SystemExit(f"stopped by {stop.name} at step {step}; checkpoint saved, run the same command to resume")
     if master and time.time() > deadline:
         print(f"stopped after {max_minutes} minutes at step {step}; checkpoint saved, run the same command to resume")
-    return step
+    return step   # the step reached (the tests compare interrupted and straight runs by it)
 
 
 # ----------------------------------------------------------------------------- sampling and outputs
@@ -711,15 +748,19 @@ def to_uint8(x):
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def run_sampler(model, diffusion, shape, generator, record=()):
+    """The sampler chosen above (`sampler` is one of the two: CHECKS): Algorithm 2 or DDIM. -> (x_0, {t: x_t})."""
+    if sampler == "ddpm":
+        return diffusion.ddpm_sample(model, shape, generator, variance, record)
+    return diffusion.ddim_sample(model, shape, generator, ddim_steps, eta, record)
+
+
 def generate(model, diffusion, count, generator):
     """count images in batches of sample_batch, with the sampler chosen above."""
     outputs, start = [], time.time()
     for first in range(0, count, sample_batch):
         shape = (min(sample_batch, count - first), 3, IMAGE_SIZE, IMAGE_SIZE)
-        if sampler == "ddpm":
-            x, _ = diffusion.ddpm_sample(model, shape, generator, variance)
-        else:
-            x, _ = diffusion.ddim_sample(model, shape, generator, steps, eta)
+        x, _ = run_sampler(model, diffusion, shape, generator)
         outputs.append(to_uint8(x))
         done = first + shape[0]
         print(f"generated {done}/{count}, {done / (time.time() - start):.2f} images/s, "
@@ -753,17 +794,17 @@ def sample_command(out_dir):
         raise SystemExit(f"error: the folder of --submission={submission} does not exist")
     check_writable(os.path.dirname(os.path.abspath(submission)))
     check_writable(folder)
-    if fid and not os.path.exists(fid_ref or data_dir):
+    if run_fid and not os.path.exists(fid_ref or data_dir):
         raise SystemExit(f"error: --fid_ref={fid_ref or data_dir} not found (a folder, zip or statistics .npz)")
     model, diffusion = load_ema(out_dir, run_device)
-    if sampler == "ddim" and steps > diffusion.timesteps:
-        raise SystemExit(f"error: --steps={steps} is more than the model's T={diffusion.timesteps}")
+    if sampler == "ddim" and ddim_steps > diffusion.timesteps:
+        raise SystemExit(f"error: --ddim_steps={ddim_steps} is more than the model's T={diffusion.timesteps}")
     start = time.time()
-    images = generate(model, diffusion, n, torch.Generator().manual_seed(seed))
+    images = generate(model, diffusion, n_samples, torch.Generator().manual_seed(seed))
     write_submission(images, folder, submission)
-    print(f"{n} images ({sampler}, {steps if sampler == 'ddim' else diffusion.timesteps} steps, {run_precision}) in "
-          f"{time.time() - start:.0f} s: {folder}/1.jpg..{n}.jpg and {submission}")
-    if fid:
+    print(f"{n_samples} images ({sampler}, {ddim_steps if sampler == 'ddim' else diffusion.timesteps} steps, "
+          f"{run_precision}) in {time.time() - start:.0f} s: {folder}/1.jpg..{n_samples}.jpg and {submission}")
+    if run_fid:
         evaluate_fid(submission, fid_ref or data_dir, run_device)
 
 
@@ -782,7 +823,6 @@ def evaluate_fid(generated, reference, run_device):
         print(f"KID: {kid_mean:.6f} +- {kid_std:.6f}")
     fid_value = frechet_distance(*statistics(generated_features), *reference_stats)
     print(f"FID: {fid_value}")
-    return fid_value
 
 
 def denoising_figure(out_dir, columns=10):
@@ -791,13 +831,13 @@ def denoising_figure(out_dir, columns=10):
     model, diffusion = load_ema(out_dir, run_device)
     generator = torch.Generator().manual_seed(seed)
     shape = (5, 3, IMAGE_SIZE, IMAGE_SIZE)
+    # the steps to show: evenly spaced over the steps the sampler visits, x_T included
     if sampler == "ddpm":
         record = set(np.linspace(0, diffusion.timesteps, columns).round().astype(int).tolist())
-        _, kept = diffusion.ddpm_sample(model, shape, generator, variance, record=record)
     else:
-        sequence = diffusion.ddim_sequence(steps)
-        record = {sequence[i] for i in np.linspace(0, steps - 1, columns - 1).round().astype(int)} | {diffusion.timesteps}
-        _, kept = diffusion.ddim_sample(model, shape, generator, steps, eta, record=record)
+        sequence = diffusion.ddim_sequence(ddim_steps)
+        record = {sequence[i] for i in np.linspace(0, ddim_steps - 1, columns - 1).round().astype(int)} | {diffusion.timesteps}
+    _, kept = run_sampler(model, diffusion, shape, generator, record)
     order = sorted(kept, reverse=True)                      # x_T first
     label_height, size = 16, IMAGE_SIZE
     figure = Image.new("RGB", (len(order) * (size + 2), 5 * (size + 2) + label_height), "white")

@@ -8,9 +8,12 @@ Inception-v3 network ported from TensorFlow, the same weights, the same preproce
     python fid.py data/celeba --save_stats=celeba.npz    # statistics of one set, to reuse
     python fid.py submission.zip celeba.npz --nearest=data/celeba   # memorization check
 
-The last line printed is `FID: <value>`. As a library (ddpm.py does this):
+The last line printed is `FID: <value>`. As a library:
     from fid import compute_fid
     fid = compute_fid("samples/", "data/celeba")
+ddpm.py --run_fid calls the steps one by one (load_inception, extract_features, statistics, path_statistics,
+frechet_distance), so that KID (kernel_inception_distance) reuses the features; ddpm.py reads images with
+list_images. Each step maps onto a function of pytorch-fid, named in its docstring.
 """
 import ast
 import difflib
@@ -89,11 +92,72 @@ def is_mac_metadata(name):
     return "__MACOSX" in parts or parts[-1].startswith("._")
 
 
-_noted = set()
+def _file_loader(file):
+    """A function that reads and decodes one image file when called (see list_images)."""
+    def load():
+        try:
+            with open(file, "rb") as f:
+                data = f.read()
+        except OSError as e:  # a broken link, no permission
+            raise FIDInputError(f"{file}: cannot read ({e.strerror or e})") from None
+        return decode_image(data, file)
+    return load
+
+
+def _zip_read(archive, name, path):
+    """archive.read(name), a damaged entry being one line naming it (a function: a lambda cannot hold a try)."""
+    try:
+        return archive.read(name)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as e:  # bad CRC, cut short
+        raise FIDInputError(f"{path}/{name}: damaged zip entry ({e})") from None
+
+
+def _first_line(error):
+    """The first line of an exception's message (numpy's can run to several), or its type when it has none."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _np_load(path):
+    """np.load, with every way a file can be damaged or foreign (truncated, not numpy, pickled objects, which
+    are never loaded) turned into one line naming it."""
+    try:
+        return np.load(path)
+    except FileNotFoundError:
+        raise FIDInputError(f"{path}: no such file") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise FIDInputError(f"{path}: not a readable numpy file ({_first_line(e)})") from None
+
+
+def _npz_arrays(path, data, keys):
+    """The arrays `keys` of an open .npz, a damaged member (bad CRC, cut short) being one line naming it."""
+    try:
+        return [data[key] for key in keys]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise FIDInputError(f"{path}: damaged array in the .npz ({_first_line(e)})") from None
+
+
+def load_array(path):
+    """A uint8 array (N, H, W, 3) from .npy, or from the single array of an .npz that has no mu/sigma."""
+    data = _np_load(path)
+    if isinstance(data, np.lib.npyio.NpzFile):
+        with data:
+            if "mu" in data.files or "sigma" in data.files:
+                raise FIDInputError(f"{path}: holds statistics ({', '.join(data.files)}), not images; KID and "
+                                    f"--nearest need images")
+            if not data.files:
+                raise FIDInputError(f"{path}: an empty .npz: neither images nor statistics (mu, sigma)")
+            data = _npz_arrays(path, data, data.files[:1])[0]
+    if data.dtype != np.uint8 or data.ndim != 4 or data.shape[-1] != 3:
+        raise FIDInputError(f"{path}: expected a uint8 array of shape (N, H, W, 3), got {data.dtype} {data.shape}")
+    return data
+
+
+_noted_folders = set()  # folders whose skipped subfolders were already reported
 
 
 def list_images(path):
-    """The images of a folder, a .zip or a uint8 .npy/.npz array, as (name, loader) pairs in name order.
+    """The images of a folder, a .zip or a uint8 .npy/.npz array, as (name, loader) pairs in name order; an
+    image is decoded only when its loader is called, so that one batch at a time is in memory as floats.
     A folder is read without its subfolders (one named like an image, 'x.jpg/', is skipped with a note);
     macOS metadata (__MACOSX/, ._*) is skipped; a damaged zip or array is a FIDInputError naming it."""
     path = str(path)
@@ -103,8 +167,8 @@ def list_images(path):
             if not name.lower().endswith(IMAGE_EXTENSIONS) or is_mac_metadata(name):
                 continue
             (skipped if os.path.isdir(os.path.join(path, name)) else names).append(name)
-        if skipped and path not in _noted:  # once per folder, though it is listed more than once
-            _noted.add(path)
+        if skipped and path not in _noted_folders:  # once per folder, though it is listed more than once
+            _noted_folders.add(path)
             print(f"note: {path}: skipped {len(skipped)} folder{'s' if len(skipped) > 1 else ''} named like an "
                   f"image ({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}): subfolders are not read",
                   file=sys.stderr)
@@ -128,59 +192,6 @@ def list_images(path):
     if not os.path.exists(path):
         raise FIDInputError(f"{path}: no such file or folder")
     raise FIDInputError(f"{path}: not a folder, .zip, .npy or .npz")
-
-
-def _zip_read(archive, name, path):
-    try:
-        return archive.read(name)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as e:  # bad CRC, cut short
-        raise FIDInputError(f"{path}/{name}: damaged zip entry ({e})") from None
-
-
-def _file_loader(file):
-    def load():
-        try:
-            with open(file, "rb") as f:
-                data = f.read()
-        except OSError as e:  # a broken link, no permission
-            raise FIDInputError(f"{file}: cannot read ({e.strerror or e})") from None
-        return decode_image(data, file)
-    return load
-
-
-def _np_load(path):
-    """np.load, with every way a file can be damaged or foreign (truncated, not numpy, pickled objects, which
-    are never loaded) turned into one line naming it."""
-    try:
-        return np.load(path)
-    except FileNotFoundError:
-        raise FIDInputError(f"{path}: no such file") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise FIDInputError(f"{path}: not a readable numpy file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-
-
-def _npz_arrays(path, data, keys):
-    """The arrays `keys` of an open .npz, a damaged member (bad CRC, cut short) being one line naming it."""
-    try:
-        return [data[key] for key in keys]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        raise FIDInputError(f"{path}: damaged array in the .npz ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-
-
-def load_array(path):
-    """A uint8 array (N, H, W, 3) from .npy, or from the single array of an .npz that has no mu/sigma."""
-    data = _np_load(path)
-    if isinstance(data, np.lib.npyio.NpzFile):
-        with data:
-            if "mu" in data.files or "sigma" in data.files:
-                raise FIDInputError(f"{path}: holds statistics ({', '.join(data.files)}), not images; KID and "
-                                    f"--nearest need images")
-            if not data.files:
-                raise FIDInputError(f"{path}: an empty .npz: neither images nor statistics (mu, sigma)")
-            data = _npz_arrays(path, data, data.files[:1])[0]
-    if data.dtype != np.uint8 or data.ndim != 4 or data.shape[-1] != 3:
-        raise FIDInputError(f"{path}: expected a uint8 array of shape (N, H, W, 3), got {data.dtype} {data.shape}")
-    return data
 
 
 def is_statistics(path):
@@ -220,7 +231,8 @@ def load_statistics(path, dims=None):
 
 
 # ----------------------------------------------------------------------------- the network
-# Inception-v3 as in TensorFlow's 2015-12-05 graph, which the original FID code used. pytorch-fid ported it;
+# Inception-v3 (Szegedy et al. 2016, "Rethinking the Inception Architecture for Computer Vision") as in
+# TensorFlow's 2015-12-05 graph, which the original FID code (Heusel et al.'s TTUR) used. pytorch-fid ported it;
 # its module names are kept so that pytorch-fid's weights file loads with strict=True. Three details differ
 # from the Inception-v3 of torchvision, and each changes the features:
 #   1. the average pools inside the blocks do not count the zero padding (count_include_pad=False);
@@ -346,7 +358,9 @@ class InceptionE(nn.Module):  # Mixed_7b, 7c: 3x3 convolutions split into parall
 
 
 class InceptionV3(nn.Module):
-    """Images (N, 3, H, W) in [0, 1] -> features (N, dims), dims 2048 (pool3, standard), 768, 192 or 64."""
+    """Images (N, 3, H, W) in [0, 1] -> features (N, dims), dims 2048 (pool3, standard), 768, 192 or 64.
+    pytorch-fid's InceptionV3 (use_fid_inception=True), whose FIDInceptionA, C, E_1 and E_2 are patched
+    torchvision blocks; here the details above are written into InceptionA, C and E."""
     BLOCK_OF_DIMS = {64: 0, 192: 1, 768: 2, 2048: 3}  # features are taken after this block
 
     def __init__(self, dims=2048):
@@ -384,8 +398,8 @@ class InceptionV3(nn.Module):
         ]
 
     def forward(self, images):
-        # the standard preprocessing: bilinear resize to 299x299 (align_corners=False, no antialiasing),
-        # then [0, 1] -> [-1, 1], the range the TF network was trained on
+        # the standard preprocessing (pytorch-fid's resize_input and normalize_input): bilinear resize to
+        # 299x299 (align_corners=False, no antialiasing), then [0, 1] -> [-1, 1], the TF network's input range
         x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)
         x = 2 * x - 1
         for block in self.blocks()[: self.BLOCK_OF_DIMS[self.dims] + 1]:
@@ -422,8 +436,9 @@ def weights_path(path=""):
 
 
 def load_inception(dims=2048, weights="", device="cpu"):
-    """The network with the weights file's state_dict. The file is read with weights_only=True: a plain
-    state_dict of tensors loads, a pickle that would run code is refused (one line) and never runs."""
+    """The network with the weights file's state_dict (pytorch-fid's fid_inception_v3, which loads the same file).
+    The file is read with weights_only=True: a plain state_dict of tensors loads, a pickle that would run code is
+    refused (one line) and never runs."""
     model = InceptionV3(dims)
     path = weights_path(weights)
     try:
@@ -452,7 +467,7 @@ def load_inception(dims=2048, weights="", device="cpu"):
 # ----------------------------------------------------------------------------- features and statistics
 @torch.no_grad()
 def extract_features(model, path, batch_size=50, device="cpu", progress=True):
-    """(N, dims) float64 features of every image under `path`."""
+    """(N, dims) float64 features of every image under `path` (pytorch-fid's get_activations)."""
     images = list_images(path)
     if len(images) == 0:
         raise FIDInputError(f"{path}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
@@ -473,7 +488,8 @@ def extract_features(model, path, batch_size=50, device="cpu", progress=True):
 
 
 def statistics(features, name="the features"):
-    """Mean and covariance of the features, as pytorch-fid: np.cov with rowvar=False (divides by N-1).
+    """Mean and covariance of the features, as pytorch-fid's calculate_activation_statistics: np.cov with
+    rowvar=False (divides by N-1).
     Fewer than 2 rows, or a NaN/inf feature, is a FIDInputError: a NaN covariance would otherwise send
     scipy's sqrtm into a loop of minutes."""
     features = np.atleast_2d(features)
@@ -487,7 +503,8 @@ def statistics(features, name="the features"):
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """d^2 = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), the Frechet (2-Wasserstein)
-    distance between the Gaussians N(mu1, sigma1) and N(mu2, sigma2) (Dowson & Landau 1982)."""
+    distance between the Gaussians N(mu1, sigma1) and N(mu2, sigma2) (Dowson & Landau 1982); between Gaussians
+    fitted to Inception features it is the FID (Heusel et al. 2017). pytorch-fid's calculate_frechet_distance."""
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
@@ -501,7 +518,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     covmean = linalg.sqrtm(product)
     # With fewer samples than dimensions (1,000 images, 2,048 features) both covariances are singular, and
     # so is their product. sqrtm then may fail (inf or nan), or return a root that does not square back to
-    # the product. Either way, do as pytorch-fid: add eps to the diagonals and take the root again.
+    # the product. Either way add eps to the diagonals and take the root again: pytorch-fid's remedy, which it
+    # applies only to the first case (the second here too, as a wrong root would give a wrong FID silently).
     if not np.isfinite(covmean).all() or \
             np.abs(covmean @ covmean - product).max() > 1e-3 * max(np.abs(product).max(), 1e-12):
         warnings.warn(f"fid: sqrtm of a singular product; adding {eps} to the covariance diagonals")
@@ -517,14 +535,25 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 
 def path_statistics(path, model, batch_size=50, device="cpu"):
-    """mu, sigma of `path`: read from a statistics .npz (keys mu and sigma, checked against model.dims), or
-    computed from its images (at least 2)."""
+    """mu, sigma of `path` (pytorch-fid's compute_statistics_of_path): read from a statistics .npz (keys mu and
+    sigma, checked against model.dims), or computed from its images (at least 2)."""
     path = str(path)
     if is_statistics(path):
-        return load_statistics(path, getattr(model, "dims", None))
+        return load_statistics(path, model.dims)
     return statistics(extract_features(model, path, batch_size, device), path)
 
 
+def compute_fid(path1, path2, batch_size=50, device=None, dims=2048, weights=""):
+    """FID between two sets of images (folders, zips, uint8 arrays) or saved statistics (pytorch-fid's
+    calculate_fid_given_paths)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_inception(dims, weights, device)
+    mu1, sigma1 = path_statistics(path1, model, batch_size, device)
+    mu2, sigma2 = path_statistics(path2, model, batch_size, device)
+    return frechet_distance(mu1, sigma1, mu2, sigma2)
+
+
+# ----------------------------------------------------------------------------- saving statistics (--save_stats)
 def check_output(path, flag="--save_stats", need_bytes=0):
     """Before any expensive work: `path` can be written (its folder exists, it is not a folder, a file can be
     created next to it) and its disk has need_bytes free. Each fault is one line naming the path."""
@@ -549,8 +578,8 @@ def check_output(path, flag="--save_stats", need_bytes=0):
 
 
 def save_statistics(path, mu, sigma):
-    """mu and sigma to `path` (.npz) atomically: written to path.tmp, then renamed over path, so that a kill or a
-    full disk leaves the previous file whole (and no half file)."""
+    """mu and sigma to `path` (.npz, as pytorch-fid's save_fid_stats writes them) atomically: written to path.tmp,
+    then renamed over path, so that a kill or a full disk leaves the previous file whole (and no half file)."""
     path, tmp = str(path), str(path) + ".tmp"
     try:
         with open(tmp, "wb") as f:  # a file object: numpy would otherwise append .npz to a name without it
@@ -569,20 +598,14 @@ def save_statistics(path, mu, sigma):
                             f"is unchanged") from None
 
 
-def compute_fid(path1, path2, batch_size=50, device=None, dims=2048, weights=""):
-    """FID between two sets of images (folders, zips, uint8 arrays) or saved statistics."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_inception(dims, weights, device)
-    mu1, sigma1 = path_statistics(path1, model, batch_size, device)
-    mu2, sigma2 = path_statistics(path2, model, batch_size, device)
-    return frechet_distance(mu1, sigma1, mu2, sigma2)
-
-
-# ----------------------------------------------------------------------------- beyond the standard tool
+# =============================================================================================================
+# extras, beyond the standard tool (pytorch-fid has neither): KID (--kid) and the memorization check (--nearest)
+# =============================================================================================================
 def kernel_inception_distance(features1, features2, n_subsets=100, subset_size=1000, seed=0):
-    """KID (Binkowski et al. 2018, "Demystifying MMD GANs"): the unbiased estimate of the squared MMD with
-    the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets. Unlike FID it has
-    no bias that grows as the sample shrinks, so 1,000 images give an honest number. Returns (mean, std)."""
+    """KID (Binkowski et al. 2018, "Demystifying MMD GANs"): the unbiased estimate of the squared MMD (Gretton et
+    al. 2012, "A Kernel Two-Sample Test") with the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged
+    over random subsets. Unlike FID it has no bias that grows as the sample shrinks, so 1,000 images give an
+    honest number. Returns (mean, std)."""
     rng = np.random.default_rng(seed)
     d = features1.shape[1]
     m = min(subset_size, len(features1), len(features2))
@@ -622,6 +645,9 @@ def report_nearest(gen_names, gen_features, train_names, train_features):
           f"training images are to their nearest neighbour" + (" -- possible memorization:" if len(close) else ""))
     for i in close[np.argsort(distance[close])][:10]:
         print(f"  {gen_names[i]}  ~  {train_names[index[i]]}  (distance {distance[i]:.2f})")
+
+
+# ======================================================================================== end of the extras
 
 
 # ----------------------------------------------------------------------------- command line
@@ -728,25 +754,21 @@ def parse_overrides(argv, config, checks=None):
 def preflight(paths, run_dims):
     """Every check that needs no network and no feature, before the first one is extracted: each input can be
     listed and has >= 2 images, each statistics .npz is whole, finite and of run_dims features, and the output
-    of --save_stats can be written. Returns the number of images per path (None for statistics)."""
+    of --save_stats can be written."""
     if save_stats:
         check_output(save_stats, "--save_stats", need_bytes=8 * (run_dims * run_dims + run_dims) + 2**20)
-    counts = []
     for path in paths:
         if is_statistics(path):
             if kid or nearest or save_stats:
                 raise FIDInputError(f"{path}: holds statistics (mu, sigma), not images; "
                                     f"{'--save_stats needs' if save_stats else 'KID and --nearest need'} images")
             load_statistics(path, run_dims)
-            counts.append(None)
             continue
         n = len(list_images(path))
         if n == 0:
             raise FIDInputError(f"{path}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
         if n < MIN_IMAGES:
             raise too_few_images(path, n)
-        counts.append(n)
-    return counts
 
 
 def main(paths):

@@ -26,11 +26,14 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from PIL import Image, ImageDraw
 
 from tokenizer import Vocab, parse_overrides, preprocess, stem as porter_stem
@@ -73,10 +76,10 @@ epochs = 3
 batch_size = 64
 lr = 1e-3               # peak learning rate, after warmup
 min_lr_frac = 0.05      # cosine decay ends at lr * min_lr_frac
-warmup_steps = 300
+warmup_steps = 300       # linear warmup to lr over these steps, then cosine decay (learning_rate)
 weight_decay = 0.01     # AdamW, on weight matrices only (not biases, norms or embeddings)
 grad_clip = 1.0
-label_smoothing = 0.1
+label_smoothing = 0.1   # share of the target spread over all classes (Szegedy et al. 2016, section 7)
 val_frac = 0.05         # stratified validation split of the training file; 0 = none (best.pt = the last epoch)
 bucket = True           # batches of similar length (less padding, faster); False = fully random batches
 max_minutes = 0.0       # stop cleanly (checkpoint saved) after this many minutes of training; 0 = no limit
@@ -131,6 +134,10 @@ LABEL_NAMES = ["POLITICS", "WELLNESS", "ENTERTAINMENT", "TRAVEL", "STYLE & BEAUT
                "BLACK VOICES", "HOME & LIVING", "PARENTS"]
 
 
+# Reading order: data, model, devices and precision, evaluation, checkpoints, training (train_model() at the end of
+# that section is the whole recipe), prediction, the command line. The extras (the hand-drawn charts, --attention
+# and --bench) are fenced off at the end of the file.
+
 # ----------------------------------------------------------------------------- data
 class NewsFormatError(ValueError):
     """Bad input; the message names the file and the record."""
@@ -146,6 +153,24 @@ def read_utf8(path):
         line = raw.count(b"\n", 0, e.start) + 1
         raise NewsFormatError(f"{os.path.basename(path)}: line {line}: byte 0x{raw[e.start]:02x} at offset "
                               f"{e.start} is not UTF-8 (save the file as UTF-8)") from None
+
+
+def check_record(obj, name, where, require_label):
+    """obj itself if it is a valid record (`where` names it in the error otherwise)."""
+    if not isinstance(obj, dict):
+        raise NewsFormatError(f"{name}: {where}: expected an object, got {type(obj).__name__}")
+    fields = [("id", int), ("headline", str), ("short_description", str)]
+    if require_label or "label" in obj:
+        fields.append(("label", int))
+    for field, kind in fields:
+        if field not in obj:
+            raise NewsFormatError(f"{name}: {where}: missing field '{field}'")
+        if not isinstance(obj[field], kind) or isinstance(obj[field], bool):
+            raise NewsFormatError(f"{name}: {where}: field '{field}' must be {kind.__name__}, "
+                                  f"got {obj[field]!r}")
+    if "label" in obj and not 0 <= obj["label"] < NUM_CLASSES:
+        raise NewsFormatError(f"{name}: {where}: label {obj['label']} is outside 0..{NUM_CLASSES - 1}")
+    return obj
 
 
 def load_news(path, require_label=True):
@@ -168,27 +193,10 @@ def load_news(path, require_label=True):
                 except json.JSONDecodeError as e:
                     raise NewsFormatError(f"{name}: line {line_number}: invalid JSON: {e.msg}") from None
                 where.append(f"line {line_number}")
-    records = [_check_record(obj, name, w, require_label) for obj, w in zip(objects, where)]
+    records = [check_record(obj, name, w, require_label) for obj, w in zip(objects, where)]
     if not records:
         raise NewsFormatError(f"{name}: no records")
     return records
-
-
-def _check_record(obj, name, where, require_label):
-    if not isinstance(obj, dict):
-        raise NewsFormatError(f"{name}: {where}: expected an object, got {type(obj).__name__}")
-    fields = [("id", int), ("headline", str), ("short_description", str)]
-    if require_label or "label" in obj:
-        fields.append(("label", int))
-    for field, kind in fields:
-        if field not in obj:
-            raise NewsFormatError(f"{name}: {where}: missing field '{field}'")
-        if not isinstance(obj[field], kind) or isinstance(obj[field], bool):
-            raise NewsFormatError(f"{name}: {where}: field '{field}' must be {kind.__name__}, "
-                                  f"got {obj[field]!r}")
-    if "label" in obj and not 0 <= obj["label"] < NUM_CLASSES:
-        raise NewsFormatError(f"{name}: {where}: label {obj['label']} is outside 0..{NUM_CLASSES - 1}")
-    return obj
 
 
 def stratified_split(labels, frac, seed):
@@ -208,16 +216,16 @@ def stratified_split(labels, frac, seed):
     return sorted(kept), sorted(held_out)
 
 
-_TOKENS = {}   # (headline, description, remove_stop, stem) -> token lists: --bench tokenizes each record once
+TOKEN_CACHE = {}   # (headline, description, remove_stop, stem) -> the two token lists: --bench tokenizes a record once
 
 
 def record_tokens(record, config):
     """The two segments of one record as token lists (tokenizer.py's pipeline, with config's settings)."""
     key = (record["headline"], record["short_description"], config["remove_stop"], config["stem"])
-    if key not in _TOKENS:
-        _TOKENS[key] = (preprocess(record["headline"], config["remove_stop"], config["stem"]),
-                        preprocess(record["short_description"], config["remove_stop"], config["stem"]))
-    return _TOKENS[key]
+    if key not in TOKEN_CACHE:
+        TOKEN_CACHE[key] = (preprocess(record["headline"], config["remove_stop"], config["stem"]),
+                            preprocess(record["short_description"], config["remove_stop"], config["stem"]))
+    return TOKEN_CACHE[key]
 
 
 def encode_pairs(token_pairs, vocab, length):
@@ -226,21 +234,14 @@ def encode_pairs(token_pairs, vocab, length):
 
 
 def encode_records(records, vocab, config):
+    """Records -> `<cls> headline <sep> description` ids, with config's preprocessing and max_len."""
     return encode_pairs([record_tokens(r, config) for r in records], vocab, config["max_len"])
-
-
-def fingerprint(records, with_labels=True):
-    """A short hash of the records' texts (and labels): a resumed run must train on the same data."""
-    digest = hashlib.sha1()
-    for r in records:
-        digest.update(f"{r['headline']}\x00{r['short_description']}\x00"
-                      f"{r.get('label', '') if with_labels else ''}\x01".encode("utf-8", "surrogatepass"))
-    return f"{len(records)} records, sha1 {digest.hexdigest()[:16]}"
 
 
 def make_batches(lengths, batch_size, rng, bucket):
     """Lists of example indices. With bucketing, shuffle, then sort each window of 50 batches by length and
-    cut it into batches: each batch holds similar lengths (little padding) yet the order stays random."""
+    cut it into batches: each batch holds similar lengths (little padding); the batches are shuffled again, so
+    their order stays random."""
     order = list(range(len(lengths)))
     rng.shuffle(order)
     if bucket:
@@ -253,7 +254,8 @@ def make_batches(lengths, batch_size, rng, bucket):
 
 
 def collate(encoded, indices, labels=None):
-    """Pad to the longest example of this batch (not to a global maximum) with <pad> = 0."""
+    """Pad to the longest example of this batch (not to a global maximum) with <pad> = 0. -> (ids, labels or
+    None)."""
     width = max(len(encoded[i]) for i in indices)
     ids = torch.full((len(indices), width), Vocab.pad_id, dtype=torch.long)
     for row, i in enumerate(indices):
@@ -263,20 +265,21 @@ def collate(encoded, indices, labels=None):
 
 def mask_tokens(ids, vocab_size, generator, prob):
     """BERT's masking (Devlin et al. 2019, 3.1): each non-special position is chosen with probability prob; of the
-    chosen, 80 % become <mask>, 10 % a random non-special token, 10 % stay. Returns (inputs, labels) with labels
-    -100 (ignored by the loss) wherever a position was not chosen. Specials (<pad>, <unk>, <cls>, <sep>) never are."""
+    chosen, 80 % become <mask>, 10 % a random non-special token, 10 % stay. Returns (inputs, targets) with targets
+    -100 wherever a position was not chosen. The special tokens (<pad>, <unk>, <cls>, <sep>, <mask>) never are."""
     chosen = (torch.rand(ids.shape, generator=generator) < prob) & (ids >= len(Vocab.SPECIALS))
-    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    targets = torch.where(chosen, ids, torch.full_like(ids, -100))
     action = torch.rand(ids.shape, generator=generator)
     random_ids = torch.randint(len(Vocab.SPECIALS), vocab_size, ids.shape, generator=generator)
     inputs = torch.where(chosen & (action < 0.8), torch.full_like(ids, Vocab.mask_id), ids)
     inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, inputs)
-    return inputs, labels
+    return inputs, targets
 
 
 # ----------------------------------------------------------------------------- model
 class SinusoidalPositionalEncoding(nn.Module):
-    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)) (Vaswani et al. 3.5)."""
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)) (Vaswani et al. 2017, 3.5),
+    added to the token embeddings. Fixed: nothing to learn."""
 
     def __init__(self, d_model, max_len):
         super().__init__()
@@ -292,6 +295,8 @@ class SinusoidalPositionalEncoding(nn.Module):
 
 
 class LearnedPositionalEncoding(nn.Module):
+    """One learned vector per position, added to the token embeddings (--pos_encoding=learned)."""
+
     def __init__(self, d_model, max_len):
         super().__init__()
         self.pe = nn.Embedding(max_len, d_model)
@@ -301,12 +306,18 @@ class LearnedPositionalEncoding(nn.Module):
         return x + self.pe.weight[: x.size(1)]
 
 
-def run_encoder(module, ids):
-    """Token embedding scaled by sqrt(d_model) (so the positional signal does not swamp it, section 3.4),
-    positions, dropout, the encoder with the padding mask. -> (states (batch, length, d_model), padding)."""
+def embed_tokens(model, ids):
+    """Token embeddings times sqrt(d_model), plus positions. Vaswani et al. (2017, 3.4) scale the embedding by
+    sqrt(d_model) without saying why; here the rows start with std d_model^-0.5 (about unit length), so the scaling
+    brings their components to about 1, the size of the sinusoidal encoding's, and neither drowns the other."""
+    return model.positional(model.embedding(ids) * math.sqrt(model.d_model))
+
+
+def run_encoder(model, ids):
+    """Embedding and positions, dropout, the encoder with the padding mask. model: the classifier, or the masked
+    language model that shares its modules. -> (states (batch, length, d_model), padding (batch, length))."""
     padding = ids == Vocab.pad_id              # True where attention must not look
-    x = module.dropout(module.positional(module.embedding(ids) * math.sqrt(module.d_model)))
-    return module.encoder(x, src_key_padding_mask=padding), padding
+    return model.encoder(model.dropout(embed_tokens(model, ids)), src_key_padding_mask=padding), padding
 
 
 class TransformerClassifier(nn.Module):
@@ -316,7 +327,7 @@ class TransformerClassifier(nn.Module):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         self.d_model, self.pooling = d_model, pooling
         self.embedding = nn.Embedding(vocab_size, d_model, padding_idx=Vocab.pad_id)
-        nn.init.normal_(self.embedding.weight, std=d_model ** -0.5)
+        nn.init.normal_(self.embedding.weight, std=d_model ** -0.5)    # see embed_tokens for this scale
         with torch.no_grad():
             self.embedding.weight[Vocab.pad_id].zero_()
         positional = {"sinusoidal": SinusoidalPositionalEncoding, "learned": LearnedPositionalEncoding}
@@ -324,7 +335,9 @@ class TransformerClassifier(nn.Module):
             raise ValueError(f"pos_encoding must be 'sinusoidal' or 'learned', got {pos_encoding!r}")
         self.positional = positional[pos_encoding](d_model, max_len)
         self.dropout = nn.Dropout(dropout)
-        # Pre-norm layers (norm_first) train stably without a long warmup; a final LayerNorm closes the stack.
+        # Pre-norm layers (norm_first: LayerNorm at the start of each residual branch; Wang et al. 2019, Xiong et al.
+        # 2020) keep the gradients well scaled from the start, so they train stably without the long warmup that
+        # post-norm layers need (Xiong et al. 2020). Their stack's output is not normalised: a final LayerNorm is.
         layer = nn.TransformerEncoderLayer(d_model, nhead, d_hid, dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, nlayers, norm=nn.LayerNorm(d_model),
@@ -342,13 +355,14 @@ class TransformerClassifier(nn.Module):
 
     @torch.no_grad()
     def attention_maps(self, ids):
-        """Per layer, the attention weights (batch, heads, query, key) that forward() uses. nn.TransformerEncoder
-        does not return them, so run its layers one at a time and ask each one's attention for its weights."""
+        """Per layer, the attention weights (batch, heads, query, key) that forward() uses (in eval mode, without
+        dropout). nn.TransformerEncoder does not return them, so run its layers one at a time and ask each one's
+        attention for its weights."""
         padding = ids == Vocab.pad_id
-        x = self.positional(self.embedding(ids) * math.sqrt(self.d_model))
+        x = embed_tokens(self, ids)
         maps = []
         for layer in self.encoder.layers:
-            h = layer.norm1(x) if layer.norm_first else x
+            h = layer.norm1(x)                         # pre-norm: attention reads the normalised input
             _, weights = layer.self_attn(h, h, h, key_padding_mask=padding, need_weights=True,
                                          average_attn_weights=False)
             maps.append(weights)
@@ -357,9 +371,10 @@ class TransformerClassifier(nn.Module):
 
 
 class MaskedLanguageModel(nn.Module):
-    """The classifier's own embedding, positions and encoder (the same modules, not copies) with BERT's MLM head:
-    dense + GELU + LayerNorm, then an output layer whose weight IS the token embedding (tied, as in BERT and
-    Vaswani et al. 3.4) plus a bias of its own. Only the chosen positions go through the output layer."""
+    """The classifier's own embedding, positions and encoder (the same modules, not copies) with the MLM head of
+    BERT's released code: dense + GELU + LayerNorm, then an output layer whose weight IS the token embedding (tied,
+    as in BERT and Vaswani et al. 3.4) plus a bias of its own. Only the chosen positions go through the output
+    layer."""
 
     def __init__(self, classifier):
         super().__init__()
@@ -369,13 +384,15 @@ class MaskedLanguageModel(nn.Module):
         self.transform = nn.Sequential(nn.Linear(self.d_model, self.d_model), nn.GELU(), nn.LayerNorm(self.d_model))
         self.bias = nn.Parameter(torch.zeros(classifier.embedding.num_embeddings))
 
-    def forward(self, ids, labels):
-        """-> (logits over the vocabulary at the chosen positions, their targets)."""
+    def forward(self, ids, targets):
+        """targets: mask_tokens' (-100 where not chosen). -> (logits over the vocabulary at the chosen positions,
+        their targets)."""
         x, _ = run_encoder(self, ids)
-        chosen = labels != -100
-        return F.linear(self.transform(x[chosen]), self.embedding.weight, self.bias), labels[chosen]
+        chosen = targets != -100
+        return F.linear(self.transform(x[chosen]), self.embedding.weight, self.bias), targets[chosen]
 
 
+# The configuration a trained model needs besides its weights: the preprocessing and the model's shape.
 MODEL_KEYS = ["remove_stop", "stem", "max_len", "d_model", "nhead", "d_hid", "nlayers", "dropout", "pos_encoding",
               "pooling"]
 
@@ -405,7 +422,7 @@ def load_glove(path, vocab, embedding, use_stems):
     return len(matched)
 
 
-# ----------------------------------------------------------------------------- precision
+# ----------------------------------------------------------------------------- devices and precision
 def cpu_has_bf16():
     """True where the CPU computes bfloat16 natively: AMX or AVX512-BF16 in Linux's /proc/cpuinfo."""
     try:
@@ -450,6 +467,7 @@ def check_cuda_build():
                          f"sm_{major}{minor} (see the README, 'On a GPU'), or choose another GPU")
 
 
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GRAD_SCALER_INIT = 2.0 ** 16   # torch's default initial loss scale (tests start higher to force skipped steps)
 
@@ -473,11 +491,54 @@ def default_device():
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# ----------------------------------------------------------------------------- evaluation
+def classification_metrics(predictions, labels):
+    """Accuracy and macro-F1 (the mean over classes of 2PR/(P+R)), from the confusion matrix."""
+    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    np.add.at(confusion, (np.asarray(labels, dtype=int), np.asarray(predictions, dtype=int)), 1)
+    true_positive = np.diag(confusion).astype(float)
+    predicted, actual = confusion.sum(0), confusion.sum(1)
+    f1 = np.divide(2 * true_positive, predicted + actual, out=np.zeros(NUM_CLASSES), where=predicted + actual > 0)
+    present = actual > 0
+    return {"accuracy": float(true_positive.sum() / max(1, confusion.sum())),
+            "macro_f1": float(f1[present].mean()) if present.any() else 0.0}
+
+
+@torch.no_grad()
+def predict_logits(model, encoded, run_device, precision_name="fp32", examples_per_batch=256):
+    """Logits for every example, in order (batches of similar length for speed, then put back in order)."""
+    model.eval()
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    logits = torch.empty(len(encoded), NUM_CLASSES)
+    for s in range(0, len(order), examples_per_batch):
+        indices = order[s:s + examples_per_batch]
+        ids, _ = collate(encoded, indices)
+        with autocast(run_device.split(":")[0], precision_name):
+            logits[indices] = model(ids.to(run_device)).float().cpu()
+    return logits
+
+
+def evaluate(model, encoded, labels, run_device, precision_name):
+    """Accuracy, macro-F1 and the loss (plain cross-entropy, without label smoothing) on labelled examples."""
+    logits = predict_logits(model, encoded, run_device, precision_name)
+    metrics = classification_metrics(logits.argmax(1).tolist(), labels)
+    metrics["loss"] = F.cross_entropy(logits, torch.tensor(labels)).item()
+    return metrics
+
+
 # ----------------------------------------------------------------------------- checkpoints and output paths
 def save_atomic(obj, path):
     """Write to a temporary file, then rename: an interrupted save never leaves a half-written checkpoint."""
     torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
+
+
+def damaged_checkpoint_message(path, error):
+    """The one-line error for a checkpoint that does not load, saying what to do."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:100]
+    previous = (f"the previous state may be in {path}.tmp (rename it to {os.path.basename(path)} to use it), or "
+                if os.path.exists(path + ".tmp") else "")
+    return f"error: {path} is damaged ({type(error).__name__}: {reason}); {previous}delete it to start again"
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -489,21 +550,14 @@ def load_checkpoint(path, map_location="cpu"):
         if "weights only" in str(e).lower() or "weights_only" in str(e):
             raise SystemExit(f"error: {path} holds objects other than tensors, numbers and strings, so it was not "
                              f"written by textcls.py; refused to load it (weights_only=True)") from None
-        raise SystemExit(damaged(path, e)) from None
+        raise SystemExit(damaged_checkpoint_message(path, e)) from None
     except Exception as e:   # truncated, empty, not a zip
-        raise SystemExit(damaged(path, e)) from None
+        raise SystemExit(damaged_checkpoint_message(path, e)) from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint \
             or "vocab" not in checkpoint:
         raise SystemExit(f"error: {path} is not a checkpoint of this textcls.py (no model, configuration and "
                          f"vocabulary inside; older versions kept the vocabulary apart): train into another --out_dir")
     return checkpoint
-
-
-def damaged(path, error):
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:100]
-    previous = (f"the previous state may be in {path}.tmp (rename it to {os.path.basename(path)} to use it), or "
-                if os.path.exists(path + ".tmp") else "")
-    return f"error: {path} is damaged ({type(error).__name__}: {reason}); {previous}delete it to start again"
 
 
 def check_writable(path, is_folder=True):
@@ -521,52 +575,37 @@ def check_writable(path, is_folder=True):
         raise SystemExit(f"error: cannot write {path}: {e.strerror or e}")
 
 
-def weights_finite(model):
-    return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
-
-
-# ----------------------------------------------------------------------------- evaluation
-def classification_metrics(predictions, labels):
-    """Accuracy and macro-F1 (the mean over classes of 2PR/(P+R)), from the confusion matrix."""
-    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
-    np.add.at(confusion, (np.asarray(labels, dtype=int), np.asarray(predictions, dtype=int)), 1)
-    true_positive = np.diag(confusion).astype(float)
-    predicted, actual = confusion.sum(0), confusion.sum(1)
-    f1 = np.divide(2 * true_positive, predicted + actual, out=np.zeros(NUM_CLASSES), where=predicted + actual > 0)
-    present = actual > 0
-    return {"accuracy": float(true_positive.sum() / max(1, confusion.sum())),
-            "macro_f1": float(f1[present].mean()) if present.any() else 0.0}
-
-
-@torch.no_grad()
-def predict_logits(model, encoded, run_device, precision_name="fp32", batch=256):
-    """Logits for every example, in order (batches of similar length for speed, then put back in order)."""
-    model.eval()
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    logits = torch.empty(len(encoded), NUM_CLASSES)
-    for s in range(0, len(order), batch):
-        indices = order[s:s + batch]
-        ids, _ = collate(encoded, indices)
-        with autocast(run_device.split(":")[0], precision_name):
-            logits[indices] = model(ids.to(run_device)).float().cpu()
-    return logits
-
-
-def evaluate(model, encoded, labels, run_device, precision_name):
-    logits = predict_logits(model, encoded, run_device, precision_name)
-    metrics = classification_metrics(logits.argmax(1).tolist(), labels)
-    metrics["loss"] = F.cross_entropy(logits, torch.tensor(labels)).item()
-    return metrics
-
-
 # ----------------------------------------------------------------------------- training
+# train_model(), at the end of this section, is the whole recipe: four set-up steps (start_run, check_saved_run,
+# prepare_data, init_model), then one loop (train_loop) per phase: Pretraining (masked-language modelling, only with
+# pretrain_epochs > 0), then Classification. Before them: the schedule, the optimizer's groups, what a run is (to
+# resume it), and the processes.
+
 def learning_rate(step, total_steps, peak=None):
-    """Linear warmup to the peak (lr unless given), then cosine decay to peak * min_lr_frac at the last step."""
+    """The learning rate of step (from 0): linear warmup over warmup_steps up to the peak (lr unless given; the
+    Transformer's schedule warms up linearly too, Vaswani et al. 2017, 5.3), then cosine decay (Loshchilov & Hutter
+    2017, without restarts) down to peak * min_lr_frac at the last step."""
     peak = lr if peak is None else peak
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return peak * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def parameter_groups(named_parameters, lr_scale_of=lambda name: 1.0):
+    """AdamW's parameter groups, each with an lr_scale that the loop multiplies into the learning rate (the
+    pre-trained encoder may learn slower than the new head). Weight decay applies to weight matrices only: not to
+    biases and LayerNorm gains, offsets and scales that have no reason to be small; not to the embeddings (tokens,
+    learned positions): a row gets a gradient only in the steps whose batch holds its token, but AdamW's decay
+    shrinks it at every step, so the rows of rare tokens would fade between their appearances (minGPT leaves
+    embeddings undecayed too)."""
+    groups = {}
+    for name, p in named_parameters:
+        decays = p.dim() >= 2 and "embedding" not in name and ".pe." not in name
+        key = (decays, lr_scale_of(name))
+        groups.setdefault(key, []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if decays else 0.0, "lr_scale": scale}
+            for (decays, scale), ps in groups.items()]
 
 
 # What a run is, saved in every checkpoint. A resumed run must match it, except for the RESUMABLE keys (more epochs,
@@ -579,12 +618,13 @@ RESUMABLE = {"epochs", "lr", "min_lr_frac", "warmup_steps", "weight_decay", "gra
              "dropout", "embeddings", "pretrain_lr", "pretrain_share", "encoder_lr_frac"}
 
 
-def run_config(records, mlm_records, world_size):
-    config = {name: globals()[name] for name in TRAIN_KEYS}
-    config["train_data"] = fingerprint(records)
-    config["mlm_texts"] = fingerprint(mlm_records, with_labels=False) if pretrain_epochs and mlm_records else ""
-    config["processes"] = world_size
-    return config
+def fingerprint(records, with_labels=True):
+    """A short hash of the records' texts (and labels): a resumed run must train on the same data."""
+    digest = hashlib.sha1()
+    for r in records:
+        digest.update(f"{r['headline']}\x00{r['short_description']}\x00"
+                      f"{r.get('label', '') if with_labels else ''}\x01".encode("utf-8", "surrogatepass"))
+    return f"{len(records)} records, sha1 {digest.hexdigest()[:16]}"
 
 
 def compare_config(path, saved, config):
@@ -607,7 +647,6 @@ def setup_distributed():
     run_device = default_device()
     if int(os.environ.get("RANK", -1)) == -1:
         return False, 0, 1, run_device
-    import torch.distributed as dist
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if run_device.startswith("cuda"):
         run_device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
@@ -621,7 +660,6 @@ def agree(flags, ddp, run_device):
     step (one that stopped alone would leave the others waiting for it in the next gradient all-reduce)."""
     if not ddp:
         return [bool(f) for f in flags]
-    import torch.distributed as dist
     values = torch.tensor([int(bool(f)) for f in flags], device=run_device)
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return [bool(v) for v in values.tolist()]
@@ -629,7 +667,7 @@ def agree(flags, ddp, run_device):
 
 class StopRequest:
     """Ctrl-C (SIGINT) or SIGTERM (what Colab and Kaggle send when a runtime ends) asks the training loop to save
-    a checkpoint after the current step and stop; a second Ctrl-C stops at once."""
+    a checkpoint after the current step and stop; a second one stops at once."""
 
     def __init__(self):
         self.name, self.number, self.previous = None, 0, {}
@@ -647,296 +685,391 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def parameter_groups(named_parameters, scale_of=lambda name: 1.0):
-    """AdamW groups: weight decay on weight matrices only (not biases, norms, embeddings or positions), each group
-    with an lr_scale (the pre-trained encoder may learn slower than the new head)."""
-    groups = {}
-    for name, p in named_parameters:
-        decays = p.dim() >= 2 and "embedding" not in name and ".pe." not in name
-        key = (decays, scale_of(name))
-        groups.setdefault(key, []).append(p)
-    return [{"params": ps, "weight_decay": weight_decay if decays else 0.0, "lr_scale": scale}
-            for (decays, scale), ps in groups.items()]
+@dataclass
+class Run:
+    """What the set-up steps and the loop share about this process: its place among the processes, its device,
+    precision and clock."""
+    ddp: bool                     # several processes under torchrun, their gradients averaged by DDP
+    rank: int                     # this process, 0 .. world_size - 1; rank 0 logs, evaluates and saves
+    world_size: int
+    device: str                   # "cpu", "cuda" or "cuda:N"
+    precision_name: str           # autocast precision: bf16, fp16 (with a gradient scaler) or fp32
+    precision_reason: str         # why choose_precision chose it
+    stop_request: StopRequest     # Ctrl-C or SIGTERM received
+    start: float                  # time.time() when this run started
+    deadline: float               # when --max_minutes is up (math.inf without a limit)
+    seconds_before: float = 0.0   # the training time of the runs this one resumes
+
+    @property
+    def device_type(self):
+        return self.device.split(":")[0]
+
+    @property
+    def master_process(self):
+        return self.rank == 0
+
+    def log(self, *args, **kwargs):
+        if self.master_process:
+            print(*args, **kwargs)
+
+    def seconds(self):
+        """Training seconds so far, those of the resumed runs included."""
+        return self.seconds_before + time.time() - self.start
 
 
-def train_model(records, out_dir, mlm_records=None):
-    """Train on records (a stratified val_frac of them validates), resuming from out_dir if it holds a run. With
-    pretrain_epochs > 0: first masked-language pre-training on the texts of records and of mlm_records (unlabeled,
-    the test texts), then fine-tuning from that encoder. Returns the history: one dict per finished epoch."""
-    ddp, rank, world_size, run_device = setup_distributed()
-    requested = StopRequest()
-    try:
-        return _train(records, out_dir, mlm_records, ddp, rank, world_size, run_device, requested)
-    finally:
-        requested.restore()
-        if ddp:
-            import torch.distributed as dist
-            dist.destroy_process_group()
-
-
-def _train(records, out_dir, mlm_records, ddp, rank, world_size, run_device, requested):
-    device_type, master = run_device.split(":")[0], rank == 0
-    log = print if master else (lambda *a, **k: None)
+def start_run(ddp, rank, world_size, run_device, stop_request, out_dir):
+    """Set-up step 1: the clock, the CUDA build check, deterministic algorithms, the precision; out_dir is checked
+    for writing before any long work."""
     start = time.time()
     deadline = start + max_minutes * 60 if max_minutes > 0 else math.inf
-    if device_type == "cuda":
+    if run_device.split(":")[0] == "cuda":
         check_cuda_build()
     set_deterministic(deterministic)
-    precision_name, why = choose_precision(precision, device_type)
+    precision_name, reason = choose_precision(precision, run_device.split(":")[0])
     check_writable(out_dir)
-    ckpt_path, best_path, pre_path = (os.path.join(out_dir, name) for name in ("ckpt.pt", "best.pt", "pretrain.pt"))
+    return Run(ddp, rank, world_size, run_device, precision_name, reason, stop_request, start, deadline)
 
-    # what this run is, against what out_dir holds: nothing is written before they are found to agree
-    config = run_config(records, mlm_records, world_size)
-    checkpoint = load_checkpoint(ckpt_path, run_device) if os.path.exists(ckpt_path) else None
-    pre = (load_checkpoint(pre_path, run_device) if pretrain_epochs and checkpoint is None and
-           os.path.exists(pre_path) else None)
-    saved = checkpoint or pre
+
+def check_saved_run(run, records, mlm_records, out_dir):
+    """Set-up step 2: this run's configuration against what out_dir holds: ckpt.pt (to resume), or with pre-training
+    and no ckpt.pt yet, pretrain.pt. A saved run that this one cannot continue stops here, before anything is
+    written. -> (config, checkpoint or None, pretrain checkpoint or None)."""
+    config = {name: globals()[name] for name in TRAIN_KEYS}
+    config["train_data"] = fingerprint(records)
+    config["mlm_texts"] = fingerprint(mlm_records, with_labels=False) if pretrain_epochs and mlm_records else ""
+    config["processes"] = run.world_size
+    checkpoint_path, pretrain_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "pretrain.pt")
+    checkpoint = load_checkpoint(checkpoint_path, run.device) if os.path.exists(checkpoint_path) else None
+    pretrain_checkpoint = (load_checkpoint(pretrain_path, run.device) if pretrain_epochs and checkpoint is None and
+                           os.path.exists(pretrain_path) else None)
+    saved, saved_path = (checkpoint, checkpoint_path) if checkpoint else (pretrain_checkpoint, pretrain_path)
     if saved is not None:
-        path = ckpt_path if checkpoint else pre_path
-        for key in compare_config(path, saved["config"], config):
-            log(f"note: {key} = {config[key]!r} differs from {path}'s {saved['config'].get(key)!r}: "
-                f"continuing with the new value")
+        for key in compare_config(saved_path, saved["config"], config):
+            run.log(f"note: {key} = {config[key]!r} differs from {saved_path}'s {saved['config'].get(key)!r}: "
+                    f"continuing with the new value")
+    return config, checkpoint, pretrain_checkpoint
 
-    # data: validation split, vocabulary from the training part only (or the checkpoint's, which never changes)
+
+def count_steps_per_epoch(n_examples, world_size):
+    """Each process takes every world_size-th batch; the batches left over at the end of an epoch are dropped."""
+    return math.ceil(n_examples / batch_size) // world_size
+
+
+def prepare_data(run, records, config, saved, out_dir):
+    """Set-up step 3: the stratified validation split, the vocabulary from the training part only (or the saved
+    run's, which never changes), both parts as token ids. -> (vocab, (train ids, labels), (val ids, labels))."""
     labels = [r["label"] for r in records]
     train_idx, val_idx = stratified_split(labels, val_frac, seed)
     tokens = [record_tokens(r, config) for r in records]
     vocab = Vocab(saved["vocab"]) if saved else \
         Vocab.build((t for i in train_idx for t in tokens[i]), min_freq=min_freq, max_size=max_vocab)
-    train_encoded = encode_pairs([tokens[i] for i in train_idx], vocab, max_len)
-    val_encoded = encode_pairs([tokens[i] for i in val_idx], vocab, max_len)
-    train_labels, val_labels = [labels[i] for i in train_idx], [labels[i] for i in val_idx]
-    if master and saved is None:
+    train_split = encode_pairs([tokens[i] for i in train_idx], vocab, max_len), [labels[i] for i in train_idx]
+    val_split = encode_pairs([tokens[i] for i in val_idx], vocab, max_len), [labels[i] for i in val_idx]
+    if run.master_process and saved is None:
         vocab.save(os.path.join(out_dir, "vocab.json.tmp"))        # a readable copy; the checkpoints hold the real one
         os.replace(os.path.join(out_dir, "vocab.json.tmp"), os.path.join(out_dir, "vocab.json"))
-    log(f"data: {len(train_idx)} train, {len(val_idx)} validation, vocabulary {len(vocab)} "
-        f"({time.time() - start:.1f} s)")
+    run.log(f"data: {len(train_idx)} train, {len(val_idx)} validation, vocabulary {len(vocab)} "
+            f"({time.time() - run.start:.1f} s)")
     if not val_idx:
-        log("no validation split (val_frac=0, or no class has two records): each epoch's model becomes best.pt")
-    steps_per_epoch = math.ceil(len(train_idx) / batch_size) // world_size
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(train_idx)} training records make no batch for each of {world_size} processes")
-    total_steps = epochs * steps_per_epoch
+        run.log("no validation split (val_frac=0, or no class has two records): each epoch's model becomes best.pt")
+    if count_steps_per_epoch(len(train_idx), run.world_size) == 0:
+        raise SystemExit(f"error: {len(train_idx)} training records make no batch for each of {run.world_size} "
+                         f"processes")
+    return vocab, train_split, val_split
 
+
+def init_model(run, config, vocab, fresh):
+    """Set-up step 4: the classifier, initialised from the seed, and on a fresh run from the GloVe file if given
+    (a resumed run loads its weights in its phase)."""
     torch.manual_seed(seed)
-    model = build_model(config, len(vocab)).to(run_device)
-    if embeddings and saved is None:
-        log(f"embeddings: {load_glove(embeddings, vocab, model.embedding, stem)} rows initialised from {embeddings}")
-    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
-        f"{ {key: config[key] for key in MODEL_KEYS} }")
-    log(f"precision: {precision_name} ({why}); deterministic algorithms {'on' if deterministic else 'off'}")
-    from torch.nn.parallel import DistributedDataParallel
-    wrap = (lambda m: DistributedDataParallel(m, device_ids=[run_device] if device_type == "cuda" else None)) \
-        if ddp else (lambda m: m)
+    model = build_model(config, len(vocab)).to(run.device)
+    if embeddings and fresh:
+        run.log(f"embeddings: {load_glove(embeddings, vocab, model.embedding, stem)} rows initialised from "
+                f"{embeddings}")
+    run.log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+            f"{ {key: config[key] for key in MODEL_KEYS} }")
+    run.log(f"precision: {run.precision_name} ({run.precision_reason}); deterministic algorithms "
+            f"{'on' if deterministic else 'off'}")
+    return model
 
-    def stop_for_nonfinite(phase, step, value, path):
-        last = (f"the last good checkpoint {path} (step {load_checkpoint(path)['step']}) is kept"
-                if os.path.exists(path) else "nothing was saved")
-        message = (f"error: the {phase} loss is {value} at step {step + 1}: training stopped; {last}. "
-                   f"Lower --lr (now {lr if phase == 'training' else pretrain_lr}) or try --precision=fp32")
-        raise SystemExit(message if master else 1)
 
-    def stop_for_signal(step, path):
-        if master:
-            print(f"stopped by {requested.name} at step {step}: checkpoint saved in {path}; run the same command to "
-                  f"resume", file=sys.stderr, flush=True)
-        if ddp:
-            import torch.distributed as dist
-            dist.barrier()
-        raise SystemExit(128 + requested.number)
+def new_grad_scaler(run):
+    """fp16's loss scaling (disabled, a no-op, in bf16 and fp32): the loss is multiplied before backward so that
+    small gradients do not underflow to 0 in float16, and the gradients divided back before clipping."""
+    return torch.amp.GradScaler(run.device_type, init_scale=GRAD_SCALER_INIT, enabled=run.precision_name == "fp16")
 
-    def run_phase(label, net, optimizer, scaler, step, total, per_epoch, lengths, batch_loss, peak_lr, seed_offset,
-                  phase_deadline, end_epoch, save):
-        """The loop of one phase from `step` on. -> (step, why it stopped: None when done, "time", "share",
-        "signal", or "nonfinite", the loss value)."""
-        skipped = 0
-        while step < total:
-            epoch = step // per_epoch
-            # the batch order of an epoch depends only on (seed, epoch): a resumed run skips what it already did
-            batches = make_batches(lengths, batch_size, random.Random(seed + seed_offset + epoch), bucket)
-            batches = batches[rank:per_epoch * world_size:world_size]
-            net.train()
-            tick, seen, loss_sum, loss_count, reason = time.time(), 0, 0.0, 0, None
-            for batch in batches[step - epoch * per_epoch:]:
-                torch.manual_seed(seed + seed_offset + step * world_size + rank)   # dropout masks repeat on resume
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(step, total, peak_lr) * group["lr_scale"]
-                with autocast(device_type, precision_name):
-                    loss = batch_loss(net, batch, step)
-                value = loss.item()
-                now = time.time()
-                nonfinite, time_up, share_up, signalled = agree(
-                    [not math.isfinite(value), now > deadline, now > phase_deadline, requested.name], ddp, run_device)
-                if nonfinite:
-                    return step, "nonfinite", value
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)           # clip the true gradients, not the scaled ones
-                torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-                scale = scaler.get_scale() if scaler.is_enabled() else 0.0
-                scaler.step(optimizer)               # skipped by the scaler where a gradient is inf or NaN
-                scaler.update()
-                skipped += scaler.is_enabled() and scaler.get_scale() < scale
-                step += 1
-                seen += len(batch) * world_size
-                loss_sum, loss_count = loss_sum + value, loss_count + 1
-                if step % log_every == 0:
-                    rate = seen / max(1e-9, time.time() - tick)
-                    left = (total - step) * batch_size * world_size / rate
-                    log(f"{label}epoch {epoch + 1} step {step}/{total} loss {loss_sum / loss_count:.4f} "
-                        f"lr {learning_rate(step, total, peak_lr):.2e} {rate:.0f} examples/s, about "
-                        f"{left / 60:.1f} min left" + (f"; {skipped} steps skipped by the gradient scaler"
-                                                        if skipped else ""), flush=True)
-                if time_up or share_up or signalled:
-                    reason = "signal" if signalled else "time" if time_up else "share"
-                    break
-            if not weights_finite(net):
-                return step, "nonfinite", "finite, but the weights are not"
-            if step % per_epoch == 0 or step == total:      # a whole epoch done
-                end_epoch(epoch, step, loss_sum / max(1, loss_count))
-            save(step, reason)
-            if reason:
-                return step, reason, None
-        return step, None, None
 
-    seconds_before = saved.get("seconds", 0.0) if saved else 0.0
-    seconds = lambda: seconds_before + time.time() - start
+def restore_state(saved, model, optimizer, scaler):
+    """The weights, the optimizer's moments and the scaler's scale of a saved phase: it continues exactly."""
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    if scaler.is_enabled() and saved["scaler"]:
+        scaler.load_state_dict(saved["scaler"])
 
-    # ------------------------------------------------------------------ phase 1: masked-language pre-training
-    pretrained = bool(pretrain_epochs) and (checkpoint is None or checkpoint.get("pretrained", False))
-    if pretrain_epochs and checkpoint is None:
-        mlm = MaskedLanguageModel(model).to(run_device)
-        mlm_texts = records + list(mlm_records or [])
-        mlm_encoded = encode_records(mlm_texts, vocab, config)
-        mlm_steps_per_epoch = math.ceil(len(mlm_encoded) / batch_size) // world_size
-        mlm_total = pretrain_epochs * mlm_steps_per_epoch
-        mlm_optimizer = torch.optim.AdamW(parameter_groups(mlm.named_parameters()), lr=pretrain_lr)
-        mlm_scaler = torch.amp.GradScaler(device_type, init_scale=GRAD_SCALER_INIT, enabled=precision_name == "fp16")
-        mlm_step, pre_history, done = 0, [], False
-        if pre is not None:
-            mlm.load_state_dict(pre["model"])
-            mlm_optimizer.load_state_dict(pre["optimizer"])
-            if mlm_scaler.is_enabled() and pre["scaler"]:
-                mlm_scaler.load_state_dict(pre["scaler"])
-            mlm_step, pre_history, done = pre["step"], pre["history"], pre["done"]
-            log(f"resuming pre-training from {pre_path} at step {mlm_step}" if not done else
-                f"pre-training done ({pre_path}, step {mlm_step}): fine-tuning from its encoder")
-        if not done:
-            log(f"pre-training: masked-language model on {len(mlm_texts)} texts ({len(records)} training"
-                f"{f', {len(mlm_records)} test' if mlm_records else ''}), {pretrain_epochs} epochs, "
-                f"{mlm_total} steps")
-            mlm_net = wrap(mlm)
 
-            def mlm_loss(net, batch, step):
-                ids, _ = collate(mlm_encoded, batch)
-                generator = torch.Generator().manual_seed(seed * 1000003 + step * world_size + rank)
-                inputs, targets = mask_tokens(ids, len(vocab), generator, mask_prob)
-                logits, chosen = net(inputs.to(run_device), targets.to(run_device))
-                if chosen.numel() == 0:        # nothing chosen in this batch: a zero loss that reaches every weight
-                    return logits.float().sum() * 0.0
-                return F.cross_entropy(logits.float(), chosen)
+# A phase is what train_loop trains: its model, optimizer and gradient scaler, its examples (encoded), its schedule
+# (peak_lr, steps_per_epoch, total_steps, start_step), its own deadline, and three methods: batch_loss, end_epoch and
+# save (its checkpoint, in path).
+class Pretraining:
+    """Phase 1: masked-language modelling (BERT, Devlin et al. 2019, 3.1). The classifier's own embedding and encoder
+    learn to restore masked tokens of the training texts and of mlm_records' (the test texts; never their labels).
+    Checkpoint: pretrain.pt; done once it is finished, or stopped at its share of --max_minutes."""
+    name, log_prefix, lr_option, seed_offset = "pre-training", "pre-training ", "--pretrain_lr", 7777
 
-            def mlm_epoch_end(epoch, step, loss):
-                pre_history.append({"epoch": epoch + 1, "step": step, "mlm_loss": loss, "minutes": seconds() / 60})
-                log(f"pre-training epoch {epoch + 1}: masked-language loss {loss:.4f}")
+    def __init__(self, run, classifier, records, mlm_records, vocab, config, saved, out_dir):
+        self.run, self.vocab, self.config = run, vocab, config
+        self.path = os.path.join(out_dir, "pretrain.pt")
+        self.model = MaskedLanguageModel(classifier).to(run.device)
+        texts = records + list(mlm_records or [])
+        self.encoded = encode_records(texts, vocab, config)
+        self.steps_per_epoch = count_steps_per_epoch(len(self.encoded), run.world_size)
+        self.total_steps = pretrain_epochs * self.steps_per_epoch
+        self.peak_lr = pretrain_lr
+        self.deadline = run.start + pretrain_share * max_minutes * 60 if max_minutes > 0 else math.inf
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model.named_parameters()), lr=pretrain_lr)
+        self.scaler = new_grad_scaler(run)
+        self.start_step, self.history, self.done = 0, [], False
+        if saved is not None:
+            restore_state(saved, self.model, self.optimizer, self.scaler)
+            self.start_step, self.history, self.done = saved["step"], saved["history"], saved["done"]
+            run.log(f"resuming pre-training from {self.path} at step {self.start_step}" if not self.done else
+                    f"pre-training done ({self.path}, step {self.start_step}): fine-tuning from its encoder")
+        if not self.done:
+            run.log(f"pre-training: masked-language model on {len(texts)} texts ({len(records)} training"
+                    f"{f', {len(mlm_records)} test' if mlm_records else ''}), {pretrain_epochs} epochs, "
+                    f"{self.total_steps} steps")
 
-            def save_pretrain(step, reason):
-                if master:
-                    save_atomic({"model": mlm.state_dict(), "optimizer": mlm_optimizer.state_dict(),
-                                 "scaler": mlm_scaler.state_dict(), "step": step, "done": reason == "share" or
-                                 step >= mlm_total, "history": pre_history, "seconds": seconds(), "config": config,
-                                 "vocab": vocab.itos}, pre_path)
+    def batch_loss(self, net, batch, step):
+        """Cross-entropy at the masked positions. The masking depends only on (seed, step, rank): exact on resume."""
+        ids, _ = collate(self.encoded, batch)
+        generator = torch.Generator().manual_seed(seed * 1000003 + step * self.run.world_size + self.run.rank)
+        inputs, targets = mask_tokens(ids, len(self.vocab), generator, mask_prob)
+        logits, chosen_targets = net(inputs.to(self.run.device), targets.to(self.run.device))
+        if chosen_targets.numel() == 0:      # nothing chosen in this batch: a zero loss that reaches every weight
+            return logits.float().sum() * 0.0
+        return F.cross_entropy(logits.float(), chosen_targets)
 
-            share_deadline = start + pretrain_share * max_minutes * 60 if max_minutes > 0 else math.inf
-            mlm_step, reason, value = run_phase("pre-training ", mlm_net, mlm_optimizer, mlm_scaler, mlm_step,
-                                                mlm_total, mlm_steps_per_epoch, [len(e) for e in mlm_encoded],
-                                                mlm_loss, pretrain_lr, 7777, share_deadline, mlm_epoch_end,
-                                                save_pretrain)
-            if reason == "nonfinite":
-                stop_for_nonfinite("pre-training", mlm_step, value, pre_path)
-            if reason == "signal":
-                stop_for_signal(mlm_step, pre_path)
-            if reason == "time":
-                log(f"stopped after {max_minutes} minutes in pre-training at step {mlm_step}/{mlm_total}; checkpoint "
-                    f"saved, run the same command to resume")
-                if ddp:
-                    import torch.distributed as dist
-                    dist.barrier()
-                return []
-            if reason == "share":
-                log(f"pre-training stopped at step {mlm_step}/{mlm_total}, its share ({pretrain_share}) of "
-                    f"--max_minutes: fine-tuning starts")
-        del mlm
+    def end_epoch(self, epoch, step, train_loss):
+        self.history.append({"epoch": epoch + 1, "step": step, "mlm_loss": train_loss,
+                             "minutes": self.run.seconds() / 60})
+        self.run.log(f"pre-training epoch {epoch + 1}: masked-language loss {train_loss:.4f}")
 
-    # ------------------------------------------------------------------ phase 2: classification (fine-tuning)
-    encoder_scale = (lambda name: 1.0 if name.startswith("head.") else encoder_lr_frac) if pretrained \
-        else (lambda name: 1.0)
-    optimizer = torch.optim.AdamW(parameter_groups(model.named_parameters(), encoder_scale), lr=lr)
-    scaler = torch.amp.GradScaler(device_type, init_scale=GRAD_SCALER_INIT, enabled=precision_name == "fp16")
-    step, history, best_accuracy = 0, [], -1.0
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scaler.is_enabled() and checkpoint["scaler"]:
-            scaler.load_state_dict(checkpoint["scaler"])
-        step, history, best_accuracy = checkpoint["step"], checkpoint["history"], checkpoint["best_accuracy"]
-        log(f"resuming from {ckpt_path} at step {step} (epoch {step // steps_per_epoch + 1})")
-    elif pretrained:
-        log(f"fine-tuning from the pre-trained encoder (encoder learning rate {encoder_lr_frac} x lr)")
-    net = wrap(model)
+    def save(self, step, stop_reason):
+        if self.run.master_process:
+            save_atomic({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                         "scaler": self.scaler.state_dict(), "step": step, "done": stop_reason == "share" or
+                         step >= self.total_steps, "history": self.history, "seconds": self.run.seconds(),
+                         "config": self.config, "vocab": self.vocab.itos}, self.path)
 
-    def classify_loss(net, batch, step):
-        ids, targets = collate(train_encoded, batch, train_labels)
-        return F.cross_entropy(net(ids.to(run_device)).float(), targets.to(run_device),
+
+class Classification:
+    """Phase 2 (the only one without pre-training): the classifier learns the labels of the training split. After
+    every epoch it is evaluated on the validation split and the best epoch is kept in best.pt. Checkpoint: ckpt.pt."""
+    name, log_prefix, lr_option, seed_offset = "training", "", "--lr", 0
+
+    def __init__(self, run, model, vocab, config, train_split, val_split, saved, from_pretrained, out_dir):
+        self.run, self.model, self.vocab, self.config, self.out_dir = run, model, vocab, config, out_dir
+        (self.encoded, self.labels), (self.val_encoded, self.val_labels) = train_split, val_split
+        self.path, self.best_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt")
+        self.steps_per_epoch = count_steps_per_epoch(len(self.encoded), run.world_size)
+        self.total_steps = epochs * self.steps_per_epoch
+        self.peak_lr, self.deadline, self.from_pretrained = lr, math.inf, from_pretrained
+        # fine-tuning may give the pre-trained encoder a fraction of the new head's learning rate
+        lr_scale_of = (lambda name: 1.0 if name.startswith("head.") else encoder_lr_frac) if from_pretrained \
+            else (lambda name: 1.0)
+        self.optimizer = torch.optim.AdamW(parameter_groups(model.named_parameters(), lr_scale_of), lr=lr)
+        self.scaler = new_grad_scaler(run)
+        self.start_step, self.history, self.best_accuracy = 0, [], -1.0
+        if saved is not None:
+            restore_state(saved, model, self.optimizer, self.scaler)
+            self.start_step, self.history, self.best_accuracy = saved["step"], saved["history"], saved["best_accuracy"]
+            run.log(f"resuming from {self.path} at step {self.start_step} "
+                    f"(epoch {self.start_step // self.steps_per_epoch + 1})")
+        elif from_pretrained:
+            run.log(f"fine-tuning from the pre-trained encoder (encoder learning rate {encoder_lr_frac} x lr)")
+
+    def batch_loss(self, net, batch, step):
+        """Cross-entropy with label smoothing (Szegedy et al. 2016, section 7): the target gives 1 - label_smoothing
+        to the true class and spreads label_smoothing evenly over all classes, so the loss stops rewarding an ever
+        larger gap between the true class's logit and the others (overconfidence)."""
+        ids, targets = collate(self.encoded, batch, self.labels)
+        return F.cross_entropy(net(ids.to(self.run.device)).float(), targets.to(self.run.device),
                                label_smoothing=label_smoothing)
 
-    def save_best(metrics, epoch):
-        save_atomic({"model": model.state_dict(), "config": config, "vocab": vocab.itos, "epoch": epoch,
-                     "metrics": metrics}, best_path)
+    def validation_metrics(self):
+        """Loss, accuracy and macro-F1 on the validation split; {} without one."""
+        if not self.val_labels:
+            return {}
+        return evaluate(self.model, self.val_encoded, self.val_labels, self.run.device, self.run.precision_name)
 
-    def end_epoch(epoch, step, train_loss):
-        nonlocal best_accuracy
-        if not master:
+    def save_best(self, metrics, epoch):
+        save_atomic({"model": self.model.state_dict(), "config": self.config, "vocab": self.vocab.itos,
+                     "epoch": epoch, "metrics": metrics}, self.best_path)
+
+    def end_epoch(self, epoch, step, train_loss):
+        """On rank 0: evaluate and log; keep the model in best.pt if it is the best so far (without a validation
+        split: every epoch's); write history.json and the learning curve."""
+        if not self.run.master_process:
             return
-        metrics = {"epoch": epoch + 1, "step": step, "train_loss": train_loss, "minutes": seconds() / 60}
-        if val_idx:
-            metrics.update(evaluate(model, val_encoded, val_labels, run_device, precision_name))
-            log(f"epoch {epoch + 1}: train loss {train_loss:.4f} val loss {metrics['loss']:.4f} "
-                f"val accuracy {metrics['accuracy']:.4f} val macro-F1 {metrics['macro_f1']:.4f}", flush=True)
+        metrics = {"epoch": epoch + 1, "step": step, "train_loss": train_loss, "minutes": self.run.seconds() / 60}
+        metrics.update(self.validation_metrics())
+        if self.val_labels:
+            self.run.log(f"epoch {epoch + 1}: train loss {train_loss:.4f} val loss {metrics['loss']:.4f} "
+                         f"val accuracy {metrics['accuracy']:.4f} val macro-F1 {metrics['macro_f1']:.4f}", flush=True)
         else:
-            log(f"epoch {epoch + 1}: train loss {train_loss:.4f} (no validation split)", flush=True)
-        history.append(metrics)
-        if not val_idx or metrics["accuracy"] > best_accuracy:
-            best_accuracy = metrics.get("accuracy", best_accuracy)
-            save_best(metrics, epoch + 1)
-        with open(os.path.join(out_dir, "history.json.tmp"), "w") as f:
-            json.dump(history, f, indent=1)
-        os.replace(os.path.join(out_dir, "history.json.tmp"), os.path.join(out_dir, "history.json"))
-        plot_learning_curve(history, os.path.join(out_dir, "learning_curve.png"))
+            self.run.log(f"epoch {epoch + 1}: train loss {train_loss:.4f} (no validation split)", flush=True)
+        self.history.append(metrics)
+        if not self.val_labels or metrics["accuracy"] > self.best_accuracy:
+            self.best_accuracy = metrics.get("accuracy", self.best_accuracy)
+            self.save_best(metrics, epoch + 1)
+        with open(os.path.join(self.out_dir, "history.json.tmp"), "w") as f:
+            json.dump(self.history, f, indent=1)
+        os.replace(os.path.join(self.out_dir, "history.json.tmp"), os.path.join(self.out_dir, "history.json"))
+        plot_learning_curve(self.history, os.path.join(self.out_dir, "learning_curve.png"))   # in the extras
 
-    def save(step, reason):
-        if master:
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "step": step, "history": history,
-                         "best_accuracy": best_accuracy, "seconds": seconds(), "pretrained": pretrained,
-                         "config": config, "vocab": vocab.itos}, ckpt_path)
+    def save(self, step, stop_reason):
+        if self.run.master_process:
+            save_atomic({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                         "scaler": self.scaler.state_dict(), "step": step, "history": self.history,
+                         "best_accuracy": self.best_accuracy, "seconds": self.run.seconds(),
+                         "pretrained": self.from_pretrained, "config": self.config, "vocab": self.vocab.itos},
+                        self.path)
 
-    step, reason, value = run_phase("", net, optimizer, scaler, step, total_steps, steps_per_epoch,
-                                    [len(e) for e in train_encoded], classify_loss, lr, 0, math.inf, end_epoch, save)
-    if reason == "nonfinite":
-        stop_for_nonfinite("training", step, value, ckpt_path)
-    if reason == "signal":
-        stop_for_signal(step, ckpt_path)
-    if reason == "time":
-        log(f"stopped after {max_minutes} minutes at step {step}/{total_steps}; checkpoint saved, "
-            f"run the same command to resume")
-    if not os.path.exists(best_path) and master:   # stopped before the first epoch ended
-        save_best(evaluate(model, val_encoded, val_labels, run_device, precision_name) if val_idx else {}, 0)
-    if ddp:
-        import torch.distributed as dist
-        dist.barrier()                             # rank 0's last saves are done before any process leaves
-    return history
+
+def stop_for_nonfinite(run, phase, step, loss_value):
+    last = (f"the last good checkpoint {phase.path} (step {load_checkpoint(phase.path)['step']}) is kept"
+            if os.path.exists(phase.path) else "nothing was saved")
+    message = (f"error: the {phase.name} loss is {loss_value} at step {step + 1}: training stopped; {last}. "
+               f"Lower {phase.lr_option} (now {phase.peak_lr}) or try --precision=fp32")
+    raise SystemExit(message if run.master_process else 1)
+
+
+def stop_for_signal(run, step, path):
+    if run.master_process:
+        print(f"stopped by {run.stop_request.name} at step {step}: checkpoint saved in {path}; run the same command "
+              f"to resume", file=sys.stderr, flush=True)
+    if run.ddp:
+        dist.barrier()
+    raise SystemExit(128 + run.stop_request.number)
+
+
+def train_loop(run, phase):
+    """Train phase from phase.start_step to phase.total_steps; save its checkpoint after every epoch and when it
+    stops early. -> (the step reached, None when done, or why it stopped early: "time" (--max_minutes) or "share"
+    (pre-training's share of it)). A non-finite loss or a signal ends the program here."""
+    net = DistributedDataParallel(phase.model, device_ids=[run.device] if run.device_type == "cuda" else None) \
+        if run.ddp else phase.model
+    step, skipped_steps = phase.start_step, 0
+    while step < phase.total_steps:
+        epoch = step // phase.steps_per_epoch
+        # this process's batches of the epoch, in an order that depends only on (seed, epoch): a resumed run skips
+        # those it did
+        batches = make_batches([len(e) for e in phase.encoded], batch_size,
+                               random.Random(seed + phase.seed_offset + epoch), bucket)
+        batches = batches[run.rank:phase.steps_per_epoch * run.world_size:run.world_size]
+        net.train()
+        tick, examples_seen, loss_sum, loss_count, stop_reason = time.time(), 0, 0.0, 0, None
+        for batch in batches[step - epoch * phase.steps_per_epoch:]:
+            # dropout masks from (seed, step, rank): the same on resume
+            torch.manual_seed(seed + phase.seed_offset + step * run.world_size + run.rank)
+            # determine and set the learning rate for this iteration
+            step_lr = learning_rate(step, phase.total_steps, phase.peak_lr)
+            for group in phase.optimizer.param_groups:
+                group["lr"] = step_lr * group["lr_scale"]
+            # forward
+            with autocast(run.device_type, run.precision_name):
+                loss = phase.batch_loss(net, batch, step)
+            loss_value = loss.item()
+            # termination conditions, agreed by every process, so that all stop after the same step
+            now = time.time()
+            nonfinite, time_up, share_up, signalled = agree([not math.isfinite(loss_value), now > run.deadline,
+                                                             now > phase.deadline, run.stop_request.name],
+                                                            run.ddp, run.device)
+            if nonfinite:
+                stop_for_nonfinite(run, phase, step, loss_value)
+            # backward (in fp16 of the scaled loss)
+            phase.optimizer.zero_grad(set_to_none=True)
+            phase.scaler.scale(loss).backward()
+            # clip the gradient (the true one, unscaled first)
+            phase.scaler.unscale_(phase.optimizer)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+            # update the weights; the scaler skips a step whose gradients hold inf or NaN, and lowers its scale
+            scale_before = phase.scaler.get_scale() if phase.scaler.is_enabled() else 0.0
+            phase.scaler.step(phase.optimizer)
+            phase.scaler.update()
+            skipped_steps += phase.scaler.is_enabled() and phase.scaler.get_scale() < scale_before
+            step += 1
+            examples_seen += len(batch) * run.world_size
+            loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+            # logging
+            if step % log_every == 0:
+                examples_per_second = examples_seen / max(1e-9, time.time() - tick)
+                minutes_left = (phase.total_steps - step) * batch_size * run.world_size / examples_per_second / 60
+                skipped = f"; {skipped_steps} steps skipped by the gradient scaler" if skipped_steps else ""
+                run.log(f"{phase.log_prefix}epoch {epoch + 1} step {step}/{phase.total_steps} loss "
+                        f"{loss_sum / loss_count:.4f} lr {step_lr:.2e} {examples_per_second:.0f} examples/s, about "
+                        f"{minutes_left:.1f} min left{skipped}", flush=True)
+            if time_up or share_up or signalled:
+                stop_reason = "signal" if signalled else "time" if time_up else "share"
+                break
+        # end of the epoch, or of this run: check the weights, finish a whole epoch, save the checkpoint
+        if not all(bool(p.detach().isfinite().all()) for p in net.parameters()):
+            stop_for_nonfinite(run, phase, step, "finite, but the weights are not")
+        if step % phase.steps_per_epoch == 0 or step == phase.total_steps:
+            phase.end_epoch(epoch, step, loss_sum / max(1, loss_count))
+        phase.save(step, stop_reason)
+        if stop_reason == "signal":
+            stop_for_signal(run, step, phase.path)
+        if stop_reason:
+            return step, stop_reason
+    return step, None
+
+
+def train_model(records, out_dir, mlm_records=None):
+    """Train on records (a stratified val_frac of them validates), resuming from out_dir if it holds a run. With
+    pretrain_epochs > 0: first masked-language pre-training on the texts of records and of mlm_records (unlabelled,
+    the test texts), then fine-tuning from that encoder. Returns the history: one dict per finished epoch (on rank 0;
+    [] when --max_minutes ran out during pre-training)."""
+    ddp, rank, world_size, run_device = setup_distributed()
+    stop_request = StopRequest()
+    try:
+        run = start_run(ddp, rank, world_size, run_device, stop_request, out_dir)
+        config, checkpoint, pretrain_checkpoint = check_saved_run(run, records, mlm_records, out_dir)
+        saved = checkpoint or pretrain_checkpoint
+        run.seconds_before = saved.get("seconds", 0.0) if saved else 0.0
+        vocab, train_split, val_split = prepare_data(run, records, config, saved, out_dir)
+        model = init_model(run, config, vocab, fresh=saved is None)
+        from_pretrained = bool(pretrain_epochs) and (checkpoint is None or checkpoint.get("pretrained", False))
+
+        if pretrain_epochs and checkpoint is None:    # phase 1; loading pretrain.pt sets the classifier's encoder too
+            phase = Pretraining(run, model, records, mlm_records, vocab, config, pretrain_checkpoint, out_dir)
+            if not phase.done:
+                step, stop_reason = train_loop(run, phase)
+                if stop_reason == "time":
+                    run.log(f"stopped after {max_minutes} minutes in pre-training at step {step}/{phase.total_steps}; "
+                            f"checkpoint saved, run the same command to resume")
+                    if ddp:
+                        dist.barrier()
+                    return []
+                if stop_reason == "share":
+                    run.log(f"pre-training stopped at step {step}/{phase.total_steps}, its share ({pretrain_share}) "
+                            f"of --max_minutes: fine-tuning starts")
+
+        phase = Classification(run, model, vocab, config, train_split, val_split, checkpoint, from_pretrained,
+                               out_dir)
+        step, stop_reason = train_loop(run, phase)
+        if stop_reason == "time":
+            run.log(f"stopped after {max_minutes} minutes at step {step}/{phase.total_steps}; checkpoint saved, "
+                    f"run the same command to resume")
+        if run.master_process and not os.path.exists(phase.best_path):   # stopped before the first epoch ended
+            phase.save_best(phase.validation_metrics(), 0)
+        if ddp:
+            dist.barrier()                         # rank 0's last saves are done before any process leaves
+        return phase.history
+    finally:
+        stop_request.restore()
+        if ddp:
+            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -954,8 +1087,8 @@ def load_trained(out_dir, run_device):
 
 
 def write_submission(out_dir, test_file, submission):
-    """`id,label` for every record of test_file, in id order, written atomically. With labels in the file, also
-    the accuracy. The submission's folder is checked before any work."""
+    """`id,label` for every record of test_file, in id order, written atomically; returns the predicted labels.
+    With labels in the file, also the accuracy. The submission's folder is checked before any work."""
     check_writable(submission, is_folder=False)
     run_device = default_device()
     model, vocab, config = load_trained(out_dir, run_device)
@@ -978,23 +1111,47 @@ def write_submission(out_dir, test_file, submission):
     return predictions
 
 
-# ----------------------------------------------------------------------------- figures (PIL only)
-def plot_learning_curve(history, path):
-    """Two panels: train and validation loss per epoch; validation accuracy and macro-F1 per epoch (the second
-    stays empty without a validation split)."""
-    epochs_done = [h["epoch"] for h in history]
-    image = Image.new("RGB", (900, 360), "white")
-    draw = ImageDraw.Draw(image)
-    with_val = all("accuracy" in h for h in history)
-    losses = {"train loss": [h["train_loss"] for h in history]}
-    if with_val:
-        losses["val loss"] = [h["loss"] for h in history]
-    draw_chart(draw, (60, 30, 430, 320), epochs_done, losses, "loss")
-    if with_val:
-        draw_chart(draw, (510, 30, 880, 320), epochs_done, {"val accuracy": [h["accuracy"] for h in history],
-                                                            "val macro-F1": [h["macro_f1"] for h in history]}, "score")
-    image.save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
+# ----------------------------------------------------------------------------- command line
+def main(argv):
+    positional = parse_overrides(argv, globals(), CHECKS)
+    if positional:
+        raise SystemExit(f"error: textcls.py takes only --name=value options, got {positional[0]!r} "
+                         f"(--help lists them)")
+    if d_model % nhead:
+        raise SystemExit(f"error: --d_model={d_model} must be a multiple of --nhead={nhead}")
+    torch.set_num_threads(num_threads)
+    try:
+        if train:
+            records = load_news(os.path.join(data_dir, "News_train.json"))
+            mlm_records = None
+            if pretrain_epochs and pretrain_test:
+                if not os.path.exists(test_file):
+                    raise SystemExit(f"error: --pretrain_test=True reads the test texts, but {test_file} does not "
+                                     f"exist: pass --test_file=PATH or --pretrain_test=False")
+                mlm_records = load_news(test_file, require_label=False)
+            train_model(records, out_dir, mlm_records)
+        if predict:
+            write_submission(out_dir, test_file, submission)
+        if attention:
+            draw_attention(attention, out_dir)         # in the extras below
+        if bench:
+            check_writable(out_dir)
+            run_bench(data_dir, out_dir)               # in the extras below
+        if not (train or predict or attention or bench):
+            print(__doc__)
+    except NewsFormatError as e:
+        raise SystemExit(f"error: {e}")
+    except OSError as e:
+        raise SystemExit(f"error: {e.filename or ''}: {e.strerror or e}")
+
+
+# =============================================================================================================
+# EXTRAS, not the lesson: the charts drawn by hand with PIL (training's learning curve, --attention's maps) and
+# --bench (the training speed, and this model beside fastText and TF-IDF + logistic regression). Above, only
+# Classification.end_epoch (plot_learning_curve) and main() (draw_attention, run_bench) call into this part.
+# =============================================================================================================
+
+# ----------------------------------------------------------------------------- charts (PIL only)
 CHART_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
 
 
@@ -1024,6 +1181,24 @@ def draw_chart(draw, box, xs, series, title):
         draw.text((left + 60 + 110 * k, top - 18), name, fill=colour)   # legend beside the title
 
 
+def plot_learning_curve(history, path):
+    """Two panels: train and validation loss per epoch; validation accuracy and macro-F1 per epoch (the second
+    stays empty without a validation split)."""
+    epochs_done = [h["epoch"] for h in history]
+    image = Image.new("RGB", (900, 360), "white")
+    draw = ImageDraw.Draw(image)
+    with_val = all("accuracy" in h for h in history)
+    losses = {"train loss": [h["train_loss"] for h in history]}
+    if with_val:
+        losses["val loss"] = [h["loss"] for h in history]
+    draw_chart(draw, (60, 30, 430, 320), epochs_done, losses, "loss")
+    if with_val:
+        draw_chart(draw, (510, 30, 880, 320), epochs_done, {"val accuracy": [h["accuracy"] for h in history],
+                                                            "val macro-F1": [h["macro_f1"] for h in history]}, "score")
+    image.save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+
+
 def plot_attention(tokens, maps, path, cell=28):
     """One heat map per layer (averaged over heads): row = query token, column = key token, darker = more."""
     n = len(tokens)
@@ -1049,6 +1224,7 @@ def plot_attention(tokens, maps, path, cell=28):
 
 
 def draw_attention(sentence, out_dir):
+    """--attention: classify one "headline | description" with the best checkpoint and draw its attention maps."""
     model, vocab, config = load_trained(out_dir, "cpu")
     headline, _, description = sentence.partition("|")   # "headline | description" gives two segments
     words = lambda text: preprocess(text, config["remove_stop"], config["stem"])
@@ -1060,8 +1236,6 @@ def draw_attention(sentence, out_dir):
     plot_attention(vocab.decode(ids[0].tolist()), model.attention_maps(ids), path)
     print(f"{sentence!r} -> {LABEL_NAMES[int(probabilities.argmax())]} ({float(probabilities.max()):.2f}); "
           f"attention maps in {path}")
-
-
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -1124,9 +1298,9 @@ def run_bench(data_dir, out_dir):
           f"{precision_name} ({why})", flush=True)
 
     mlm_epochs = pretrain_epochs or bench_pretrain_epochs
-    for name, folder, phase_epochs in [("Transformer, no MLM", "bench_no_mlm", 0),
-                                       (f"Transformer, MLM {mlm_epochs} ep", "bench_mlm", mlm_epochs)]:
-        folder = os.path.join(out_dir, folder)
+    for name, folder_name, phase_epochs in [("Transformer, no MLM", "bench_no_mlm", 0),
+                                            (f"Transformer, MLM {mlm_epochs} ep", "bench_mlm", mlm_epochs)]:
+        folder = os.path.join(out_dir, folder_name)
         globals()["pretrain_epochs"], kept_value = phase_epochs, pretrain_epochs
         try:
             train_model(train_records, folder, test_records if phase_epochs and pretrain_test else None)
@@ -1159,41 +1333,6 @@ def run_bench(data_dir, out_dir):
     print("| model | accuracy | macro-F1 | training minutes |\n| --- | --- | --- | --- |")
     for name, (metrics, seconds) in results.items():
         print(f"| {name} | {metrics['accuracy']:.4f} | {metrics['macro_f1']:.4f} | {seconds / 60:.1f} |")
-    return results, speeds
-
-
-# ----------------------------------------------------------------------------- command line
-def main(argv):
-    positional = parse_overrides(argv, globals(), CHECKS)
-    if positional:
-        raise SystemExit(f"error: textcls.py takes only --name=value options, got {positional[0]!r} "
-                         f"(--help lists them)")
-    if d_model % nhead:
-        raise SystemExit(f"error: --d_model={d_model} must be a multiple of --nhead={nhead}")
-    torch.set_num_threads(num_threads)
-    try:
-        if train:
-            records = load_news(os.path.join(data_dir, "News_train.json"))
-            mlm_records = None
-            if pretrain_epochs and pretrain_test:
-                if not os.path.exists(test_file):
-                    raise SystemExit(f"error: --pretrain_test=True reads the test texts, but {test_file} does not "
-                                     f"exist: pass --test_file=PATH or --pretrain_test=False")
-                mlm_records = load_news(test_file, require_label=False)
-            train_model(records, out_dir, mlm_records)
-        if predict:
-            write_submission(out_dir, test_file, submission)
-        if attention:
-            draw_attention(attention, out_dir)
-        if bench:
-            check_writable(out_dir)
-            run_bench(data_dir, out_dir)
-        if not (train or predict or attention or bench):
-            print(__doc__)
-    except NewsFormatError as e:
-        raise SystemExit(f"error: {e}")
-    except OSError as e:
-        raise SystemExit(f"error: {e.filename or ''}: {e.strerror or e}")
 
 
 if __name__ == "__main__":

@@ -32,9 +32,9 @@ vocab_path = ""         # a saved Vocab (JSON) for the demo's ids; empty = build
 CHECKS = {"bench_docs": (lambda v: v >= 0, "an integer >= 0")}   # checked before any work (see parse_overrides)
 
 # ----------------------------------------------------------------------------- cleaning
-# Unicode punctuation that has a plain ASCII twin. Curly quotes become straight ones so that "didn’t" and
-# "didn't" are the same word; hyphen look-alikes become "-" (they join words: "covid‑19"), while en and em
-# dashes become spaces (they separate clauses: "win—again" is two words).
+# Punctuation to fold into its plain ASCII twin. Curly quotes (and the backtick, typed for an apostrophe)
+# become straight ones so that "didn’t" and "didn't" are the same word; hyphen look-alikes become "-" (they
+# join words: "covid‑19"), while en and em dashes become spaces (they separate clauses: "win—again" is two words).
 UNICODE_FOLD = str.maketrans({
     "\u2018": "'", "\u2019": "'", "\u201b": "'", "\u2032": "'", "\u00b4": "'", "\u0060": "'",
     "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2033": '"', "\u00ab": '"', "\u00bb": '"',
@@ -46,20 +46,16 @@ POSSESSIVE = re.compile(r"(?<=\w)'s\b")     # "spacex's" -> "spacex", "it's" -> 
 
 
 def clean(text):
-    """Lowercase, unescape HTML, fold Unicode quotes and dashes, drop possessive 's. Punctuation stays
-    here: the tokenizer decides which dots belong to "3.14" or a URL and which end a sentence."""
-    if not isinstance(text, str):
+    """Unescape HTML, drop markup, lowercase, fold Unicode quotes and dashes, drop the possessive 's.
+    Punctuation stays: the tokenizer decides which dots belong to "3.14" or a URL and which end a sentence."""
+    if not isinstance(text, str):  # one clear error for None, a number or bytes (a missing or undecoded field)
         raise TypeError(f"expected a str, got {type(text).__name__}")
-    if "&" in text:
-        text = html.unescape(text)         # "&amp;" -> "&", "&#39;" -> "'", "&quot;" -> '"'
-    if "<" in text:
-        text = HTML_TAG.sub(" ", text)
-    text = text.lower()
-    if not text.isascii():
-        # NFC first: "cafe" + a combining accent (2 code points) becomes the single letter "é", which the
-        # regex below counts as a letter; the combining mark alone would not be.
-        text = unicodedata.normalize("NFC", text).translate(UNICODE_FOLD)
-    return POSSESSIVE.sub("", text) if "'" in text else text
+    text = html.unescape(text)             # "&amp;" -> "&", "&#39;" -> "'", "&quot;" -> '"'
+    text = HTML_TAG.sub(" ", text).lower()
+    # NFC first: "cafe" + a combining accent (2 code points) becomes the single letter "é", which the
+    # regex below counts as a letter; the combining mark alone would not be.
+    text = unicodedata.normalize("NFC", text).translate(UNICODE_FOLD)
+    return POSSESSIVE.sub("", text)
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -71,8 +67,9 @@ def clean(text):
 #   acronym    "the u.s. and b.i.g."      -> "the", "u.s.", "and", "b.i.g."
 #   number     "3.14 of 5,000"            -> "3.14", "of", "5,000"    (plain "2020", "19th" are words)
 #   word       "state-of-the-art", "didn't", "o'brien", "covid-19", "café", "naïve" stay one token each.
-# Contractions stay whole ("didn't", "you'll") because the stop list holds them whole. The possessive "'s"
-# was removed by clean(): "spacex's" is about SpaceX, and "it's" -> "it" is a stop word either way.
+# The branches are tried in this order, so a URL or an e-mail address is taken whole before its pieces could
+# match as words. Contractions stay whole ("didn't", "you'll") because the stop list holds them whole. The
+# possessive "'s" was removed by clean(): "spacex's" is about SpaceX, and "it's" -> "it" is a stop word either way.
 # \w is Unicode-aware, so letters with accents count as letters; [^\W\d_] means "a letter".
 # Only syntax that Python 3.10 accepts (no atomic groups or possessive quantifiers, both new in 3.11).
 TOKEN = re.compile(r"""
@@ -92,8 +89,8 @@ def tokenize(text):
 
 
 def normalize(text):
-    """The cleaned text as one string, punctuation removed: "The cats are running quickly!" ->
-    "the cats are running quickly". tokenize(normalize(t)) == tokenize(t)."""
+    """The text with punctuation removed, as one string: the tokens joined by spaces.
+    "The cats are running quickly!" -> "the cats are running quickly"; tokenize(normalize(t)) == tokenize(t)."""
     return " ".join(tokenize(text))
 
 
@@ -114,7 +111,7 @@ shan shan't shouldn shouldn't wasn wasn't weren weren't won won't wouldn wouldn'
 
 
 # ----------------------------------------------------------------------------- Porter stemmer
-# M. F. Porter, "An algorithm for suffix stripping", Program 14(3), 130-137, 1980, exactly as published.
+# M. F. Porter, "An algorithm for suffix stripping", Program 14(3), 130-137, July 1980, exactly as published.
 # Porter's later C code departs from the paper in three small ways that this version does not take: it maps
 # "bli" -> "ble" where the paper has "abli" -> "able", adds "logi" -> "log", and leaves words of one or two
 # letters alone (the paper stems "is" to "i" and "as" to "a").
@@ -122,7 +119,8 @@ shan shan't shouldn shouldn't wasn wasn't weren weren't won won't wouldn wouldn'
 # The paper's notation: a consonant is a letter other than a, e, i, o, u, and other than y preceded by a
 # consonant. Writing C for a run of consonants and V for a run of vowels, every word is [C](VC)^m[V];
 # m, the "measure", counts the VC pairs: m=0 "tree", "by"; m=1 "trouble", "oats"; m=2 "troubles", "private".
-# A rule "(condition) S1 -> S2" replaces the suffix S1 by S2 when the stem left before S1 meets the condition.
+# A rule "(condition) S1 -> S2" replaces the suffix S1 by S2 when what is left before S1 meets the condition.
+# The paper calls that part the stem; the code calls it `base`, since stem() is the whole algorithm.
 
 def _is_consonant(word, i):
     letter = word[i]
@@ -133,45 +131,37 @@ def _is_consonant(word, i):
     return True
 
 
-def _measure(stem):
+def _measure(word):
     """m in [C](VC)^m[V]: the number of vowel-to-consonant changes."""
     m, previous_is_vowel = 0, False
-    for i in range(len(stem)):
-        is_vowel = not _is_consonant(stem, i)
+    for i in range(len(word)):
+        is_vowel = not _is_consonant(word, i)
         if previous_is_vowel and not is_vowel:
             m += 1
         previous_is_vowel = is_vowel
     return m
 
 
-def _has_vowel(stem):
-    """*v*: the stem contains a vowel."""
-    return any(not _is_consonant(stem, i) for i in range(len(stem)))
+def _has_vowel(word):
+    """The paper's *v*: the word contains a vowel."""
+    return any(not _is_consonant(word, i) for i in range(len(word)))
 
 
-def _ends_double_consonant(stem):
-    """*d: the stem ends with a double consonant ("-tt", "-ss")."""
-    return len(stem) >= 2 and stem[-1] == stem[-2] and _is_consonant(stem, len(stem) - 1)
+def _ends_double_consonant(word):
+    """The paper's *d: the word ends with a double consonant ("-tt", "-ss")."""
+    return len(word) >= 2 and word[-1] == word[-2] and _is_consonant(word, len(word) - 1)
 
 
-def _ends_cvc(stem):
-    """*o: the stem ends consonant-vowel-consonant, the last not w, x or y ("-wil", "-hop")."""
-    n = len(stem)
-    return (n >= 3 and _is_consonant(stem, n - 1) and not _is_consonant(stem, n - 2)
-            and _is_consonant(stem, n - 3) and stem[-1] not in "wxy")
+def _ends_cvc(word):
+    """The paper's *o: the word ends consonant-vowel-consonant, the last not w, x or y ("-wil", "-hop")."""
+    n = len(word)
+    return (n >= 3 and _is_consonant(word, n - 1) and not _is_consonant(word, n - 2)
+            and _is_consonant(word, n - 3) and word[-1] not in "wxy")
 
 
-def _replace_first_match(word, rules, min_measure):
-    """Steps 2 and 3: find the longest listed suffix the word ends with (the lists are sorted longest first,
-    so the first hit is the longest); replace it if the stem's measure is above min_measure. Only that one
-    suffix is tried: if its condition fails, the word is left as it is (the paper's rule)."""
-    for suffix, replacement in rules:
-        if word.endswith(suffix):
-            stem = word[: len(word) - len(suffix)]
-            return stem + replacement if _measure(stem) > min_measure else word
-    return word
-
-
+# Steps 2, 3 and 4 as the paper lists them. Of the rules of one step, only the one with the longest suffix the
+# word ends in is tried (the paper's rule): sorted longest first, that is the first suffix the word ends with,
+# so a word ending in "ement" meets "ement", not "ment" or "ent".
 STEP2_RULES = [  # (m>0) suffix -> replacement
     ("ational", "ate"), ("tional", "tion"), ("enci", "ence"), ("anci", "ance"), ("izer", "ize"),
     ("abli", "able"), ("alli", "al"), ("entli", "ent"), ("eli", "e"), ("ousli", "ous"), ("ization", "ize"),
@@ -181,53 +171,64 @@ STEP2_RULES = [  # (m>0) suffix -> replacement
 STEP3_RULES = [  # (m>0) suffix -> replacement
     ("icate", "ic"), ("ative", ""), ("alize", "al"), ("iciti", "ic"), ("ical", "ic"), ("ful", ""), ("ness", ""),
 ]
-STEP4_SUFFIXES = [  # (m>1) suffix -> nothing; "ion" has its own extra condition below
+STEP4_SUFFIXES = [  # (m>1) suffix -> nothing; "ion" has its own extra condition in stem()
     "al", "ance", "ence", "er", "ic", "able", "ible", "ant", "ement", "ment", "ent", "ion", "ou", "ism", "ate",
     "iti", "ous", "ive", "ize",
 ]
-# Longest first, so that a word ending in "ement" loses "ement", not "ment" or "ent" (the paper: "the longest
-# matching suffix"). Step 4 uses the same order in its own loop below, for its extra "ion" condition.
 STEP2_RULES.sort(key=lambda rule: -len(rule[0]))
 STEP3_RULES.sort(key=lambda rule: -len(rule[0]))
 STEP4_SUFFIXES.sort(key=len, reverse=True)
 
 
+def _replace_suffix(word, rules):
+    """Steps 2 and 3: replace the longest listed suffix the word ends with if the base before it has m>0.
+    If it has not, the word stays as it is: no shorter suffix is tried."""
+    for suffix, replacement in rules:
+        if word.endswith(suffix):
+            base = word[: len(word) - len(suffix)]
+            return base + replacement if _measure(base) > 0 else word
+    return word
+
+
 @functools.cache  # texts repeat words: stem each distinct word once
 def stem(word):
     """Porter (1980) stem of one lowercase word: stem("running") -> "run", stem("ponies") -> "poni"."""
-    # Step 1a: plurals. sses -> ss, ies -> i, ss -> ss, s -> (nothing)
+    # Step 1a: plurals. sses -> ss, ies -> i, ss -> ss, s -> (nothing). caresses -> caress, ponies -> poni
     if word.endswith("sses") or word.endswith("ies"):
         word = word[:-2]
     elif word.endswith("s") and not word.endswith("ss"):
         word = word[:-1]
 
-    # Step 1b: past tenses and gerunds. (m>0) eed -> ee; (*v*) ed -> ; (*v*) ing -> ; then tidy the stem up.
+    # Step 1b: past tenses and gerunds. (m>0) eed -> ee; (*v*) ed -> ; (*v*) ing -> . A word ending in "eed"
+    # meets only the first rule (the longest suffix): agreed -> agree, but feed stays feed, not "fe".
     if word.endswith("eed"):
         if _measure(word[:-3]) > 0:
             word = word[:-1]
-    else:
-        for suffix in ("ed", "ing"):
-            if word.endswith(suffix) and _has_vowel(word[: -len(suffix)]):
-                word = word[: -len(suffix)]
-                if word.endswith(("at", "bl", "iz")):      # conflat(ed) -> conflate, troubl(ing) -> trouble
-                    word += "e"
-                elif _ends_double_consonant(word) and word[-1] not in "lsz":
-                    word = word[:-1]                          # hopp(ing) -> hop, but fall(ing) -> fall
-                elif _measure(word) == 1 and _ends_cvc(word):
-                    word += "e"                               # fil(ing) -> file
-                break
+    elif word.endswith(("ed", "ing")):
+        base = word[:-2] if word.endswith("ed") else word[:-3]
+        if _has_vowel(base):
+            # the paper's tidy-up after "ed" or "ing" went: at -> ate, bl -> ble, iz -> ize,
+            # (*d and not (*L or *S or *Z)) -> single letter, (m=1 and *o) -> e
+            word = base
+            if word.endswith(("at", "bl", "iz")):
+                word += "e"                               # conflat(ed) -> conflate, troubl(ing) -> trouble
+            elif _ends_double_consonant(word) and word[-1] not in "lsz":
+                word = word[:-1]                          # hopp(ing) -> hop, but fall(ing) -> fall
+            elif _measure(word) == 1 and _ends_cvc(word):
+                word += "e"                               # fil(ing) -> file
 
     # Step 1c: (*v*) y -> i. happy -> happi, sky -> sky
     if word.endswith("y") and _has_vowel(word[:-1]):
         word = word[:-1] + "i"
 
     # Step 2: double suffixes to single ones, (m>0). relational -> relate, digitizer -> digitize
-    word = _replace_first_match(word, STEP2_RULES, 0)
+    word = _replace_suffix(word, STEP2_RULES)
 
     # Step 3: -ic-, -full, -ness etc., (m>0). triplicate -> triplic, hopeful -> hope, goodness -> good
-    word = _replace_first_match(word, STEP3_RULES, 0)
+    word = _replace_suffix(word, STEP3_RULES)
 
-    # Step 4: remove a suffix, (m>1). revival -> reviv, adjustment -> adjust. "ion" only after s or t.
+    # Step 4: remove a suffix, (m>1). revival -> reviv, adjustment -> adjust; (m>1 and (*S or *T)) ion -> ,
+    # adoption -> adopt. As in steps 2 and 3, only the longest suffix the word ends with is tried.
     for suffix in STEP4_SUFFIXES:
         if word.endswith(suffix):
             base = word[: -len(suffix)]
@@ -248,32 +249,32 @@ def stem(word):
 
 
 # ----------------------------------------------------------------------------- the whole pipeline
-def preprocess(text, remove_stop=True, stem=True):
-    """clean -> tokenize -> drop stop words -> Porter stems. "The cats are running quickly!" ->
-    ['cat', 'run', 'quickli']. Stop words are checked before stemming, on the words as written."""
-    tokens = tokenize(text)
-    if remove_stop:
-        tokens = [t for t in tokens if t not in STOP_WORDS]
-    if stem:
-        tokens = [_stem_token(t) for t in tokens]
-    return tokens
-
-
 def _stem_token(token):
-    # Only words of letters go through Porter: "3.14", "@nasa", "didn't", URLs and e-mails are kept as they
-    # are. A word with inner hyphens is stemmed on its last part ("long-lasting" -> "long-last"): the head of a compound
-    # carries the inflection.
+    """Porter stems words of letters only: "3.14", "@nasa", "didn't", URLs and e-mail addresses stay as they are.
+    A word with inner hyphens is stemmed on its last part ("long-lasting" -> "long-last"): the last part of an
+    English compound carries the inflection."""
     if token.isalpha():
         return stem(token)
     head, dash, last = token.rpartition("-")
     return head + dash + stem(last) if dash and last.isalpha() else token
 
 
+def preprocess(text, remove_stop=True, use_stemming=True):
+    """clean -> tokenize -> drop stop words -> Porter stems. "The cats are running quickly!" ->
+    ['cat', 'run', 'quickli']; remove_stop=False or use_stemming=False skips that step."""
+    tokens = tokenize(text)
+    if remove_stop:  # before stemming, on the words as written: the stop list holds "was", not its stem "wa"
+        tokens = [t for t in tokens if t not in STOP_WORDS]
+    if use_stemming:
+        tokens = [_stem_token(t) for t in tokens]
+    return tokens
+
+
 # ----------------------------------------------------------------------------- vocabulary
 class Vocab:
     """Token <-> id. The special tokens have fixed ids, so a model can rely on them:
     <pad> 0 (batch padding, masked out), <unk> 1 (unknown token), <cls> 2 (start, pooled for the class),
-    <sep> 3 (between two segments), <mask> 4 (reserved for masked-language pre-training)."""
+    <sep> 3 (between two segments), <mask> 4 (masked-language pre-training, textcls.py --pretrain_epochs)."""
     PAD, UNK, CLS, SEP, MASK = "<pad>", "<unk>", "<cls>", "<sep>", "<mask>"
     SPECIALS = [PAD, UNK, CLS, SEP, MASK]
     pad_id, unk_id, cls_id, sep_id, mask_id = range(5)
@@ -336,21 +337,28 @@ class Vocab:
             return cls(json.load(f)["itos"])
 
 
+# =============================================================================================================
+# extras, not the lesson: the demo (python tokenizer.py "some text") and the benchmark (--bench)
+# =============================================================================================================
+
 # ----------------------------------------------------------------------------- demo and benchmark
 def show_stages(text, vocab=None):
-    """Print each preprocessing stage, as the homework slides do."""
-    tokens = tokenize(text)
-    kept = [t for t in tokens if t not in STOP_WORDS]
-    stems = [_stem_token(t) for t in kept]
-    vocab = vocab or Vocab.build([stems])
+    """Print what each step of preprocess() makes of one text, as the homework slides do. Every line comes from
+    the pipeline's own functions (preprocess with its later steps switched off), so what is shown is what runs."""
+    tokens = preprocess(text, remove_stop=False, use_stemming=False)
+    kept = preprocess(text, use_stemming=False)
+    stems = preprocess(text)
+    if vocab is None:
+        vocab = Vocab.build([stems])
+    ids = vocab.encode(stems)
     print(f"input          : {text}")
-    print(f"lowercase      : {text.lower()}")
+    print(f"cleaned        : {clean(text)}")
     print(f"no punctuation : {normalize(text)}")
     print(f"tokens         : {tokens}")
     print(f"no stop words  : {kept}")
     print(f"stems          : {stems}")
-    print(f"with specials  : {vocab.decode(vocab.encode(stems))}")
-    print(f"ids            : {vocab.encode(stems)}")
+    print(f"with specials  : {vocab.decode(ids)}")
+    print(f"ids            : {ids}")
 
 
 def run_bench(data_dir, n_docs=0):
@@ -377,6 +385,9 @@ def run_bench(data_dir, n_docs=0):
     theirs = len(texts) / (time.perf_counter() - t0)
     print(f"NLTK         : {theirs:10,.0f} docs/s  (TreebankWordTokenizer + stop list + PorterStemmer ORIGINAL)")
     print(f"speed-up     : {ours / theirs:.1f}x")
+
+
+# ======================================================================================== end of the extras
 
 
 # ----------------------------------------------------------------------------- command line

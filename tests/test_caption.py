@@ -50,8 +50,8 @@ def data_dir(tmp_path):
 
 @pytest.fixture
 def tiny(monkeypatch):
-    settings = dict(tiny=True, backend="transformers", load_in_4bit=False, precision="fp32", checkpointing=False,
-                    batch_size=2,
+    settings = dict(tiny=True, backend="transformers", load_in_4bit=False, precision="fp32",
+                    gradient_checkpointing=False, batch_size=2,
                     grad_accum=2, lr=5e-3, warmup_steps=1, max_steps=4, eval_every=2, save_every=2, val_samples=0,
                     max_new_tokens=4, predict_batch_size=4, log_every=1, max_minutes=0.0, lora_r=8, lora_alpha=16)
     for name, value in settings.items():

@@ -18,7 +18,7 @@ from test_caption import COLOURS, write_parquet
 
 @pytest.fixture
 def tiny(monkeypatch):
-    settings = dict(tiny=True, backend="transformers", load_in_4bit=True, precision="fp32", checkpointing=True,
+    settings = dict(tiny=True, backend="transformers", load_in_4bit=True, precision="fp32", gradient_checkpointing=True,
                     batch_size=2, grad_accum=1, lr=5e-3, warmup_steps=1, max_steps=2, eval_every=100,
                     save_every=100, val_samples=2, max_new_tokens=4, predict_batch_size=4, log_every=1,
                     max_minutes=0.0, lora_r=8, lora_alpha=16)
@@ -100,7 +100,7 @@ def test_the_old_reentrant_preparation_crashes_on_the_first_backward(tiny, monke
     monkeypatch.setattr(peft, "prepare_model_for_kbit_training",
                         lambda model, **kwargs: real_prepare(model, use_gradient_checkpointing=True))
     monkeypatch.setattr(caption, "remove_input_grad_hooks", lambda model: None)
-    monkeypatch.setattr(caption, "checkpointing", False)   # only the language layers, as before the fix
+    monkeypatch.setattr(caption, "gradient_checkpointing", False)   # only the language layers, as before the fix
     model, processor, _ = caption.load_model(trainable=True, precision_name="fp32")
     model.train()
     batch = caption.make_batch(processor, [image("red")], ["A red square ."])
@@ -112,7 +112,7 @@ def test_vision_layers_are_checkpointed_with_the_same_gradients(tiny, monkeypatc
     monkeypatch.setattr(caption, "load_in_4bit", False)
     grads, recomputed = {}, {}
     for checkpointing in (False, True):
-        monkeypatch.setattr(caption, "checkpointing", checkpointing)
+        monkeypatch.setattr(caption, "gradient_checkpointing", checkpointing)
         model, processor, _ = caption.load_model(trainable=True, precision_name="fp32")
         torch.manual_seed(0)
         with torch.no_grad():   # the same nonzero LoRA in both models, so vision LoRA gets a real gradient
@@ -353,7 +353,7 @@ def test_step_0_validation_save_every_and_all_validation_images(tiny, data_dir, 
 def test_config_block_defaults():
     """Without a fixture the module holds the file's own values."""
     assert caption.save_every == 20 and caption.val_samples == 0 and caption.eval_every == 50
-    assert caption.precision == "auto" and caption.load_in_4bit and caption.checkpointing
+    assert caption.precision == "auto" and caption.load_in_4bit and caption.gradient_checkpointing
 
 
 def test_the_trained_model_is_freed_before_predict_loads_the_adapter(tiny, data_dir, tmp_path, monkeypatch):

@@ -22,9 +22,9 @@ from test_caption import write_parquet
 
 @pytest.fixture
 def tiny(monkeypatch):
-    settings = dict(tiny=True, backend="transformers", load_in_4bit=False, precision="fp32", checkpointing=False,
-                    batch_size=2, grad_accum=1, lr=5e-3, warmup_steps=1, max_steps=4, eval_every=100,
-                    save_every=2, val_samples=1, max_new_tokens=2, predict_batch_size=4, log_every=1,
+    settings = dict(tiny=True, backend="transformers", load_in_4bit=False, precision="fp32",
+                    gradient_checkpointing=False, batch_size=2, grad_accum=1, lr=5e-3, warmup_steps=1, max_steps=4,
+                    eval_every=100, save_every=2, val_samples=1, max_new_tokens=2, predict_batch_size=4, log_every=1,
                     max_minutes=0.0, lora_r=8, lora_alpha=16)
     for name, value in settings.items():
         monkeypatch.setattr(caption, name, value)

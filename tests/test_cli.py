@@ -89,7 +89,7 @@ def test_tiny_ture_is_refused_before_any_download():
 @pytest.mark.parametrize("name, argv, expected", [
     ("ddpm", ["--schedule=cosin"], "--schedule must be one of 'linear', 'cosine', got 'cosin'"),
     ("ddpm", ["--batch_size=0"], "--batch_size must be an integer >= 1, got 0"),
-    ("ddpm", ["--n=0"], "--n must be an integer >= 1"),
+    ("ddpm", ["--n_samples=0"], "--n_samples must be an integer >= 1"),
     ("ddpm", ["--channel_mults=1,2,x"], "--channel_mults must be comma-separated integers"),
     ("ddpm", ["--precision=fp8"], "--precision must be one of 'auto', 'bf16', 'fp16', 'fp32'"),
     ("textcls", ["--pooling=max"], "--pooling must be one of"),

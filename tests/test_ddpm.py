@@ -235,8 +235,8 @@ def test_command_line_train_sample_and_figure(faces_npy, tmp_path):
             "--timesteps=20", "--device=cpu"]
     commands = [
         ["--train", f"--data_dir={faces_npy}", "--max_steps=2", "--batch_size=2", "--sample_every=1000", *tiny],
-        ["--sample", "--n=5", "--sampler=ddim", "--steps=4", f"--submission={tmp_path / 's.zip'}", "--sample_batch=2"],
-        ["--sample", "--n=3", "--sampler=ddpm", f"--submission={tmp_path / 'd.zip'}"],
+        ["--sample", "--n_samples=5", "--sampler=ddim", "--ddim_steps=4", f"--submission={tmp_path / 's.zip'}", "--sample_batch=2"],
+        ["--sample", "--n_samples=3", "--sampler=ddpm", f"--submission={tmp_path / 'd.zip'}"],
         ["--denoise_figure", "--sampler=ddpm"],
     ]
     for command in commands:
@@ -314,7 +314,7 @@ def test_sample_with_fid_and_kid_through_fid_py(faces_npy, tmp_path):
     tiny = ["--channels=8", "--channel_mults=1,2,2", "--num_res_blocks=1", "--attn_resolutions=16", "--timesteps=10",
             "--device=cpu"]
     for command in (["--train", f"--data_dir={faces_npy}", "--max_steps=1", "--batch_size=2", *tiny],
-                    ["--sample", "--n=4", "--steps=5", f"--submission={tmp_path / 's.zip'}", "--fid",
+                    ["--sample", "--n_samples=4", "--ddim_steps=5", f"--submission={tmp_path / 's.zip'}", "--run_fid",
                      f"--fid_ref={reference}", f"--fid_weights={tmp_path / 'inception.pth'}", "--fid_dims=64"]):
         result = subprocess.run([sys.executable, "ddpm.py", f"--out_dir={out}", *command], cwd=ROOT,
                                 capture_output=True, text=True, timeout=600)

@@ -53,7 +53,7 @@ class WritesAMarker:
         return (open, (self.path, "w"))
 
 
-@pytest.mark.parametrize("command", [["--train"], ["--sample", "--n=1", "--steps=2"], ["--denoise_figure"]])
+@pytest.mark.parametrize("command", [["--train"], ["--sample", "--n_samples=1", "--ddim_steps=2"], ["--denoise_figure"]])
 def test_a_crafted_checkpoint_never_runs_code(faces_npy, tmp_path, command):
     out, marker = tmp_path / "out", tmp_path / "marker"
     out.mkdir()
@@ -71,7 +71,7 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(faces_npy, tmp_path, damage)
     train_tiny(faces_npy, out)
     data = (out / "ckpt.pt").read_bytes()
     (out / "ckpt.pt").write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "text": b"hello"}[damage])
-    for command in (["--train"], ["--sample", "--n=1", f"--submission={tmp_path / 's.zip'}"]):
+    for command in (["--train"], ["--sample", "--n_samples=1", f"--submission={tmp_path / 's.zip'}"]):
         message = one_line_error(run(*command, f"--data_dir={faces_npy}", f"--out_dir={out}", *TINY_FLAGS))
         assert str(out / "ckpt.pt") in message and "delete it to start again" in message
 
@@ -102,13 +102,13 @@ def test_sigterm_during_training_saves_the_step_reached(faces_npy, tmp_path):
 def test_sampling_to_a_missing_folder_fails_before_the_first_image(faces_npy, tmp_path):
     out = tmp_path / "out"
     train_tiny(faces_npy, out)
-    result = run("--sample", f"--out_dir={out}", "--n=50", "--sample_batch=1",
+    result = run("--sample", f"--out_dir={out}", "--n_samples=50", "--sample_batch=1",
                  f"--submission={tmp_path / 'no' / 'such' / 'folder' / 's.zip'}")
     assert "does not exist" in one_line_error(result) and "generated" not in result.stdout
     if os.geteuid() != 0:                              # root writes anywhere: the read-only case needs a user
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        result = run("--sample", f"--out_dir={out}", "--n=50", f"--submission={locked / 's.zip'}")
+        result = run("--sample", f"--out_dir={out}", "--n_samples=50", f"--submission={locked / 's.zip'}")
         assert "cannot write" in one_line_error(result) and "generated" not in result.stdout
 
 

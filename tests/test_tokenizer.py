@@ -53,8 +53,8 @@ def test_slide_example():
     assert normalize(text) == "the cats are running quickly"
     assert tokenize(text) == ["the", "cats", "are", "running", "quickly"]
     assert preprocess(text) == ["cat", "run", "quickli"]
-    assert preprocess(text, remove_stop=False, stem=False) == ["the", "cats", "are", "running", "quickly"]
-    assert preprocess(text, stem=False) == ["cats", "running", "quickly"]
+    assert preprocess(text, remove_stop=False, use_stemming=False) == ["the", "cats", "are", "running", "quickly"]
+    assert preprocess(text, use_stemming=False) == ["cats", "running", "quickly"]
 
 
 @pytest.mark.parametrize("text, tokens", [
