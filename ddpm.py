@@ -5,7 +5,7 @@ figure of 5 images being denoised, and 1,000 samples 1.jpg..1000.jpg zipped flat
 
     python ddpm.py --train --data_dir=data/celeba --out_dir=out/ddpm          # the model below, for a GPU
     python ddpm.py --train --preset=cpu --max_minutes=60                      # a small model for a 2-core CPU,
-    python ddpm.py --sample --preset=cpu                                      # and its 1,000 samples in ~10 min
+    python ddpm.py --sample --preset=cpu                                      # and its 1,000 samples in ~13 min
     python ddpm.py --sample --out_dir=out/ddpm --n_samples=1000 --submission=submission.zip
     python ddpm.py --denoise_figure --out_dir=out/ddpm                        # out_dir/denoising.png
     python ddpm.py --sample ... --run_fid --fid_ref=data/celeba               # + FID and KID (fid.py)
@@ -825,6 +825,10 @@ def evaluate_fid(generated, reference, run_device):
     print(f"FID: {fid_value}")
 
 
+# =============================================================================================================
+# FIGURES AND THE BENCHMARK: the denoising figure of the homework, the sample grids and loss chart that training
+# draws (save_grid, plot_loss), and --bench. Above, only train_model and main() call into this part.
+# =============================================================================================================
 def denoising_figure(out_dir, columns=10):
     """5 images (rows) from x_T to x_0 (columns at evenly spaced steps), with the sampler chosen above."""
     run_device = default_device()

@@ -2,8 +2,9 @@
 Text preprocessing for the news classifier (homework part 2-1, "Data Preprocessing"), written by hand:
 cleaning, a regex word tokenizer, stop words, the Porter stemmer and a vocabulary with special tokens.
 
-    python tokenizer.py "The cats are running quickly!"      # print every stage for one sentence
-    python tokenizer.py --bench --data_dir=data/news         # docs/s over News_train.json, beside NLTK
+    python tokenizer.py "The cats are running quickly!"      # print every stage (one or more texts)
+    python tokenizer.py --vocab_path=out/textcls/vocab.json "Stocks fall"   # ids of textcls.py's trained vocabulary
+    python tokenizer.py --bench                              # docs/s over data/news/News_train.json, beside NLTK
 
 As a library (textcls.py does this):
     from tokenizer import preprocess, Vocab
@@ -25,23 +26,26 @@ from collections import Counter
 # configuration: every constant below can be overridden as --name=value
 data_dir = "data/news"  # where News_train.json lives (for --bench)
 bench = False           # time preprocess() over the training texts, beside NLTK
-bench_docs = 0          # 0 = all documents; a smaller number for a quick look
-vocab_path = ""         # a saved Vocab (JSON) for the demo's ids; empty = build one from the sentence
+bench_docs = 0          # texts --bench reads: 0 = all, or the first N for a quick look
+vocab_path = ""         # demo ids from a saved Vocab (textcls.py's out_dir/vocab.json); "" = built from the text
 # -----------------------------------------------------------------------------
 
 CHECKS = {"bench_docs": (lambda v: v >= 0, "an integer >= 0")}   # checked before any work (see parse_overrides)
 
 # ----------------------------------------------------------------------------- cleaning
-# Punctuation to fold into its plain ASCII twin. Curly quotes (and the backtick, typed for an apostrophe)
-# become straight ones so that "didn’t" and "didn't" are the same word; hyphen look-alikes become "-" (they
-# join words: "covid‑19"), while en and em dashes become spaces (they separate clauses: "win—again" is two words).
+# Punctuation to fold into its plain ASCII twin. Curly quotes and their look-alikes (primes, guillemets, the acute
+# accent and the backtick typed for an apostrophe) become straight ones, so that "didn’t" and "didn't" are the same
+# word; hyphen look-alikes (hyphen, no-break hyphen, minus) become "-" (they join words: "covid‑19"), while en and
+# em dashes and the horizontal bar become spaces (they separate: "win—again" is two words). The no-break space
+# becomes a space and the zero-width space goes.
 UNICODE_FOLD = str.maketrans({
     "\u2018": "'", "\u2019": "'", "\u201b": "'", "\u2032": "'", "\u00b4": "'", "\u0060": "'",
     "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2033": '"', "\u00ab": '"', "\u00bb": '"',
     "\u2010": "-", "\u2011": "-", "\u2212": "-", "\u2013": " ", "\u2014": " ", "\u2015": " ",
     "\u00a0": " ", "\u200b": "",
 })
-HTML_TAG = re.compile(r"<[^>]{0,200}>")    # "<br/>", "<b>": markup, not words
+HTML_TAG = re.compile(r"<[^>]{0,200}>")    # "<br/>", "<b>": markup, not words (a "<" with no ">" in the next
+                                           # 200 characters is not a tag: "a < b" keeps its words)
 POSSESSIVE = re.compile(r"(?<=\w)'s\b")     # "spacex's" -> "spacex", "it's" -> "it" (see TOKEN below)
 
 
@@ -52,24 +56,25 @@ def clean(text):
         raise TypeError(f"expected a str, got {type(text).__name__}")
     text = html.unescape(text)             # "&amp;" -> "&", "&#39;" -> "'", "&quot;" -> '"'
     text = HTML_TAG.sub(" ", text).lower()
-    # NFC first: "cafe" + a combining accent (2 code points) becomes the single letter "é", which the
-    # regex below counts as a letter; the combining mark alone would not be.
+    # NFC joins a letter and a combining accent into one code point: "cafe" + U+0301 becomes "café", and TOKEN
+    # (below) takes "é" as a letter (\w). The combining mark alone is not \w: the token would stop at "cafe".
     text = unicodedata.normalize("NFC", text).translate(UNICODE_FOLD)
     return POSSESSIVE.sub("", text)
 
 
 # ----------------------------------------------------------------------------- tokenizing
-# One regular expression, tried left to right at every position; whatever no branch matches (punctuation,
-# symbols, emoji) is dropped. That is the "remove punctuation and special characters" step.
+# One regular expression. findall scans the text left to right; at each position the branches are tried in the
+# order below and the first that matches takes the token, so a URL or an e-mail address is taken whole before its
+# pieces could match as words. Whatever no branch matches (punctuation, symbols, emoji) is dropped: that is the
+# "remove punctuation and special characters" step.
 #   URL        "see https://x.com/a?b=1." -> "https://x.com/a?b=1"     (no trailing sentence dot)
 #   e-mail     "mail jo.ann@mail.co.uk"   -> "jo.ann@mail.co.uk"
 #   handle/tag "@nasa loves #space"       -> "@nasa", "loves", "#space"
 #   acronym    "the u.s. and b.i.g."      -> "the", "u.s.", "and", "b.i.g."
 #   number     "3.14 of 5,000"            -> "3.14", "of", "5,000"    (plain "2020", "19th" are words)
 #   word       "state-of-the-art", "didn't", "o'brien", "covid-19", "café", "naïve" stay one token each.
-# The branches are tried in this order, so a URL or an e-mail address is taken whole before its pieces could
-# match as words. Contractions stay whole ("didn't", "you'll") because the stop list holds them whole. The
-# possessive "'s" was removed by clean(): "spacex's" is about SpaceX, and "it's" -> "it" is a stop word either way.
+# Contractions stay whole ("didn't", "you'll") because the stop list holds them whole. The possessive "'s" was
+# removed by clean(): "spacex's" is about SpaceX, and "it's" -> "it" is a stop word either way.
 # \w is Unicode-aware, so letters with accents count as letters; [^\W\d_] means "a letter".
 # Only syntax that Python 3.10 accepts (no atomic groups or possessive quantifiers, both new in 3.11).
 TOKEN = re.compile(r"""
@@ -88,15 +93,17 @@ def tokenize(text):
     return TOKEN.findall(clean(text))
 
 
-def normalize(text):
-    """The text with punctuation removed, as one string: the tokens joined by spaces.
-    "The cats are running quickly!" -> "the cats are running quickly"; tokenize(normalize(t)) == tokenize(t)."""
+def remove_punctuation(text):
+    """The text without punctuation and special characters, as one string: its tokens joined by spaces.
+    "The cats are running quickly!" -> "the cats are running quickly". Its tokens are the text's own:
+    tokenize(remove_punctuation(text)) == tokenize(text)."""
     return " ".join(tokenize(text))
 
 
 # ----------------------------------------------------------------------------- stop words
-# The common 179-word English list (the one NLTK ships). It holds the pieces that other tokenizers split
-# contractions into ("didn", "t", "ll") as well as the whole forms ("didn't", "you'll") that ours keeps.
+# NLTK's English stop list, the 179 words of stopwords.words("english") until February 2025 (nltk_data has since
+# added 19 contractions such as "i'm"). It holds the pieces that other tokenizers split contractions into
+# ("didn", "t", "ll") as well as the whole forms ("didn't", "you'll") that ours keeps.
 STOP_WORDS = frozenset("""
 i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he him
 his himself she she's her hers herself it it's its itself they them their theirs themselves what which who
@@ -123,6 +130,7 @@ shan shan't shouldn shouldn't wasn wasn't weren weren't won won't wouldn wouldn'
 # The paper calls that part the stem; the code calls it `base`, since stem() is the whole algorithm.
 
 def _is_consonant(word, i):
+    """Whether word[i] is a consonant in the paper's sense (above)."""
     letter = word[i]
     if letter in "aeiou":
         return False
@@ -159,9 +167,9 @@ def _ends_cvc(word):
             and _is_consonant(word, n - 3) and word[-1] not in "wxy")
 
 
-# Steps 2, 3 and 4 as the paper lists them. Of the rules of one step, only the one with the longest suffix the
-# word ends in is tried (the paper's rule): sorted longest first, that is the first suffix the word ends with,
-# so a word ending in "ement" meets "ement", not "ment" or "ent".
+# Steps 2, 3 and 4 as the paper lists them. Of the rules of one step "only one is obeyed, and this will be the one
+# with the longest matching S1" (the paper): with the suffixes sorted longest first, that is the first suffix the
+# word ends with, so a word ending in "ement" meets "ement", not "ment" or "ent".
 STEP2_RULES = [  # (m>0) suffix -> replacement
     ("ational", "ate"), ("tional", "tion"), ("enci", "ence"), ("anci", "ance"), ("izer", "ize"),
     ("abli", "able"), ("alli", "al"), ("entli", "ent"), ("eli", "e"), ("ousli", "ous"), ("ization", "ize"),
@@ -175,8 +183,8 @@ STEP4_SUFFIXES = [  # (m>1) suffix -> nothing; "ion" has its own extra condition
     "al", "ance", "ence", "er", "ic", "able", "ible", "ant", "ement", "ment", "ent", "ion", "ou", "ism", "ate",
     "iti", "ous", "ive", "ize",
 ]
-STEP2_RULES.sort(key=lambda rule: -len(rule[0]))
-STEP3_RULES.sort(key=lambda rule: -len(rule[0]))
+STEP2_RULES.sort(key=lambda rule: len(rule[0]), reverse=True)   # longest suffix first
+STEP3_RULES.sort(key=lambda rule: len(rule[0]), reverse=True)
 STEP4_SUFFIXES.sort(key=len, reverse=True)
 
 
@@ -185,7 +193,7 @@ def _replace_suffix(word, rules):
     If it has not, the word stays as it is: no shorter suffix is tried."""
     for suffix, replacement in rules:
         if word.endswith(suffix):
-            base = word[: len(word) - len(suffix)]
+            base = word[: -len(suffix)]
             return base + replacement if _measure(base) > 0 else word
     return word
 
@@ -194,20 +202,20 @@ def _replace_suffix(word, rules):
 def stem(word):
     """Porter (1980) stem of one lowercase word: stem("running") -> "run", stem("ponies") -> "poni"."""
     # Step 1a: plurals. sses -> ss, ies -> i, ss -> ss, s -> (nothing). caresses -> caress, ponies -> poni
-    if word.endswith("sses") or word.endswith("ies"):
+    if word.endswith(("sses", "ies")):                    # both lose their "es"
         word = word[:-2]
     elif word.endswith("s") and not word.endswith("ss"):
         word = word[:-1]
 
-    # Step 1b: past tenses and gerunds. (m>0) eed -> ee; (*v*) ed -> ; (*v*) ing -> . A word ending in "eed"
-    # meets only the first rule (the longest suffix): agreed -> agree, but feed stays feed, not "fe".
+    # Step 1b: past tenses and gerunds. (m>0) eed -> ee; (*v*) ed -> (nothing); (*v*) ing -> (nothing). A word
+    # ending in "eed" meets only the first rule (the longest suffix): agreed -> agree, but feed stays feed, not "fe".
     if word.endswith("eed"):
         if _measure(word[:-3]) > 0:
             word = word[:-1]
     elif word.endswith(("ed", "ing")):
         base = word[:-2] if word.endswith("ed") else word[:-3]
         if _has_vowel(base):
-            # the paper's tidy-up after "ed" or "ing" went: at -> ate, bl -> ble, iz -> ize,
+            # after the second or third rule, the paper tidies up: at -> ate, bl -> ble, iz -> ize,
             # (*d and not (*L or *S or *Z)) -> single letter, (m=1 and *o) -> e
             word = base
             if word.endswith(("at", "bl", "iz")):
@@ -224,10 +232,10 @@ def stem(word):
     # Step 2: double suffixes to single ones, (m>0). relational -> relate, digitizer -> digitize
     word = _replace_suffix(word, STEP2_RULES)
 
-    # Step 3: -ic-, -full, -ness etc., (m>0). triplicate -> triplic, hopeful -> hope, goodness -> good
+    # Step 3: -ic-, -ful, -ness etc., (m>0). triplicate -> triplic, hopeful -> hope, goodness -> good
     word = _replace_suffix(word, STEP3_RULES)
 
-    # Step 4: remove a suffix, (m>1). revival -> reviv, adjustment -> adjust; (m>1 and (*S or *T)) ion -> ,
+    # Step 4: remove a suffix, (m>1). revival -> reviv, adjustment -> adjust; (m>1 and (*S or *T)) ion -> (nothing):
     # adoption -> adopt. As in steps 2 and 3, only the longest suffix the word ends with is tried.
     for suffix in STEP4_SUFFIXES:
         if word.endswith(suffix):
@@ -236,13 +244,13 @@ def stem(word):
                 word = base
             break
 
-    # Step 5a: (m>1) e -> ; (m=1 and not *o) e -> . probate -> probat, rate -> rate, cease -> ceas
+    # Step 5a: (m>1) e -> (nothing); (m=1 and not *o) e -> (nothing). probate -> probat, rate -> rate, cease -> ceas
     if word.endswith("e"):
         m = _measure(word[:-1])
         if m > 1 or (m == 1 and not _ends_cvc(word[:-1])):
             word = word[:-1]
 
-    # Step 5b: (m>1 and *d and *L) single letter. controll -> control, roll -> roll
+    # Step 5b: (m>1 and *d and *L) -> single letter. controll -> control, roll -> roll
     if word.endswith("ll") and _measure(word) > 1:
         word = word[:-1]
     return word
@@ -250,9 +258,10 @@ def stem(word):
 
 # ----------------------------------------------------------------------------- the whole pipeline
 def _stem_token(token):
-    """Porter stems words of letters only: "3.14", "@nasa", "didn't", URLs and e-mail addresses stay as they are.
-    A word with inner hyphens is stemmed on its last part ("long-lasting" -> "long-last"): the last part of an
-    English compound carries the inflection."""
+    """The Porter stem of a token of letters only ("running" -> "run"). Other tokens stay as they are: "3.14",
+    "@nasa", "didn't", URLs, e-mail addresses. A word with inner hyphens is stemmed on its last part when that is
+    letters only ("long-lasting" -> "long-last", "covid-19" stays): in an English compound the last part usually
+    carries the inflection."""
     if token.isalpha():
         return stem(token)
     head, dash, last = token.rpartition("-")
@@ -273,15 +282,17 @@ def preprocess(text, remove_stop=True, use_stemming=True):
 # ----------------------------------------------------------------------------- vocabulary
 class Vocab:
     """Token <-> id. The special tokens have fixed ids, so a model can rely on them:
-    <pad> 0 (batch padding, masked out), <unk> 1 (unknown token), <cls> 2 (start, pooled for the class),
-    <sep> 3 (between two segments), <mask> 4 (masked-language pre-training, textcls.py --pretrain_epochs)."""
+    <pad> 0 (batch padding, masked out), <unk> 1 (unknown token), <cls> 2 (first position; its output is the
+    text's vector with textcls.py --pooling=cls), <sep> 3 (between two segments), <mask> 4 (masked-language
+    pre-training, textcls.py --pretrain_epochs)."""
     PAD, UNK, CLS, SEP, MASK = "<pad>", "<unk>", "<cls>", "<sep>", "<mask>"
     SPECIALS = [PAD, UNK, CLS, SEP, MASK]
-    pad_id, unk_id, cls_id, sep_id, mask_id = range(5)
+    pad_id, unk_id, cls_id, sep_id, mask_id = range(len(SPECIALS))   # their positions in SPECIALS
 
     def __init__(self, itos):
-        if list(itos[:5]) != self.SPECIALS:
-            raise ValueError(f"a vocabulary must start with {self.SPECIALS}, got {list(itos[:5])}")
+        first = list(itos[: len(self.SPECIALS)])
+        if first != self.SPECIALS:
+            raise ValueError(f"a vocabulary must start with {self.SPECIALS}, got {first}")
         self.itos = list(itos)
         self.stoi = {token: i for i, token in enumerate(self.itos)}
         if len(self.stoi) != len(self.itos):
@@ -292,9 +303,10 @@ class Vocab:
         """Most frequent tokens first (ties alphabetically, so a build is repeatable), those seen fewer than
         min_freq times dropped; max_size caps the whole vocabulary, special tokens included."""
         counts = Counter(token for tokens in token_lists for token in tokens)
-        for special in cls.SPECIALS:
+        for special in cls.SPECIALS:  # a "<pad>" among the tokens would otherwise be listed twice
             counts.pop(special, None)
-        kept = sorted((t for t, c in counts.items() if c >= min_freq), key=lambda t: (-counts[t], t))
+        kept = sorted((token for token, count in counts.items() if count >= min_freq),
+                      key=lambda token: (-counts[token], token))
         if max_size is not None:
             kept = kept[: max(0, max_size - len(cls.SPECIALS))]
         return cls(cls.SPECIALS + kept)
@@ -306,11 +318,12 @@ class Vocab:
         return isinstance(other, Vocab) and self.itos == other.itos
 
     def encode(self, tokens, max_len=None, add_cls=True, tokens_b=None):
-        """[<cls>] tokens [<sep> tokens_b] as ids, unknown tokens as <unk>. With max_len, the longer segment
-        is cut first, one token at a time, until everything fits (BERT's "longest first")."""
-        tokens, tokens_b = list(tokens), (list(tokens_b) if tokens_b is not None else None)
+        """[<cls>] tokens [<sep> tokens_b] as ids, unknown tokens as <unk>. With max_len, tokens are cut from the
+        end of whichever segment is longer, one at a time, until everything fits: BERT's "longest first"
+        (_truncate_seq_pair in google-research/bert's run_classifier.py)."""
+        tokens, tokens_b = list(tokens), (list(tokens_b) if tokens_b is not None else None)  # copies: cutting pops
         if max_len is not None:
-            room = max_len - int(add_cls) - (1 if tokens_b is not None else 0)
+            room = max_len - int(add_cls) - int(tokens_b is not None)   # what <cls> and <sep> leave
             if room < 0:
                 raise ValueError(f"max_len={max_len} leaves no room for the special tokens")
             if tokens_b is None:
@@ -325,6 +338,7 @@ class Vocab:
         return ids
 
     def decode(self, ids):
+        """ids -> tokens, special tokens included."""
         return [self.itos[i] for i in ids]
 
     def save(self, path):
@@ -341,35 +355,38 @@ class Vocab:
 # extras, not the lesson: the demo (python tokenizer.py "some text") and the benchmark (--bench)
 # =============================================================================================================
 
-# ----------------------------------------------------------------------------- demo and benchmark
+# ----------------------------------------------------------------------------- the demo
 def show_stages(text, vocab=None):
-    """Print what each step of preprocess() makes of one text, as the homework slides do. Every line comes from
-    the pipeline's own functions (preprocess with its later steps switched off), so what is shown is what runs."""
+    """Print what each step of preprocess() makes of one text, as the homework slides do, then the ids of its
+    stems (in vocab, or in a vocabulary of these stems alone). Every line comes from the pipeline's own functions
+    (preprocess with its later steps switched off), so what is shown is what runs."""
     tokens = preprocess(text, remove_stop=False, use_stemming=False)
-    kept = preprocess(text, use_stemming=False)
+    without_stop_words = preprocess(text, use_stemming=False)
     stems = preprocess(text)
     if vocab is None:
         vocab = Vocab.build([stems])
     ids = vocab.encode(stems)
     print(f"input          : {text}")
     print(f"cleaned        : {clean(text)}")
-    print(f"no punctuation : {normalize(text)}")
+    print(f"no punctuation : {remove_punctuation(text)}")
     print(f"tokens         : {tokens}")
-    print(f"no stop words  : {kept}")
+    print(f"no stop words  : {without_stop_words}")
     print(f"stems          : {stems}")
     print(f"with specials  : {vocab.decode(ids)}")
     print(f"ids            : {ids}")
 
 
+# ----------------------------------------------------------------------------- the benchmark
 def run_bench(data_dir, n_docs=0):
-    """docs/s of preprocess() over the training texts, and of the NLTK equivalent in the same run."""
+    """docs/s of preprocess() over the training texts (the first n_docs; 0 = all), and of the nearest NLTK
+    pipeline in the same run."""
     with open(f"{data_dir}/News_train.json", encoding="utf-8") as f:
         records = json.load(f)
-    texts = [r["headline"] + " " + r["short_description"] for r in records]
+    texts = [record["headline"] + " " + record["short_description"] for record in records]
     texts = texts[:n_docs] if n_docs else texts
     stem.cache_clear()  # the first call of a run pays for stemming every distinct word, as a user's would
     t0 = time.perf_counter()
-    n_tokens = sum(len(preprocess(t)) for t in texts)
+    n_tokens = sum(len(preprocess(text)) for text in texts)
     ours = len(texts) / (time.perf_counter() - t0)
     print(f"tokenizer.py : {ours:10,.0f} docs/s  ({len(texts):,} docs, {n_tokens:,} tokens)")
     try:
@@ -380,8 +397,8 @@ def run_bench(data_dir, n_docs=0):
         return
     treebank, porter = TreebankWordTokenizer(), PorterStemmer(PorterStemmer.ORIGINAL_ALGORITHM)
     t0 = time.perf_counter()
-    for t in texts:
-        [porter.stem(w) for w in treebank.tokenize(t.lower()) if w not in STOP_WORDS]
+    for text in texts:  # a list of stems per text, as preprocess() makes
+        [porter.stem(word) for word in treebank.tokenize(text.lower()) if word not in STOP_WORDS]
     theirs = len(texts) / (time.perf_counter() - t0)
     print(f"NLTK         : {theirs:10,.0f} docs/s  (TreebankWordTokenizer + stop list + PorterStemmer ORIGINAL)")
     print(f"speed-up     : {ours / theirs:.1f}x")

@@ -47,7 +47,8 @@ def write_json(path, records, lines=False):
 
 
 TINY = dict(d_model=16, nhead=2, d_hid=32, nlayers=1, dropout=0.1, batch_size=16, epochs=2, warmup_steps=5,
-            lr=3e-3, min_freq=1, log_every=1000, max_minutes=0.0, seed=0, device="cpu", val_frac=0.1, precision="fp32")
+            lr=3e-3, min_freq=1, log_every=1000, max_minutes=0.0, seed=0, device="cpu", val_frac=0.1, precision="fp32",
+            ensemble=1, ensemble_alternate_stem=True)
 
 
 @pytest.fixture(autouse=True)
@@ -233,6 +234,55 @@ def test_training_learns_writes_its_files_and_predicts(tmp_path, tiny, monkeypat
 
     textcls.draw_attention("Senate votes on the budget | a long night", str(tmp_path))
     assert (tmp_path / "attention.png").exists()
+
+
+def test_ensemble_trains_each_model_with_its_own_seed_and_predicts_their_mean_logits(tmp_path, tiny, monkeypatch):
+    monkeypatch.setattr(textcls, "ensemble", 2)
+    records = make_records(300)
+    textcls.train_ensemble(records, str(tmp_path))
+    assert (textcls.seed, textcls.max_minutes, textcls.stem) == (TINY["seed"], TINY["max_minutes"], True)   # restored
+    first, second = (textcls.load_checkpoint(str(folder / "ckpt.pt")) for folder in (tmp_path, tmp_path / "member_2"))
+    assert (first["config"]["seed"], second["config"]["seed"]) == (TINY["seed"], TINY["seed"] + 1)
+    assert (first["config"]["stem"], second["config"]["stem"]) == (True, False)       # ensemble_alternate_stem
+    assert "peopl" in first["vocab"] and "people" in second["vocab"]          # Porter stems, then whole words
+    assert not torch.equal(first["model"]["head.weight"], second["model"]["head.weight"])
+    # the submission is the argmax of the two models' mean logits, each model with its own vocabulary
+    test_records = make_records(40, seed=5, labelled=False)
+    predicted = textcls.write_submission(str(tmp_path), write_json(tmp_path / "t.json", test_records),
+                                         str(tmp_path / "s.csv"))
+    logits = []
+    for folder in (tmp_path, tmp_path / "member_2"):
+        model, vocab, config = textcls.load_trained(str(folder), "cpu")
+        logits.append(textcls.predict_logits(model, textcls.encode_records(test_records, vocab, config), "cpu"))
+    assert predicted == ((logits[0] + logits[1]) / 2).argmax(1).tolist()
+    # the same command again: both models are finished, nothing changes
+    textcls.train_ensemble(records, str(tmp_path))
+    assert torch.equal(textcls.load_checkpoint(str(tmp_path / "member_2" / "ckpt.pt"))["model"]["head.weight"],
+                       second["model"]["head.weight"])
+    # prediction takes the number of models from the checkpoint, not from the constant; a missing one is one line
+    monkeypatch.setattr(textcls, "ensemble", 1)
+    assert textcls.write_submission(str(tmp_path), str(tmp_path / "t.json"), str(tmp_path / "s.csv")) == predicted
+    os.remove(tmp_path / "member_2" / "best.pt")
+    with pytest.raises(SystemExit, match="member_2/best.pt not found"):
+        textcls.write_submission(str(tmp_path), str(tmp_path / "t.json"), str(tmp_path / "s.csv"))
+
+
+def test_ensemble_shares_max_minutes_between_its_models(tiny, monkeypatch):
+    """Each model gets an equal share of what is left of --max_minutes when it starts: a model that finishes early
+    leaves its time to the next ones."""
+    clock, shares = [1000.0], []
+    monkeypatch.setattr(textcls.time, "time", lambda: clock[0])
+
+    def fake_train_model(records, folder, mlm_records=None):   # model 1 uses its whole share, model 2 only 4 minutes
+        shares.append((textcls.seed, round(textcls.max_minutes, 6), folder, textcls.stem))
+        clock[0] += 60 * (textcls.max_minutes if len(shares) == 1 else 4)
+    monkeypatch.setattr(textcls, "train_model", fake_train_model)
+    monkeypatch.setattr(textcls, "ensemble", 3)
+    monkeypatch.setattr(textcls, "max_minutes", 30.0)
+    textcls.train_ensemble(make_records(30), "out")
+    assert shares == [(0, 10.0, "out", True), (1, 10.0, os.path.join("out", "member_2"), False),
+                      (2, 16.0, os.path.join("out", "member_3"), True)]
+    assert (textcls.seed, textcls.max_minutes) == (0, 30.0)
 
 
 def test_vocabulary_excludes_validation_only_words(tmp_path, tiny, monkeypatch):

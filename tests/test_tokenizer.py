@@ -3,7 +3,7 @@ import json
 import pytest
 
 import tokenizer
-from tokenizer import STOP_WORDS, Vocab, normalize, preprocess, stem, tokenize
+from tokenizer import STOP_WORDS, Vocab, preprocess, remove_punctuation, stem, tokenize
 
 # Words of Porter's published vocabulary with their 1980-algorithm output, copied from porter/ in the shared
 # data, a few for each step of the paper: the check that runs where the full files are not available.
@@ -50,7 +50,7 @@ def test_stop_words_are_the_179_word_list(porter_dir):
 
 def test_slide_example():
     text = "The cats are running quickly!"
-    assert normalize(text) == "the cats are running quickly"
+    assert remove_punctuation(text) == "the cats are running quickly"
     assert tokenize(text) == ["the", "cats", "are", "running", "quickly"]
     assert preprocess(text) == ["cat", "run", "quickli"]
     assert preprocess(text, remove_stop=False, use_stemming=False) == ["the", "cats", "are", "running", "quickly"]
@@ -76,7 +76,7 @@ def test_slide_example():
 ])
 def test_tokenize_edge_cases(text, tokens):
     assert tokenize(text) == tokens
-    assert tokenize(normalize(text)) == tokens  # normalize keeps exactly the tokens
+    assert tokenize(remove_punctuation(text)) == tokens  # remove_punctuation keeps exactly the tokens
 
 
 def test_preprocess_keeps_special_tokens_whole():
