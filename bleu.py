@@ -8,7 +8,8 @@ nltk.translate.bleu_score.corpus_bleu, which course scoring scripts often use.
     python bleu.py hyps.txt refs.txt --mode=nltk --nltk_smoothing=1
     python bleu.py --bench --data_dir=data/bleu           # speed beside sacrebleu
 
-The last line printed is sacrebleu's: BLEU = 34.00 66.0/40.8/27.0/18.3 (BP = 1.000 ratio = 1.014 ...).
+The last line printed is the score in sacrebleu's format (in nltk mode too); for sys1 of data/bleu:
+    BLEU = 19.11 56.5/25.7/13.1/7.0 (BP = 1.000 ratio = 1.065 hyp_len = 67248 ref_len = 63138)
 
 As a library (caption.py does this):
     from bleu import corpus_bleu
@@ -32,11 +33,11 @@ max_order = 4          # longest n-gram counted
 smooth = "exp"         # sacrebleu mode: exp | floor | add-k | none
 smooth_value = -1.0    # floor's and add-k's value; -1 = their defaults (0.1 and 1)
 tokenize = "13a"       # 13a (WMT's mteval-v13a rules) | none (split on whitespace only)
-lowercase = False
-mode = "sacrebleu"     # sacrebleu | nltk (nltk's corpus_bleu: whitespace tokens, its own counting)
+lowercase = False      # lowercase hypotheses and references before tokenizing (sacrebleu's -lc)
+mode = "sacrebleu"     # sacrebleu | nltk (nltk's corpus_bleu: whitespace tokens, its own counting, nltk_smoothing)
 nltk_smoothing = 0     # nltk mode: SmoothingFunction().method0 .. method7
 bench = False          # time corpus_bleu beside sacrebleu over the files in data_dir
-data_dir = "data/bleu"
+data_dir = "data/bleu" # --bench: the IWSLT 2010 reference and two system outputs (data/README.md)
 # -----------------------------------------------------------------------------
 
 # values with a fixed set of choices or a range, checked before any work (see parse_overrides)
@@ -44,7 +45,8 @@ CHECKS = {
     "max_order": (lambda v: v >= 1, "an integer >= 1"), "smooth": ("exp", "floor", "add-k", "none"),
     "tokenize": ("13a", "none"), "mode": ("sacrebleu", "nltk"), "nltk_smoothing": tuple(range(8))
 }
-SMOOTH_DEFAULTS = {"floor": 0.1, "add-k": 1.0}  # Chen & Cherry 2014, "A Systematic Comparison of Smoothing..."
+# smooth_value when none is given: sacrebleu's defaults for the two methods that take one
+SMOOTH_DEFAULTS = {"floor": 0.1, "add-k": 1.0}
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -71,25 +73,27 @@ def tokenize_13a(line):
     return line.split()
 
 
-def to_tokens(segment, tokenizer="13a", lowercase=False):
+def to_tokens(segment, tokenize="13a", lowercase=False):
+    """The token list of one segment, as sacrebleu prepares it: lowercased if asked, trailing whitespace
+    stripped, then tokenized by `tokenize` (13a or none)."""
     if not isinstance(segment, str):
         raise TypeError(f"a segment must be a str, got {type(segment).__name__}: {segment!r}")
     segment = segment.lower() if lowercase else segment
-    if tokenizer == "13a":
+    if tokenize == "13a":
         return tokenize_13a(segment.rstrip())
-    if tokenizer == "none":
+    if tokenize == "none":
         return segment.split()
-    raise ValueError(f"unknown tokenizer {tokenizer!r} (13a or none)")
+    raise ValueError(f"unknown tokenizer {tokenize!r} (13a or none)")
 
 
 # ----------------------------------------------------------------------------- n-gram statistics
 class BLEUStats(NamedTuple):
     """The counts BLEU is computed from (sacrebleu's "sufficient statistics"), of one segment or, summed, of a
-    corpus. matches[n-1] and totals[n-1] are the clipped matches and the hypothesis n-grams of order n."""
+    corpus."""
     hyp_len: int       # hypothesis tokens (c in Papineni et al.)
     ref_len: int       # the closest reference's tokens (r, the "best match length")
-    matches: list
-    totals: list
+    matches: list      # matches[n-1]: clipped matches of the hypothesis n-grams of order n
+    totals: list       # totals[n-1]: hypothesis n-grams of order n
 
 
 def ngram_counts(tokens, max_order):
@@ -110,7 +114,7 @@ def closest_ref_length(hyp_len, ref_lens):
 def segment_stats(hyp_tokens, refs_tokens, max_order=4):
     """BLEUStats of one segment. Clipping (Papineni et al., section 2.1, "modified n-gram precision") counts a
     hypothesis n-gram at most as often as it appears in any single reference: "the the the" against "the cat"
-    matches 1."""
+    matches 1 unigram, not 3."""
     max_ref_counts = ngram_counts(refs_tokens[0], max_order)
     for ref in refs_tokens[1:]:
         for ngram, count in ngram_counts(ref, max_order).items():
@@ -126,7 +130,7 @@ def segment_stats(hyp_tokens, refs_tokens, max_order=4):
 
 
 def corpus_segment_stats(hypotheses, refs_per_segment, max_order=4, tokenize="13a", lowercase=False):
-    """BLEUStats of every segment, one at a time (a generator: sum_stats, next, adds them as they come)."""
+    """BLEUStats of every segment, one at a time (a generator: sum_stats, below, adds them up as they come)."""
     for hypothesis, refs in zip(hypotheses, refs_per_segment):
         yield segment_stats(to_tokens(hypothesis, tokenize, lowercase),
                             [to_tokens(r, tokenize, lowercase) for r in refs], max_order)
@@ -147,6 +151,7 @@ def sum_stats(segments, max_order):
 # ----------------------------------------------------------------------------- corpus BLEU
 @dataclass
 class BLEUScore:
+    """The score and the numbers it was computed from; str() is sacrebleu's one-line format."""
     score: float          # in percent, 0..100
     precisions: list      # the n-gram precisions used, in percent (after smoothing)
     bp: float             # brevity penalty
@@ -175,12 +180,14 @@ def brevity_penalty(hyp_len, ref_len):
 
 def smoothed_precisions(matches, totals, smooth="exp", smooth_value=None):
     """The n-gram precisions p_n = matches/totals in percent (Papineni et al., section 2.1.1), with a p_n of 0
-    replaced by a small number as `smooth` says, sacrebleu's methods (numbered as in Chen & Cherry 2014):
+    replaced by a small number as `smooth` says, sacrebleu's methods (numbered as in Chen & Cherry 2014, "A
+    Systematic Comparison of Smoothing Techniques for Sentence-Level BLEU"):
       exp   (method 3, mteval-v13a's; the default): the k-th order with no match gets 1 / (2^k * total)
       floor (method 1): an order with no match gets smooth_value / total  (default 0.1)
       add-k (method 2): orders 2..N get smooth_value added to matches and totals  (default 1)
       none : no smoothing, the p_n stays 0
-    Also returns how many orders have n-grams at all (a corpus of 2-word hypotheses has no 3-grams)."""
+    Also returns how many orders have a total above 0, add-k's addition included (a corpus of 2-word hypotheses
+    has no 3-grams)."""
     if smooth_value is None or smooth_value < 0:
         smooth_value = SMOOTH_DEFAULTS.get(smooth)
     precisions, orders_with_ngrams, halvings = [0.0] * len(matches), 0, 1
@@ -256,6 +263,7 @@ class InputError(ValueError):
 
 
 def read_lines(path):
+    """The lines of a UTF-8 text file, without their newlines (a final newline does not add an empty line)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -349,30 +357,9 @@ def read_json_pair(submission_path, references_path):
 NLTK_EPSILON, NLTK_ALPHA, NLTK_K = 0.1, 5, 5  # SmoothingFunction's defaults
 
 
-def nltk_corpus_bleu(hypotheses, references, max_order=4, smoothing=0, lowercase=False):
-    """nltk's corpus_bleu(list_of_references, hypotheses, smoothing_function=SmoothingFunction().method<k>)
-    with uniform weights and whitespace tokens, returned as a BLEUScore in percent, like corpus_bleu."""
-    refs_per_segment = references_per_segment(hypotheses, references)
-    if smoothing not in range(8):
-        raise ValueError(f"nltk smoothing must be 0..7, got {smoothing}")
-    segments = list(corpus_segment_stats(hypotheses, refs_per_segment, max_order, "none", lowercase))
-    stats = sum_stats(segments, max_order)
-    denominators = [sum(max(1, s.totals[n]) for s in segments) for n in range(max_order)]  # difference 2 above
-    bp = brevity_penalty(stats.hyp_len, stats.ref_len)
-    if stats.matches[0] == 0:
-        return BLEUScore(0.0, [0.0] * max_order, bp, stats.hyp_len, stats.ref_len, stats.matches, stats.totals)
-    # what nltk's smoothing functions see as "the hypothesis" and its references: the last segment's tokens
-    last_hyp_tokens = to_tokens(hypotheses[-1], "none", lowercase)
-    last_refs_tokens = [to_tokens(r, "none", lowercase) for r in refs_per_segment[-1]]
-    p = nltk_smoothed_precisions(smoothing, stats.matches, denominators, stats.hyp_len, last_hyp_tokens,
-                                 last_refs_tokens)
-    score = bp * math.exp(math.fsum(math.log(p_n) / max_order for p_n in p))
-    return BLEUScore(100 * score, [100 * p_n for p_n in p], bp, stats.hyp_len, stats.ref_len, stats.matches,
-                     stats.totals)
-
-
 def nltk_smoothed_precisions(method, matches, denominators, hyp_len, last_hyp_tokens, last_refs_tokens):
-    """SmoothingFunction().method0..7 of nltk (Chen & Cherry 2014), on the corpus precisions."""
+    """SmoothingFunction().method0..7 of nltk (Chen & Cherry 2014), on the corpus precisions matches/denominators.
+    As in nltk, methods 4 and 7 see hyp_len, the corpus' hypothesis length, and methods 5-7 the last segment."""
     max_order = len(matches)
     p = [m / d for m, d in zip(matches, denominators)]
     if method == 0:    # no smoothing: a zero precision becomes the smallest positive float
@@ -409,16 +396,39 @@ def nltk_smoothed_precisions(method, matches, denominators, hyp_len, last_hyp_to
     return p
 
 
+def nltk_corpus_bleu(hypotheses, references, max_order=4, smoothing=0, lowercase=False):
+    """nltk's corpus_bleu(list_of_references, hypotheses, smoothing_function=SmoothingFunction().method<k>)
+    with uniform weights and whitespace tokens, returned as a BLEUScore in percent, like corpus_bleu."""
+    refs_per_segment = references_per_segment(hypotheses, references)
+    if smoothing not in range(8):
+        raise ValueError(f"nltk smoothing must be 0..7, got {smoothing}")
+    segments = list(corpus_segment_stats(hypotheses, refs_per_segment, max_order, "none", lowercase))
+    stats = sum_stats(segments, max_order)
+    denominators = [sum(max(1, s.totals[n]) for s in segments) for n in range(max_order)]  # difference 2 above
+    bp = brevity_penalty(stats.hyp_len, stats.ref_len)
+    if stats.matches[0] == 0:
+        return BLEUScore(0.0, [0.0] * max_order, bp, stats.hyp_len, stats.ref_len, stats.matches, stats.totals)
+    # what nltk's smoothing functions see as "the hypothesis" and its references: the last segment's tokens
+    last_hyp_tokens = to_tokens(hypotheses[-1], "none", lowercase)
+    last_refs_tokens = [to_tokens(r, "none", lowercase) for r in refs_per_segment[-1]]
+    p = nltk_smoothed_precisions(smoothing, stats.matches, denominators, stats.hyp_len, last_hyp_tokens,
+                                 last_refs_tokens)
+    score = bp * math.exp(math.fsum(math.log(p_n) / max_order for p_n in p))
+    return BLEUScore(100 * score, [100 * p_n for p_n in p], bp, stats.hyp_len, stats.ref_len, stats.matches,
+                     stats.totals)
+
+
 # ----------------------------------------------------------------------------- the benchmark
 def run_bench(data_dir, repeats=3):
-    """Seconds to score each shared system output (2,489 lines), ours beside sacrebleu, best of `repeats`."""
-    references = [read_lines(f"{data_dir}/refs.test2010.lc.tok.en.0")]
+    """Prints the seconds to score each system output of data_dir (2,489 lines), ours beside sacrebleu, best of
+    `repeats`, and both scores."""
     import sacrebleu  # a test-and-benchmark oracle only (requirements-dev.txt)
+    # force=True: these files are tokenized already; it skips sacrebleu's check for that, and its warning
+    oracle = lambda hyps, refs: sacrebleu.corpus_bleu(hyps, refs, force=True)
+    references = [read_lines(f"{data_dir}/refs.test2010.lc.tok.en.0")]
     for system in ("baseline", "sys1"):
         hypotheses = read_lines(f"{data_dir}/hyps.lc.tok.en.{system}.opt0")
         timings = {}
-        # force=True: these files are tokenized already; it skips sacrebleu's check for that, and its warning
-        oracle = lambda hyps, refs: sacrebleu.corpus_bleu(hyps, refs, force=True)
         for name, fn in (("bleu.py", corpus_bleu), ("sacrebleu", oracle)):
             best = float("inf")
             for _ in range(repeats):
@@ -545,7 +555,7 @@ def score_files(paths):
     else:
         hypotheses, refs_per_segment = read_text_files(paths[0], paths[1:])
     if mode == "nltk":
-        # nltk_corpus_bleu takes reference sets; segments with fewer references get none in the later sets
+        # nltk_corpus_bleu takes reference sets (sacrebleu's layout), so every segment needs as many references
         n_sets = max(len(r) for r in refs_per_segment)
         if any(len(r) != n_sets for r in refs_per_segment):
             raise InputError("nltk mode needs the same number of references for every segment")

@@ -49,39 +49,39 @@ from bleu import config_block, corpus_bleu, parse_overrides
 train = False           # fine-tune on data_dir/train_data.parquet, validate on valid_data.parquet
 predict = False         # caption data_dir/test_data.parquet into submission
 tiny = False            # a tiny randomly initialised Mllama and processor built in code (no download)
-data_dir = "data/caption"
-out_dir = "out/caption"
-submission = "submission.json"
+data_dir = "data/caption"  # holds train_data.parquet, valid_data.parquet, test_data.parquet
+out_dir = "out/caption"    # out_dir/adapter: the best adapter; out_dir/last: the resume point
+submission = "submission.json"  # --predict writes [{"idx": ..., "output": caption}] here
 model_name = "unsloth/Llama-3.2-11B-Vision-Instruct"  # a Hub id or a local folder (also --model=...)
-backend = "auto"        # auto (unsloth on CUDA where it imports, else transformers) | unsloth | transformers
+backend = "auto"        # auto | unsloth | transformers (auto: unsloth on CUDA without --tiny where it imports)
 load_in_4bit = True     # 4-bit NF4 base weights (QLoRA); vision encoder, projector and lm_head stay 16-bit
 precision = "auto"      # auto | bf16 | fp16 | fp32 autocast (auto: bf16 where native, fp16 + scaler on older GPUs)
-gradient_checkpointing = True  # recompute activations in backward: language layers, and here also the vision layers
-instruction = "Write a one-sentence caption for this image."
+gradient_checkpointing = True  # recompute activations in backward, language and vision layers (unsloth: always)
+instruction = "Write a one-sentence caption for this image."  # the user turn's text, after the image
 # LoRA (Hu et al. 2021): W + (alpha / r) * B A on every attention and MLP projection of the language model
-lora_r = 16
-lora_alpha = 16
-lora_dropout = 0.0
+lora_r = 16             # the rank r of B (d x r) and A (r x k)
+lora_alpha = 16         # the update B A is scaled by alpha / r
+lora_dropout = 0.0      # dropout on the input of A (training only)
 finetune_vision = True  # LoRA on the vision encoder's projections too (the unsloth notebook does)
 # training
 max_steps = 250         # optimizer steps; 0 = epochs over the training images
-epochs = 1
+epochs = 1              # passes over the training images, where max_steps = 0
 batch_size = 2          # images per forward pass
 grad_accum = 4          # forward passes per optimizer step: effective batch = batch_size * grad_accum
-lr = 2e-4
-warmup_steps = 5
-weight_decay = 0.01
-grad_clip = 1.0
+lr = 2e-4               # peak learning rate: linear warmup to it, then linear decay to 0 (learning_rate)
+warmup_steps = 5        # steps of linear warmup
+weight_decay = 0.01     # AdamW's decoupled weight decay, on the LoRA matrices
+grad_clip = 1.0         # the gradient's global norm is clipped to this
 optimizer_name = "adamw"  # adamw | adamw_8bit (bitsandbytes)
 eval_every = 50         # steps between validation BLEU checks (also at step 0 and at the end)
 save_every = 20         # steps between resume points in out_dir/last (a T4 step takes about 30 s)
 val_samples = 0         # validation images captioned for BLEU (0 = all)
 max_new_tokens = 48     # caption length limit when generating
 predict_batch_size = 8  # images per generate() call, in --predict and in validation
-log_every = 10
+log_every = 10          # steps between loss lines
 max_minutes = 0.0       # stop cleanly (resume point saved in out_dir/last) after this long; 0 = no limit
-seed = 3407
-num_threads = 2         # CPU threads
+seed = 3407             # new LoRA weights, the --tiny model's weights, the order of images and captions
+num_threads = 2         # CPU threads for torch (torch.set_num_threads)
 # -----------------------------------------------------------------------------
 
 CHECKS = {
@@ -108,8 +108,8 @@ CHECKS = {
     "max_minutes": (lambda v: v >= 0, "a number >= 0"),
     "num_threads": (lambda v: v >= 1, "an integer >= 1"),
 }
-# What an adapter was trained with, saved beside it: --predict builds the same base and prompt from these, and a
-# resumed run must match them.
+# Settings saved beside every adapter (save_adapter). --predict rebuilds the adapter's base and prompt from
+# MODEL_KEYS; a resumed run must match all of RESUME_KEYS (batch_size and grad_accum fix the examples of each step).
 MODEL_KEYS = ("model_name", "tiny", "instruction", "lora_r", "lora_alpha", "lora_dropout", "finetune_vision", "seed")
 RESUME_KEYS = MODEL_KEYS + ("batch_size", "grad_accum")
 CONFIG_FILE = "caption_config.json"
@@ -146,10 +146,10 @@ def cpu_has_bf16():
 
 
 def choose_precision(requested, device_type):
-    """The autocast precision for `precision` on this device, and why: auto is bf16 where the hardware computes it
-    natively (CUDA capability >= 8.0, i.e. Ampere and later; CPUs with AMX or AVX512-BF16), fp16 with a gradient
-    scaler on older GPUs (a T4, 7.5, only emulates bf16: its convolutions then skip cuDNN and the tensor cores),
-    and fp32 elsewhere."""
+    """The autocast precision for `requested` (--precision) on this device, and why: auto is bf16 where the hardware
+    computes it natively (CUDA capability >= 8.0, i.e. Ampere and later; CPUs with AMX or AVX512-BF16), fp16 with a
+    gradient scaler on older GPUs (a T4, 7.5, only emulates bf16: its convolutions then skip cuDNN and the tensor
+    cores), and fp32 elsewhere."""
     if requested != "auto":
         return requested, "asked for"
     if device_type == "cuda":
@@ -191,10 +191,11 @@ def row_captions(row, name, row_number):
 
 
 def load_split(path, need_caption):
-    """Rows of a homework parquet as dicts {image: PIL RGB, references: [captions], idx?}. Training files carry
-    `caption` and/or `references` (a list of every caption of the image); rows with the same image bytes (a file
-    with one row per caption) become one row with all their captions. The image column is a struct {bytes, path}
-    or plain binary. Anything missing or unreadable is a CaptionDataError (file, row, field)."""
+    """Rows of a homework parquet as dicts of its columns, `image` decoded to PIL RGB. Training files carry
+    `caption` and/or `references` (a list of captions); rows with the same image bytes (a file with one row per
+    caption) become one row whose `references` holds all their captions and `caption` the first. The image column
+    is a struct {bytes, path} or plain binary. Anything missing or unreadable is a CaptionDataError (file, row,
+    field)."""
     name = os.path.basename(path)
     try:
         table = pq.read_table(path)
@@ -310,6 +311,7 @@ def load_base(c, precision_name, use_cuda):
 
 
 def checkpointed_forward(module, *args, **kwargs):
+    """The forward that checkpoint_vision_layers (below) gives a layer: its own, checkpointed while training."""
     if module.training and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(module._unchecked_forward, *args, use_reentrant=False, **kwargs)
     return module._unchecked_forward(*args, **kwargs)
@@ -389,9 +391,9 @@ def set_mode(model, used_backend, training):
 
 
 def load_unsloth(c, adapter_dir, trainable, precision_name):
-    """The same model through unsloth (GPU only): 4-bit base, its LoRA on the same projections, its gradient
-    checkpointing (vision layers included). An adapter folder loads through from_pretrained, as in unsloth's
-    notebooks."""
+    """The same model through unsloth (GPU only): the base in 4-bit where load_in_4bit, its LoRA on the same
+    projections, its gradient checkpointing (vision layers included; always on: gradient_checkpointing is not read).
+    An adapter folder loads through from_pretrained, as in unsloth's notebooks."""
     from unsloth import FastVisionModel
     model, processor = FastVisionModel.from_pretrained(adapter_dir or c["model_name"], load_in_4bit=c["load_in_4bit"],
                                                        dtype=DTYPES[precision_name],
@@ -407,7 +409,8 @@ def load_unsloth(c, adapter_dir, trainable, precision_name):
 
 def load_model(c=None, adapter_dir=None, trainable=True, precision_name=None):
     """(model with LoRA, processor, backend name). c: settings (default: the configuration block); adapter_dir: a
-    saved adapter to load instead of new LoRA; trainable: prepare for training (k-bit preparation, checkpointing)."""
+    saved adapter to load instead of new LoRA; trainable: prepare for training (k-bit preparation, checkpointing);
+    precision_name: bf16 | fp16 | fp32 (default: choose_precision's pick for this machine)."""
     c = c or settings()
     use_cuda = torch.cuda.is_available()
     precision_name = precision_name or choose_precision(c["precision"], default_device_type())[0]
@@ -465,7 +468,8 @@ ABBREVIATIONS = {"st", "mr", "mrs", "ms", "dr", "jr", "sr", "mt", "ft", "ave", "
 
 def first_sentence(text):
     """text up to and including the first '.', '!' or '?' (and a closing quote after it) that ends a sentence:
-    followed by a space and then not a lower-case word, and not after an abbreviation or a single initial."""
+    followed by a space or the end. A '.' does not end one before a lower-case word, after an ABBREVIATIONS word, or
+    after a single letter (an initial) before a capital."""
     for match in re.finditer(r"[.!?][\"'”’)]*(?=\s|$)", text):
         end = match.end()
         rest = text[end:].lstrip()
@@ -494,6 +498,7 @@ def clean_caption(text):
     while len(lines) > 1 and PREAMBLE.match(lines[0]) and not CAPTION_PREFIX.match(lines[0] + " "):
         lines.pop(0)
     text = lines[0] if lines else ""
+    # a preamble on the caption's own line: "Here is a caption: A dog runs."
     text = re.sub(r"^(here\s+is|here's|sure|certainly)\b[^:]*:\s+(?=\S)", "", text, flags=re.IGNORECASE)
     if CAPTION_PREFIX.match(text) and not CAPTION_PREFIX.sub("", text, count=1).strip(" *_\"'") and len(lines) > 1:
         text = lines[1]                                 # "**Caption:**" alone on its line, the caption below
@@ -502,9 +507,7 @@ def clean_caption(text):
     text = text.strip(" *_#>\t")
     text = re.sub(r"\s+", " ", text)
     text = first_sentence(text)
-    if len(text) >= 2 and text[0] in "\"'“‘" and text[-1] in "\"'”’":
-        text = text[1:-1].strip()
-    text = text.strip(" \"'“”‘’")
+    text = text.strip(" \"'“”‘’")                    # enclosing quotes
     if text and text[-1] not in ".!?":
         text += " ."
     return text
@@ -512,7 +515,7 @@ def clean_caption(text):
 
 @torch.no_grad()
 def generate_captions(model, processor, images, c, precision_name):
-    """Greedy captions for a list of PIL images, in order."""
+    """Greedy captions, cleaned (clean_caption), for a list of PIL images, in order, predict_batch_size at a time."""
     model.eval()
     device = next(model.parameters()).device
     captions = []
@@ -566,8 +569,8 @@ def swap_in(folder):
 
 
 def save_adapter(model, folder, c, resume_state=None):
-    """model.save_pretrained into folder.tmp, the settings beside it (and the resume state: optimizer, scaler,
-    step, best BLEU), then swap it in."""
+    """model.save_pretrained into folder.tmp, the settings (RESUME_KEYS) beside it (and the resume state: optimizer,
+    scaler, step, best BLEU), then swap it in."""
     temporary = folder + ".tmp"
     shutil.rmtree(temporary, ignore_errors=True)
     model.save_pretrained(temporary)
@@ -582,6 +585,7 @@ def save_adapter(model, folder, c, resume_state=None):
 
 
 def is_complete(folder):
+    """save_adapter finished writing folder: the file it writes last (state.pt or complete) is there."""
     return os.path.exists(os.path.join(folder, "state.pt")) or os.path.exists(os.path.join(folder, "complete"))
 
 
@@ -620,6 +624,7 @@ def state_step(folder):
 
 
 def read_config(folder):
+    """The settings saved beside an adapter (save_adapter), {} where there are none; a damaged file stops."""
     path = os.path.join(folder, CONFIG_FILE)
     if not os.path.exists(path):
         return {}
@@ -636,20 +641,22 @@ def read_config(folder):
 # ----------------------------------------------------------------------------- training
 def learning_rate(step, total_steps, c):
     """The learning rate of step (0-based): linear warmup from lr / warmup_steps to lr over the first warmup_steps
-    steps, then linear decay that reaches zero just after the last step (the unsloth notebook's "linear" schedule)."""
+    steps, then linear decay that reaches zero just after the last step: the unsloth notebook's "linear" schedule
+    (transformers' get_linear_schedule_with_warmup), except that there the first step's rate is 0."""
     if step < c["warmup_steps"]:
         return c["lr"] * (step + 1) / c["warmup_steps"]
     return c["lr"] * max(0.0, (total_steps - step) / max(1, total_steps - c["warmup_steps"]))
 
 
 def make_optimizer(parameters, c):
+    """AdamW (Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization"), or its 8-bit-state version."""
     if c["optimizer_name"] == "adamw_8bit":
         import bitsandbytes as bnb
         return bnb.optim.AdamW8bit(parameters, lr=c["lr"], weight_decay=c["weight_decay"])
     return torch.optim.AdamW(parameters, lr=c["lr"], weight_decay=c["weight_decay"])
 
 
-def visit(rows, item, seed_value):
+def training_example(rows, item, seed_value):
     """The (image, caption) of the run's item-th training example: epoch e visits the images in a shuffle that
     depends only on (seed, e), and each visit draws one of the image's captions with its own seeded choice, so a
     resumed run sees what it would have seen and every caption is trained on."""
@@ -663,7 +670,7 @@ def visit(rows, item, seed_value):
 def training_batch(processor, rows, micro_batch_number, c):
     """The run's micro_batch_number-th batch of batch_size training examples, with labels (make_batch)."""
     first = micro_batch_number * c["batch_size"]
-    pairs = [visit(rows, first + i, c["seed"]) for i in range(c["batch_size"])]
+    pairs = [training_example(rows, first + i, c["seed"]) for i in range(c["batch_size"])]
     return make_batch(processor, [image for image, _ in pairs], [text for _, text in pairs],
                       text_instruction=c["instruction"])
 
@@ -769,7 +776,7 @@ def train_model(data_dir, out_dir, c=None):
     step, best_bleu = restore_optimizer(state, optimizer, scaler, last_dir) if state is not None else (0, -1.0)
     if step == 0:   # the zero-shot baseline; a broken pipeline shows here, before hours of training
         best_bleu = validate(model, processor, used_backend, val_rows, c, precision_name, step)
-        save_adapter(model, best_dir, c)   # LoRA starts as the identity: this is the base model's adapter
+        save_adapter(model, best_dir, c)   # B starts at 0 (Hu et al. 2021, 4.1): this adapter is the base model
 
     model.train()
     start, start_step, loss_sum, loss_steps = time.time(), step, 0.0, 0
@@ -835,9 +842,10 @@ def check_submission_path(path):
 
 
 def write_submission(data_dir, out_dir, submission, c=None):
-    """[{"idx": int, "output": str}] for every test image, in idx order, each idx exactly once, written whole or
-    not at all. The base model and prompt are those the adapter was trained with (out_dir/adapter/caption_config.json),
-    whatever the configuration block says now; the module's globals are not changed."""
+    """Write submission: [{"idx": int, "output": str}] for every test image, in idx order, each idx exactly once,
+    written whole or not at all. The base model and prompt are those the adapter was trained with
+    (out_dir/adapter/caption_config.json), whatever the configuration block says now; the module's globals are not
+    changed."""
     c = c or settings()
     check_submission_path(submission)
     rows = load_split(os.path.join(data_dir, "test_data.parquet"), need_caption=False)
@@ -855,8 +863,7 @@ def write_submission(data_dir, out_dir, submission, c=None):
         print("using the adapter's settings: " + ", ".join(f"{k} = {v!r}" for k, v in differing.items()))
     c = {**c, **adapter_settings}
     precision_name = choose_precision(c["precision"], default_device_type())[0]
-    model, processor, used_backend = load_model(c, adapter_dir, trainable=False, precision_name=precision_name)
-    set_mode(model, used_backend, training=False)
+    model, processor, _ = load_model(c, adapter_dir, trainable=False, precision_name=precision_name)
     rows.sort(key=lambda r: r["idx"])
     start = time.time()
     captions = generate_captions(model, processor, [r["image"] for r in rows], c, precision_name)

@@ -6,9 +6,9 @@ Inception-v3 network ported from TensorFlow, the same weights, the same preproce
     python fid.py generated/ data/celeba                 # two folders (or .zip, .npy/.npz, stats .npz)
     python fid.py submission.zip data/celeba --kid       # also KID, less biased for 1,000 images
     python fid.py data/celeba --save_stats=celeba.npz    # statistics of one set, to reuse
-    python fid.py submission.zip celeba.npz --nearest=data/celeba   # memorization check
+    python fid.py submission.zip data/celeba --nearest=data/celeba  # + memorization check (needs images, not .npz)
 
-The last line printed is `FID: <value>`. As a library:
+The last line printed is `FID: <value>` (with --save_stats, where the statistics went). As a library:
     from fid import compute_fid
     fid = compute_fid("samples/", "data/celeba")
 ddpm.py --run_fid calls the steps one by one (load_inception, extract_features, statistics, path_statistics,
@@ -56,10 +56,11 @@ CHECKS = {
     "kid_subsets": (lambda v: v >= 1, "an integer >= 1"), "kid_subset_size": (lambda v: v >= 2, "an integer >= 2"),
     "save_stats": (lambda v: v == "" or v.endswith(".npz"), "a file name ending in .npz")
 }
+# pytorch-fid's weights file; its name ends in the first 8 hex digits of its sha256, checked after a download
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
 WEIGHTS_SHA256_PREFIX = "6726825d"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # the files read from a folder or a .zip
 
 
 # ----------------------------------------------------------------------------- reading images
@@ -137,7 +138,7 @@ def _npz_arrays(path, data, keys):
 
 
 def load_array(path):
-    """A uint8 array (N, H, W, 3) from .npy, or from the single array of an .npz that has no mu/sigma."""
+    """A uint8 array (N, H, W, 3) from .npy, or the first array of an .npz that has no mu/sigma."""
     data = _np_load(path)
     if isinstance(data, np.lib.npyio.NpzFile):
         with data:
@@ -156,8 +157,9 @@ _noted_folders = set()  # folders whose skipped subfolders were already reported
 
 
 def list_images(path):
-    """The images of a folder, a .zip or a uint8 .npy/.npz array, as (name, loader) pairs in name order; an
-    image is decoded only when its loader is called, so that one batch at a time is in memory as floats.
+    """The images of a folder, a .zip or a uint8 .npy/.npz array, as (name, loader) pairs in name order (an
+    array's: in index order); an image is decoded only when its loader is called, so that one batch at a time is
+    in memory as floats.
     A folder is read without its subfolders (one named like an image, 'x.jpg/', is skipped with a note);
     macOS metadata (__MACOSX/, ._*) is skipped; a damaged zip or array is a FIDInputError naming it."""
     path = str(path)
@@ -448,8 +450,8 @@ def load_inception(dims=2048, weights="", device="cpu"):
                       "it holds more than tensors, numbers and strings")
         raise FIDInputError(f"{path}: not a plain state_dict of tensors; refused to load it ({reason})") from None
     except Exception as e:  # truncated, empty, not written by torch.save: torch raises many kinds
-        first_line = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0][:120]
-        raise FIDInputError(f"{path}: not a readable weights file ({type(e).__name__}: {first_line}); a truncated "
+        first_sentence = _first_line(e).split(". ")[0][:120]
+        raise FIDInputError(f"{path}: not a readable weights file ({type(e).__name__}: {first_sentence}); a truncated "
                             f"download? delete it to download it again") from None
     if not isinstance(state, dict):
         raise FIDInputError(f"{path}: holds a {type(state).__name__}, not a state_dict (a dict of tensors)")
@@ -467,7 +469,8 @@ def load_inception(dims=2048, weights="", device="cpu"):
 # ----------------------------------------------------------------------------- features and statistics
 @torch.no_grad()
 def extract_features(model, path, batch_size=50, device="cpu", progress=True):
-    """(N, dims) float64 features of every image under `path` (pytorch-fid's get_activations)."""
+    """(N, dims) float64 features of every image under `path` (pytorch-fid's get_activations), batch_size images
+    per forward pass; with `progress`, a line on stderr every 10 s."""
     images = list_images(path)
     if len(images) == 0:
         raise FIDInputError(f"{path}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
@@ -501,13 +504,22 @@ def statistics(features, name="the features"):
     return np.mean(features, axis=0), np.cov(features, rowvar=False)
 
 
+def path_statistics(path, model, batch_size=50, device="cpu"):
+    """mu, sigma of `path` (pytorch-fid's compute_statistics_of_path): read from a statistics .npz (keys mu and
+    sigma, checked against model.dims), or computed from its images (at least 2)."""
+    path = str(path)
+    if is_statistics(path):
+        return load_statistics(path, model.dims)
+    return statistics(extract_features(model, path, batch_size, device), path)
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """d^2 = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), the Frechet (2-Wasserstein)
     distance between the Gaussians N(mu1, sigma1) and N(mu2, sigma2) (Dowson & Landau 1982); between Gaussians
     fitted to Inception features it is the FID (Heusel et al. 2017). pytorch-fid's calculate_frechet_distance."""
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:  # (d,) * 2 = (d, d)
         raise FIDInputError(f"statistics of different sizes: mu {mu1.shape} sigma {sigma1.shape} against "
                             f"mu {mu2.shape} sigma {sigma2.shape}")
     # checked before sqrtm, which on a NaN matrix of 192 or more rows loops for minutes instead of failing
@@ -532,15 +544,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
             raise FIDInputError(f"imaginary component {np.max(np.abs(covmean.imag))} in sqrtm: bad statistics?")
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
-def path_statistics(path, model, batch_size=50, device="cpu"):
-    """mu, sigma of `path` (pytorch-fid's compute_statistics_of_path): read from a statistics .npz (keys mu and
-    sigma, checked against model.dims), or computed from its images (at least 2)."""
-    path = str(path)
-    if is_statistics(path):
-        return load_statistics(path, model.dims)
-    return statistics(extract_features(model, path, batch_size, device), path)
 
 
 def compute_fid(path1, path2, batch_size=50, device=None, dims=2048, weights=""):
@@ -618,8 +621,8 @@ def kernel_inception_distance(features1, features2, n_subsets=100, subset_size=1
         y = features2[rng.choice(len(features2), m, replace=False)]
         k_xx, k_yy, k_xy = kernel(x, x), kernel(y, y), kernel(x, y)
         # MMD^2_u = sum_{i!=j} k(x_i,x_j)/(m(m-1)) + sum_{i!=j} k(y_i,y_j)/(m(m-1)) - 2 sum_{i,j} k(x_i,y_j)/m^2
-        same = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
-        estimates.append(same - 2 * k_xy.sum() / m ** 2)
+        within_sets = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+        estimates.append(within_sets - 2 * k_xy.sum() / m ** 2)
     return float(np.mean(estimates)), float(np.std(estimates))
 
 
@@ -635,7 +638,8 @@ def nearest_neighbours(generated, training):
 
 
 def report_nearest(gen_names, gen_features, train_names, train_features):
-    """A generated image closer to a training image than training images are to each other is likely copied."""
+    """Prints how close the generated images come to the training images, and lists (up to 10) those closer to
+    one than 99% of training images are to their nearest neighbour: likely copied."""
     distance, index, yardstick = nearest_neighbours(gen_features, train_features)
     threshold = np.percentile(yardstick, 1)
     close = np.flatnonzero(distance < threshold)
@@ -751,18 +755,18 @@ def parse_overrides(argv, config, checks=None):
     return positional
 
 
-def preflight(paths, run_dims):
+def preflight(paths):
     """Every check that needs no network and no feature, before the first one is extracted: each input can be
-    listed and has >= 2 images, each statistics .npz is whole, finite and of run_dims features, and the output
-    of --save_stats can be written."""
-    if save_stats:
-        check_output(save_stats, "--save_stats", need_bytes=8 * (run_dims * run_dims + run_dims) + 2**20)
+    listed and has >= 2 images, each statistics .npz is whole, finite, of `dims` features and not given where
+    images are needed (--kid, --nearest, --save_stats), and the output of --save_stats can be written."""
+    if save_stats:  # mu and sigma in float64, and a megabyte to spare
+        check_output(save_stats, "--save_stats", need_bytes=8 * (dims * dims + dims) + 2**20)
     for path in paths:
         if is_statistics(path):
             if kid or nearest or save_stats:
                 raise FIDInputError(f"{path}: holds statistics (mu, sigma), not images; "
                                     f"{'--save_stats needs' if save_stats else 'KID and --nearest need'} images")
-            load_statistics(path, run_dims)
+            load_statistics(path, dims)
             continue
         n = len(list_images(path))
         if n == 0:
@@ -772,10 +776,12 @@ def preflight(paths, run_dims):
 
 
 def main(paths):
+    """The command line's work: FID of two paths (and KID with --kid, the memorization check with --nearest), or
+    the statistics of one path (--save_stats)."""
     if len(paths) != (1 if save_stats else 2):
         raise FIDInputError("usage: python fid.py PATH1 PATH2 [--kid] [--nearest=TRAIN]  or  "
                             "python fid.py PATH --save_stats=OUT.npz")
-    preflight(paths + ([nearest] if nearest else []), dims)
+    preflight(paths + ([nearest] if nearest else []))
     run_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_inception(dims, weights, run_device)
     if save_stats:

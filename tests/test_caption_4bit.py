@@ -315,8 +315,8 @@ def test_training_draws_every_caption_of_an_image(tiny, tmp_path, monkeypatch):
         by_colour.setdefault(colour, set()).add(text)
     assert by_colour == {colour: set(texts) for colour, texts in references.items()}
     # and the choice is seeded: the same run draws the same captions
-    again = [caption.visit(caption.load_split(str(tmp_path / "train_data.parquet"), True), i, caption.seed)[1]
-             for i in range(16)]
+    rows = caption.load_split(str(tmp_path / "train_data.parquet"), True)
+    again = [caption.training_example(rows, i, caption.seed)[1] for i in range(16)]
     assert again == [text for _, text in drawn]
 
 
