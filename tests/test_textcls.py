@@ -319,6 +319,51 @@ def test_resume_continues_exactly_from_the_saved_step(tmp_path, tiny):
     assert [h["accuracy"] for h in resumed["history"]] == [h["accuracy"] for h in straight["history"]]
 
 
+@pytest.mark.parametrize("stopped_accuracy", [1.0, 0.0])
+def test_stopped_inside_an_epoch_best_pt_takes_the_weights_reached_only_if_better(tmp_path, tiny, monkeypatch,
+                                                                                stopped_accuracy):
+    """--max_minutes ends the run inside epoch 2: best.pt becomes the weights reached when they validate better than
+    epoch 1's best, and stays epoch 1's otherwise; ckpt.pt records the best accuracy that a resumed run compares
+    against."""
+    records = make_records(160)
+    monkeypatch.setattr(textcls, "epochs", 1)
+    textcls.train_model(records, str(tmp_path))
+    epoch_1 = torch.load(tmp_path / "best.pt", weights_only=True)
+    monkeypatch.setattr(textcls, "epochs", 2)
+    monkeypatch.setattr(textcls, "max_minutes", 1e-9)          # the deadline passes after the first step
+    monkeypatch.setattr(textcls.Classification, "validation_metrics",
+                        lambda self: {"accuracy": stopped_accuracy, "macro_f1": 0.5, "loss": 1.0})
+    textcls.train_model(records, str(tmp_path))
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    steps_per_epoch = checkpoint["step"] - 1
+    kept = epoch_1 if stopped_accuracy == 0.0 else checkpoint
+    assert all(torch.equal(best["model"][name], kept["model"][name]) for name in kept["model"])
+    assert not all(torch.equal(epoch_1["model"][name], checkpoint["model"][name]) for name in checkpoint["model"])
+    assert checkpoint["best_accuracy"] == best["metrics"]["accuracy"] == max(stopped_accuracy,
+                                                                            epoch_1["metrics"]["accuracy"])
+    if stopped_accuracy == 1.0:
+        assert best["epoch"] == pytest.approx((steps_per_epoch + 1) / steps_per_epoch)
+
+
+def test_stopped_inside_an_epoch_without_validation_best_pt_takes_the_weights_reached(tmp_path, tiny, monkeypatch):
+    """Without a validation split best.pt is always the latest model: every epoch's, and the weights reached when
+    --max_minutes stops a run inside an epoch."""
+    records = make_records(160)
+    monkeypatch.setattr(textcls, "val_frac", 0.0)
+    monkeypatch.setattr(textcls, "epochs", 1)
+    textcls.train_model(records, str(tmp_path))
+    epoch_1 = torch.load(tmp_path / "best.pt", weights_only=True)
+    monkeypatch.setattr(textcls, "epochs", 2)
+    monkeypatch.setattr(textcls, "max_minutes", 1e-9)          # the deadline passes after the first step
+    textcls.train_model(records, str(tmp_path))
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert checkpoint["step"] == epoch_1["metrics"]["step"] + 1
+    assert all(torch.equal(best["model"][name], checkpoint["model"][name]) for name in checkpoint["model"])
+    assert not all(torch.equal(best["model"][name], epoch_1["model"][name]) for name in epoch_1["model"])
+
+
 def test_same_command_same_numbers(tmp_path, tiny):
     records = make_records(120)
     first = textcls.train_model(records, str(tmp_path / "a"))
