@@ -12,9 +12,9 @@ ensemble of four such models whose logits are averaged, and the competition's su
     torchrun --nproc_per_node=2 textcls.py --train ...    # several processes (DDP), as nanoGPT does it
 
 Training writes into out_dir: ckpt.pt (the latest state, to resume; it holds the vocabulary and the configuration
-with the weights), best.pt (best validation accuracy, the same), pretrain.pt (the masked-language phase, when
-pretrain_epochs > 0), vocab.json (a readable copy of the vocabulary), history.json and learning_curve.png. Run the
-same --train command again to resume; Ctrl-C or SIGTERM saves a checkpoint at the step reached, then stops.
+with the weights), best.pt (the model to predict with: the last epoch's, or with --val_frac the best on
+validation; the same contents), pretrain.pt (the masked-language phase, when pretrain_epochs > 0), vocab.json (a
+readable copy of the vocabulary), history.json and learning_curve.png. Run the same --train command again to resume; Ctrl-C or SIGTERM saves a checkpoint at the step reached, then stops.
 With ensemble = 4 (the default) the second, third and fourth models write the same files into out_dir/member_2,
 out_dir/member_3 and out_dir/member_4.
 """
