@@ -14,7 +14,8 @@ ensemble of four such models whose logits are averaged, and the competition's su
 Training writes into out_dir: ckpt.pt (the latest state, to resume; it holds the vocabulary and the configuration
 with the weights), best.pt (the model to predict with: the last epoch's, or with --val_frac the best on
 validation; the same contents), pretrain.pt (the masked-language phase, when pretrain_epochs > 0), vocab.json (a
-readable copy of the vocabulary), history.json and learning_curve.png. Run the same --train command again to resume; Ctrl-C or SIGTERM saves a checkpoint at the step reached, then stops.
+readable copy of the vocabulary), history.json and learning_curve.png. Run the same --train command again to resume;
+Ctrl-C or SIGTERM saves a checkpoint at the step reached, then stops.
 With ensemble = 4 (the default) the second, third and fourth models write the same files into out_dir/member_2,
 out_dir/member_3 and out_dir/member_4.
 """
