@@ -912,25 +912,29 @@ class Classification:
             return {}
         return evaluate(self.model, self.val_encoded, self.val_labels, self.run.device, self.run.precision_name)
 
-    def save_best(self, metrics, epoch):
+    def save_if_best(self, metrics, epoch, first=False):
+        """Keep the model in best.pt if it beats the best so far on validation (without a validation split: always,
+        the latest model is the one to keep; first: there is no best.pt yet). -> whether it was kept."""
+        if not (first or not self.val_labels or metrics["accuracy"] > self.best_accuracy):
+            return False
+        self.best_accuracy = metrics.get("accuracy", self.best_accuracy)
         save_atomic({"model": self.model.state_dict(), "config": self.config, "vocab": self.vocab.itos,
                      "epoch": epoch, "metrics": metrics}, self.best_path)
+        return True
 
     def keep_if_best(self, step, stop_reason):
-        """On rank 0, when training stopped inside an epoch (--max_minutes): best.pt takes the weights reached if
-        they beat the best epoch's on validation (without a validation split: always, as every epoch's do), or if
-        there is no best.pt yet. An ensemble model cut short near the end of its schedule, where the learning rate is
-        already low, is then kept as it is, not as it was an epoch earlier. The checkpoint is saved again with the new
-        best accuracy, which a resumed run compares against."""
+        """On rank 0, when training stopped inside an epoch (--max_minutes), or there is no best.pt yet: save_if_best
+        with the weights reached. An ensemble model cut short near the end of its schedule, where the learning rate
+        is already low, is then kept as it is, not as it was an epoch earlier. A new best accuracy is saved in the
+        checkpoint too: a resumed run compares against it."""
+        best_before = self.best_accuracy
         metrics = self.validation_metrics()
-        better = not self.val_labels or metrics["accuracy"] > self.best_accuracy
-        if os.path.exists(self.best_path) and not better:
-            return
-        self.best_accuracy = metrics.get("accuracy", self.best_accuracy)
-        self.save_best(dict(metrics, step=step), step / self.steps_per_epoch)
-        self.run.log(f"best.pt: the weights at step {step}" + (f", val accuracy {metrics['accuracy']:.4f}"
-                                                               if metrics else ""))
-        self.save(step, stop_reason)
+        if self.save_if_best(dict(metrics, step=step), step / self.steps_per_epoch,
+                             first=not os.path.exists(self.best_path)):
+            self.run.log(f"best.pt: the weights at step {step}"
+                         + (f", val accuracy {metrics['accuracy']:.4f}" if self.val_labels else ""))
+        if self.best_accuracy != best_before:
+            self.save(step, stop_reason)
 
     def end_epoch(self, epoch, step, train_loss):
         """On rank 0: evaluate and log; keep the model in best.pt if it is the best so far (without a validation
@@ -945,9 +949,7 @@ class Classification:
         else:
             self.run.log(f"epoch {epoch + 1}: train loss {train_loss:.4f} (no validation split)", flush=True)
         self.history.append(metrics)
-        if not self.val_labels or metrics["accuracy"] > self.best_accuracy:
-            self.best_accuracy = metrics.get("accuracy", self.best_accuracy)
-            self.save_best(metrics, epoch + 1)
+        self.save_if_best(metrics, epoch + 1)
         with open(os.path.join(self.out_dir, "history.json.tmp"), "w") as f:
             json.dump(self.history, f, indent=1)
         os.replace(os.path.join(self.out_dir, "history.json.tmp"), os.path.join(self.out_dir, "history.json"))
