@@ -125,7 +125,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def settings():
     """The configuration block's current values as a dict: what the functions below are given."""
-    return {name: globals()[name] for _, name, _ in config_block(__file__)}
+    return {name: globals()[name] for name, _ in config_block(__file__) if name}
 
 
 def one_line(error):

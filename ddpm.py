@@ -20,6 +20,7 @@ import io
 import math
 import os
 import shutil
+import re
 import signal
 import sys
 import time
@@ -106,8 +107,8 @@ CHECKS = {
     "preset": ("", "cpu"), "schedule": ("linear", "cosine"), "sampler": ("ddpm", "ddim"),
     "variance": ("beta", "posterior"), "precision": ("auto", "bf16", "fp16", "fp32"),
     "fid_dims": (2048, 768, 192, 64),
-    "channel_mults": (lambda v: len(_int_list(v)) >= 1 and min(_int_list(v)) >= 1, "comma-separated integers >= 1, like 1,2,2,2"),
-    "attn_resolutions": (lambda v: all(r >= 1 for r in _int_list(v)), "comma-separated sizes like 16 (or empty)"),
+    "channel_mults": (lambda v: re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", v), "comma-separated integers >= 1, like 1,2,2,2"),
+    "attn_resolutions": (lambda v: re.fullmatch(r"([1-9]\d*(,[1-9]\d*)*)?", v), "comma-separated sizes like 16 (or empty)"),
     **{name: (lambda v: v >= 1, "an integer >= 1") for name in
        ("timesteps", "channels", "num_res_blocks", "norm_groups", "batch_size", "max_steps", "log_every",
         "sample_every", "ckpt_every", "num_threads", "n_samples", "ddim_steps", "sample_batch")},

@@ -28,6 +28,7 @@ import urllib.request
 import warnings
 import zipfile
 import zlib
+from tokenize import COMMENT, generate_tokens
 
 import numpy as np
 import torch
@@ -655,103 +656,64 @@ def report_nearest(gen_names, gen_features, train_names, train_features):
 
 
 # ----------------------------------------------------------------------------- command line
-# nanoGPT's configurator, checked. The same lines stand in tokenizer.py, fid.py and bleu.py (a test keeps them
-# identical), so that every script stays one file: textcls.py, ddpm.py and caption.py import them from there.
+# nanoGPT's configurator, checked: --name=value overrides a constant of the configuration block at the top. The same
+# lines stand in tokenizer.py, fid.py and bleu.py (a test keeps them identical), so that every script is one file.
 def config_block(path):
-    """The configuration block of a script's source: (heading, name, comment) for every `name = value` line
-    between the '# configuration' line and the next '# ---' line; a comment line starts a new heading."""
-    lines = open(path, encoding="utf-8").read().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("# configuration"))
-    entries, heading = [], ""
-    for line in lines[start + 1:]:
-        if line.startswith("# ---"):
-            break
-        if line.startswith("#"):
-            heading = line.lstrip("# ")
-            continue
-        # the comment starts at the first '#' before which the line is a whole assignment ('#' may sit in a string)
-        for cut in [i for i, char in enumerate(line) if char == "#"] + [len(line)]:
-            try:
-                statement = ast.parse(line[:cut]).body
-            except SyntaxError:
-                continue
-            if statement and isinstance(statement[0], ast.Assign):
-                entries.append((heading, statement[0].targets[0].id, line[cut + 1:].strip()))
-            break
+    """[(name, comment)] for each line between '# configuration' and the next '# ---' line of a script's source:
+    `name = value  # comment` gives its name, a comment line alone is a heading, (None, heading)."""
+    block = open(path, encoding="utf-8").read().split("\n# configuration", 1)[1].split("\n# ---", 1)[0]
+    entries = []
+    for line in block.splitlines()[1:]:
+        tokens = list(generate_tokens(io.StringIO(line).readline))  # Python's own reading of the line
+        comment = next((t.string[1:].strip() for t in tokens if t.type == COMMENT), "")
+        entries.append((tokens[0].string if tokens[1].string == "=" else None, comment))
     return entries
 
 
 def parse_value(flag, text, default):
-    """text as the type of the default: bools take True/False/true/false/1/0, strings may stay bare (a quoted
-    one is unquoted), numbers and lists are Python literals, and an int is fine where a float is expected."""
-    if isinstance(default, bool):
-        if text in ("True", "true", "1", "False", "false", "0"):
-            return text in ("True", "true", "1")
-        raise SystemExit(f"error: {flag} takes True or False, got {text!r}")
+    """text as the type of the default: True/true/1 or False/false/0 for a bool, a Python literal for a number
+    (an int is fine where a float is expected), anything for a string (a quoted one is unquoted)."""
+    if isinstance(default, bool) and text in ("True", "true", "1", "False", "false", "0"):
+        return text in ("True", "true", "1")
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = text
     if isinstance(default, str):
         return value if isinstance(value, str) else text
-    if isinstance(default, float) and type(value) is int:
-        value = float(value)
-    if type(value) is not type(default):
-        kind = {"int": "an integer", "float": "a number"}.get(type(default).__name__, type(default).__name__)
+    if type(value) is not type(default) and (type(default), type(value)) != (float, int):
+        kind = {bool: "True or False", int: "an integer", float: "a number"}[type(default)]
         raise SystemExit(f"error: {flag} takes {kind} (like {default!r}), got {text!r}")
-    return value
-
-
-def print_help(config, entries):
-    print((config.get("__doc__") or "").strip())
-    print("\noptions (--name=value; a bare --name sets a bool to True), with their current values:")
-    heading = None
-    for group, name, comment in entries:
-        if group != heading:
-            heading = group
-            print(f"  {group}" if group else "")
-        value = f"{name} = {config[name]!r}"
-        print(f"    {value:34s} {'# ' + comment if comment else ''}".rstrip())
+    return type(default)(value)
 
 
 def parse_overrides(argv, config, checks=None):
-    """--name=value sets the constant `name` of the configuration block at the top of the script whose globals()
-    are `config`; -h/--help prints the docstring and every constant (overrides applied) and exits; other arguments
-    are returned as positional.
-    checks: {name: tuple of allowed values, or (predicate, "what it accepts")}, tested after the overrides, so an
-    edited constant is checked too. Every mistake stops with one line naming the flag, before any work starts."""
+    """Set config[name] (a script's globals()) for every --name=value in argv and return the other arguments.
+    -h/--help prints the docstring and every constant with the value a run would use, then exits.
+    checks: {name: allowed values, or (predicate, "what it accepts")}, tested after the overrides so that an edited
+    constant is checked too. Every mistake stops with one line naming the flag, before any work starts."""
     entries = config_block(config["__file__"])
-    names = [name for _, name, _ in entries]
-    positional = []
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            continue
-        if not arg.startswith("--"):
-            positional.append(arg)
-            continue
-        name, has_value, text = arg[2:].partition("=")
+    names = [name for name, _ in entries if name]
+    positional = [arg for arg in argv if not arg.startswith("--") and arg != "-h"]
+    for name, has_value, text in [arg[2:].partition("=") for arg in argv if arg.startswith("--") and arg != "--help"]:
         if name not in names:
             close = difflib.get_close_matches(name, names, n=1)
-            raise SystemExit(f"error: unknown option --{name}" + (f" (did you mean --{close[0]}?)" if close else
-                                                                  " (--help lists the options)"))
+            hint = f"did you mean --{close[0]}?" if close else "--help lists the options"
+            raise SystemExit(f"error: unknown option --{name} ({hint})")
         if not has_value and not isinstance(config[name], bool):
             raise SystemExit(f"error: --{name} needs a value: --{name}=VALUE (now {config[name]!r})")
         config[name] = parse_value(f"--{name}", text, config[name]) if has_value else True
         print(f"overriding: {name} = {config[name]!r}")
-    if "-h" in argv or "--help" in argv:       # after the overrides, so that it shows the values a run would use
-        print_help(config, entries)
+    if "-h" in argv or "--help" in argv:
+        print(config["__doc__"].strip() + "\n\noptions (--name=value; a bare --name sets a bool to True):")
+        for name, comment in entries:
+            print(f"  {name} = {config[name]!r}".ljust(40) + f"# {comment}" if name else f"\n  {comment}")
         raise SystemExit(0)
     for name, rule in (checks or {}).items():
-        value = config[name]
-        if isinstance(rule, tuple) and len(rule) == 2 and callable(rule[0]):
-            try:
-                accepted = bool(rule[0](value))
-            except (TypeError, ValueError):
-                accepted = False
-            if not accepted:
-                raise SystemExit(f"error: --{name} must be {rule[1]}, got {value!r}")
-        elif value not in rule:
-            raise SystemExit(f"error: --{name} must be one of {', '.join(map(repr, rule))}, got {value!r}")
+        if callable(rule[0]) and not rule[0](config[name]):
+            raise SystemExit(f"error: --{name} must be {rule[1]}, got {config[name]!r}")
+        if not callable(rule[0]) and config[name] not in rule:
+            raise SystemExit(f"error: --{name} must be one of {', '.join(map(repr, rule))}, got {config[name]!r}")
     return positional
 
 

@@ -311,8 +311,8 @@ def test_the_submission_is_written_whole_or_not_at_all(tiny, data_dir, tmp_path,
 
 # ----------------------------------------------------------------------------- command line (issue 13)
 @pytest.mark.parametrize("argv, message", [
-    (["--tiny=ture"], "error: --tiny takes True or False, got 'ture'"),
-    (["--train=ture"], "error: --train takes True or False, got 'ture'"),
+    (["--tiny=ture"], "error: --tiny takes True or False (like False), got 'ture'"),
+    (["--train=ture"], "error: --train takes True or False (like False), got 'ture'"),
     (["--batch_size=0"], "error: --batch_size must be an integer >= 1, got 0"),
     (["--grad_accum=-1"], "error: --grad_accum must be an integer >= 1, got -1"),
     (["--backend=unslot"], "error: --backend must be one of 'auto', 'unsloth', 'transformers', got 'unslot'"),
@@ -345,7 +345,7 @@ def test_help_prints_the_docstring_and_every_constant():
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith(caption.__doc__.strip().splitlines()[0])
-    names = [name for _, name, _ in config_block(str(ROOT / "caption.py"))]
+    names = [name for name, _ in config_block(str(ROOT / "caption.py")) if name]
     assert names == list(caption.settings()) and len(names) > 30
     for name in names:
         assert re.search(rf"^\s+{name} = ", result.stdout, re.MULTILINE), name
@@ -355,7 +355,7 @@ def test_help_prints_the_docstring_and_every_constant():
 def test_a_bad_override_from_the_shell_is_one_line_and_no_work():
     result = subprocess.run([sys.executable, "caption.py", "--train", "--tiny=ture"], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
-    assert result.returncode == 1 and result.stderr.strip() == "error: --tiny takes True or False, got 'ture'"
+    assert result.returncode == 1 and result.stderr.strip() == "error: --tiny takes True or False (like False), got 'ture'"
 
 
 def test_predict_uses_the_adapters_settings_without_touching_the_globals(tiny, data_dir, tmp_path, monkeypatch,

@@ -167,7 +167,7 @@ def test_the_cpu_preset_applies_only_when_named_and_overrides_win(faces_npy, tmp
     named = run("--preset=cpu", "--help")
     assert "preset cpu: channels = 32" in named.stdout and "channels = 32" in named.stdout
     both = run("--preset=cpu", "--channels=16", "--help")                 # the preset first, then the flags
-    assert "overriding: channels = 16" in both.stdout and "    channels = 16 " in both.stdout
+    assert "overriding: channels = 16" in both.stdout and "\n  channels = 16 " in both.stdout
 
 
 def test_sample_uses_the_checkpoint_configuration_not_the_constants(faces_npy, tmp_path, monkeypatch):
