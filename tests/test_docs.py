@@ -119,6 +119,13 @@ def test_each_command_uses_only_the_scripts_options(where, script, args):
             pytest.fail(f"{where}: {stop}")
 
 
+def test_every_training_command_has_a_time_limit():
+    """A training command without --max_minutes can run for days (ddpm's max_steps = 500000)."""
+    for where, script, args in COMMANDS:
+        if script in ("textcls.py", "ddpm.py", "caption.py") and "--train" in args and "--tiny" not in args:
+            assert any(a.startswith("--max_minutes=") for a in args), f"{where}: no --max_minutes"
+
+
 def test_readme_is_at_most_15_kb():
     assert README.stat().st_size <= 15 * 1024
 
