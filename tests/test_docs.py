@@ -126,6 +126,14 @@ def test_every_training_command_has_a_time_limit():
             assert any(a.startswith("--max_minutes=") for a in args), f"{where}: no --max_minutes"
 
 
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_local_links_and_figures_exist(page):
+    text = page.read_text(encoding="utf-8")
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        if not re.match(r"[a-z]+://", target):
+            assert (page.parent / target).exists(), f"{page.relative_to(ROOT)}: {target} does not exist"
+
+
 def test_readme_is_at_most_15_kb():
     assert README.stat().st_size <= 15 * 1024
 
