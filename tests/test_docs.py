@@ -78,8 +78,11 @@ def options_of(script_path):
     for node in ast.parse(source).body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             if node.targets[0].id in names and node.targets[0].id not in defaults:
-                defaults[node.targets[0].id] = ast.literal_eval(node.value)
-    assert set(defaults) == names, f"{script_path.name}: constants whose value is not a literal"
+                try:
+                    defaults[node.targets[0].id] = ast.literal_eval(node.value)
+                except ValueError:          # an expression: its type is left to the script's own configurator
+                    defaults[node.targets[0].id] = None
+    assert set(defaults) == names, f"{script_path.name}: constants of the block not assigned at the top level"
     return defaults
 
 
