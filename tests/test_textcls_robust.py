@@ -405,3 +405,125 @@ def test_submission_is_replaced_atomically(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(textcls, "precision", "fp32")
     submit(str(tmp_path), test_file, str(tmp_path / "s.csv"))
     assert (tmp_path / "s.csv").read_text().splitlines()[0] == "id,label" and not (tmp_path / "s.csv.tmp").exists()
+
+
+# ----------------------------------------------------------------------------- precisions, GPUs, Macs, processes
+@pytest.mark.parametrize("first", ["bf16", "fp32"])
+def test_a_run_resumes_in_fp16_after_another_precision(tmp_path, first):
+    """Started where auto picks bf16 or fp32 (an A100, an AMX CPU, a plain CPU), resumed where it picks fp16 (a T4):
+    one line says so, the gradient scaler starts fresh (the checkpoint has none), and the run continues to its end."""
+    write_json(tmp_path / "News_train.json", make_records(160))
+    common = ["--train", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}", *TINY_ARGS]
+    started = run_cli(*common, f"--precision={first}", "--max_minutes=1e-9")          # stops after step 1
+    assert started.returncode == 0, started.stderr[-2000:]
+    saved = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert (saved["step"], saved["precision"], saved["scaler"]) == (1, first, {})
+    resumed = run_cli(*common, "--precision=fp16")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (f"resuming from {tmp_path / 'out' / 'ckpt.pt'} at step 1 (saved in {first}, continuing in fp16 with a "
+            f"fresh gradient scaler)") in resumed.stdout
+    finished = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert finished["step"] == 20 and finished["precision"] == "fp16"                # 2 epochs of 10 steps
+    assert finished["scaler"]["scale"] > 0 and "_growth_tracker" in finished["scaler"]
+    assert all(t.isfinite().all() for t in finished["model"].values())
+    assert "epoch 2: train loss" in resumed.stdout
+
+
+@pytest.fixture
+def mocked_gpu(monkeypatch):
+    """torch.cuda as on a GPU of the capability given (a P100 is 6.0, a T4 7.5), with a build for every GPU."""
+    def set_capability(capability, archs=()):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+        monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: list(archs))
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Mocked GPU")
+    return set_capability
+
+
+@pytest.mark.parametrize("capability", [(6, 0), (7, 5)])
+def test_explicit_bf16_below_capability_8_stops_with_one_line_naming_fp16(tiny, mocked_gpu, monkeypatch, capability):
+    mocked_gpu(capability)
+    monkeypatch.setattr(textcls, "load_news", lambda *a, **k: pytest.fail("work started before the check"))
+    for entry in ("--train", "--predict", "--bench"):
+        with pytest.raises(SystemExit) as stop:
+            textcls.main([entry, "--precision=bf16", "--device="])
+        message = str(stop.value)
+        assert message.startswith("error: --precision=bf16 needs CUDA capability 8.0") and "\n" not in message
+        assert f"this GPU has {capability[0]}.{capability[1]}: use --precision=fp16" in message
+    assert textcls.choose_precision("auto", "cuda")[0] == "fp16"        # what auto picks there
+
+
+class NeedsAGpu(Exception):
+    pass
+
+
+@pytest.mark.parametrize("capability", [(6, 0), (7, 5)])
+def test_bench_skips_bf16_below_capability_8_with_a_note(tmp_path, tiny, mocked_gpu, monkeypatch, capsys, capability):
+    mocked_gpu(capability)
+    write_json(tmp_path / "News_train.json", make_records(150))
+    asked = []
+
+    def bench_speed(records, run_device, names=("fp32", "bf16"), **kwargs):
+        asked.append((run_device, tuple(names)))
+        raise NeedsAGpu("the speed runs need a real GPU")       # stop here: the rest is not the point
+    monkeypatch.setattr(textcls, "bench_speed", bench_speed)
+    with pytest.raises(NeedsAGpu):
+        textcls.main(["--bench", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}", "--device=",
+                      "--precision=auto"])
+    out = capsys.readouterr().out
+    assert asked == [("cuda", ("fp32",))]
+    assert "device: cuda (a CUDA GPU is available); precision: fp16 (CUDA capability" in out
+    assert "note: no bf16 speed on this GPU (CUDA capability below 8.0 has no native bfloat16)" in out
+
+
+def test_cuda_build_check_runs_on_every_gpu_entry_point(tmp_path, tiny, mocked_gpu, monkeypatch):
+    """A P100 (6.0) under a build for sm_70 and newer: --train, --predict and --bench all stop with the one line
+    before any work (loading data or checkpoints)."""
+    mocked_gpu((6, 0), ["sm_70", "sm_75", "sm_80", "compute_80"])
+    monkeypatch.setattr(textcls, "load_news", lambda *a, **k: pytest.fail("work started before the check"))
+    monkeypatch.setattr(textcls, "load_checkpoint", lambda *a, **k: pytest.fail("work started before the check"))
+    for entry in ("--train", "--predict", "--bench"):
+        with pytest.raises(SystemExit) as stop:
+            textcls.main([entry, "--device=", f"--out_dir={tmp_path}"])
+        assert str(stop.value).startswith("error: this PyTorch ") and "none for Mocked GPU (sm_60)" in str(stop.value)
+
+
+def test_device_picks_cuda_then_mps_then_cpu_and_says_why(tiny, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert textcls.pick_device("") == ("cpu", "no CUDA GPU or Apple mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert textcls.pick_device("") == ("mps", "no CUDA GPU; Apple's Metal (mps) is available")
+    assert textcls.pick_device("cpu") == ("cpu", "asked for")
+    assert textcls.choose_precision("auto", "mps") == ("fp32", "no native bfloat16 on this mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert textcls.pick_device("") == ("cuda", "a CUDA GPU is available")
+
+
+def test_on_a_mac_the_run_goes_to_mps_in_fp32(tmp_path, tiny, monkeypatch, capsys):
+    """device "" with mps available (mocked): the start line names mps and why, the precision is fp32, and the model
+    goes to mps (where this CPU-only PyTorch build stops: it has no mps kernels)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    write_json(tmp_path / "News_train.json", make_records(60))
+    with pytest.raises(RuntimeError, match="mps"):
+        textcls.main(["--train", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}", "--device=",
+                      "--precision=auto"])
+    assert "device: mps (no CUDA GPU; Apple's Metal (mps) is available); precision: fp32" in capsys.readouterr().out
+
+
+def test_two_processes_train_and_predict_write_one_submission(tmp_path):
+    """torchrun --train --predict with 2 gloo processes: both exit 0, and only rank 0 writes the submission (once)."""
+    write_json(tmp_path / "News_train.json", make_records(200))
+    test_file = write_json(tmp_path / "test.json", make_records(30, seed=4), lines=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+               "textcls.py", "--train", "--predict", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}",
+               f"--test_file={test_file}", f"--submission={tmp_path / 'sub.csv'}", *TINY_ARGS, "--epochs=1"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote 30 predictions") == 1
+    assert result.stdout.count("device: cpu (asked for)") == 1              # the start line, from rank 0
+    rows = (tmp_path / "sub.csv").read_text().splitlines()
+    assert rows[0] == "id,label" and [int(r.split(",")[0]) for r in rows[1:]] == list(range(30))
+    assert sorted(os.listdir(tmp_path)) == ["News_train.json", "out", "sub.csv", "test.json"]   # no .tmp left
