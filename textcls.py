@@ -98,7 +98,7 @@ CHECKS = {"pos_encoding": ("sinusoidal", "learned"), "pooling": ("mean", "cls"),
           "max_vocab": (lambda v: v > len(Vocab.SPECIALS), f"an integer > {len(Vocab.SPECIALS)} (the special tokens)"),
           "max_len": (lambda v: v >= 3, "an integer >= 3 (<cls>, <sep> and one token)"),
           "d_model": (lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2"),
-          "device": (lambda v: v in ("", "cpu", "cuda", "mps") or v.startswith("cuda:"), '"", cpu, cuda, cuda:N or mps')}
+          "device": (lambda v: v in ("", "cpu", "cuda", "mps") or v.startswith("cuda:"), '"", cpu, cuda[:N] or mps')}
 RANGES = [(lambda v: v >= 1, "an integer >= 1", "min_freq nhead d_hid nlayers epochs batch_size ensemble num_threads "
                                                  "log_every bench_pretrain_epochs"),
           (lambda v: v >= 0, "an integer >= 0", "pretrain_epochs warmup_steps"),
@@ -125,7 +125,7 @@ def setup_system():
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     run_device, why = pick_device(device)                                  # (the compatibility helpers are
-    if ddp and run_device == "cuda":                                       # in the extras at the end)
+    if ddp and run_device.startswith("cuda"):                              # in the extras at the end)
         run_device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(run_device)
     if run_device.startswith("cuda"):
@@ -497,6 +497,14 @@ def fingerprint(records, with_labels=True):
     return f"{len(records)} records, sha1 {digest.hexdigest()[:16]}"
 
 
+def run_config(records, mlm_records, mlm_epochs, seed, use_stems, world_size):
+    """What a run is: the TRAIN_KEYS (with this model's seed and stem), its data and its number of processes."""
+    config = {name: globals()[name] for name in TRAIN_KEYS}
+    config.update(seed=seed, stem=use_stems, pretrain_epochs=mlm_epochs, train_data=fingerprint(records),
+                  mlm_texts=fingerprint(mlm_records, False) if mlm_epochs and mlm_records else "", processes=world_size)
+    return config
+
+
 def prepare_data(records, config, saved, out_dir, rank, world_size):
     """The stratified validation split, the vocabulary from the training part only (or the saved run's, which never
     changes), both parts as token ids. -> (vocab, (train ids, labels), (validation ids, labels))."""
@@ -510,6 +518,7 @@ def prepare_data(records, config, saved, out_dir, rank, world_size):
     if rank == 0 and saved is None:
         vocab.save(os.path.join(out_dir, "vocab.json.tmp"))        # a readable copy; the checkpoints hold the real one
         os.replace(os.path.join(out_dir, "vocab.json.tmp"), os.path.join(out_dir, "vocab.json"))
+    if rank == 0:
         print(f"data: {len(train_idx)} train, {len(val_idx)} validation, vocabulary {len(vocab)}"
               + ("" if val_idx else " (no validation split: each epoch's model becomes best.pt)"))
     if math.ceil(len(train_idx) / batch_size) < world_size:
@@ -527,6 +536,96 @@ def agree(flags, ddp, run_device):
     return [bool(v) for v in values.tolist()]
 
 
+def save_if_best(model, checkpoint, metrics, epoch, best, first=False):
+    """Keep the model in best.pt if it beats the best so far on validation (without a validation split: always,
+    the latest model is the one to keep; first: there is no best.pt yet). -> whether it was kept."""
+    if not (first or "accuracy" not in metrics or metrics["accuracy"] > checkpoint["best_accuracy"]):
+        return False
+    checkpoint["best_accuracy"] = metrics.get("accuracy", checkpoint["best_accuracy"])
+    save_atomic({"model": model.state_dict(), "config": checkpoint["config"], "vocab": checkpoint["vocab"],
+                 "epoch": epoch, "metrics": metrics}, best)
+    return True
+
+
+def end_epoch(model, checkpoint, record, epochs_done, stop, val, path, system):
+    """After a whole epoch: pre-training logs its loss; fine-tuning (on rank 0) evaluates on the validation split,
+    logs, keeps the model in best.pt if it is the best so far (without a validation split: every epoch's) and
+    writes history.json and the learning curve. After a stop inside an epoch (or with no best.pt yet) the weights
+    reached are kept in best.pt if they validate better: an ensemble model cut short near the end of its schedule,
+    where the learning rate is already low, is kept as it is, not as it was an epoch earlier."""
+    rank, run_device, precision_name, epoch_done = system[1], system[3], system[4], float(epochs_done).is_integer()
+    if val is None and epoch_done:
+        checkpoint["history"].append(record)
+        if rank == 0:
+            print(f"pre-training epoch {record['epoch']}: masked-language loss {record['mlm_loss']:.4f}")
+    if val is None or rank != 0:
+        return
+    out_dir, best = os.path.dirname(path), os.path.join(os.path.dirname(path), "best.pt")
+    if epoch_done:
+        record.update(evaluate(model, *val, run_device, precision_name))
+        scores = (f"val loss {record['loss']:.4f} val accuracy {record['accuracy']:.4f} val macro-F1 "
+                  f"{record['macro_f1']:.4f}" if val[1] else "(no validation split)")
+        print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} {scores}", flush=True)
+        checkpoint["history"].append(record)
+        save_if_best(model, checkpoint, record, record["epoch"], best)
+        with open(os.path.join(out_dir, "history.json.tmp"), "w") as f:
+            json.dump(checkpoint["history"], f, indent=1)
+        os.replace(os.path.join(out_dir, "history.json.tmp"), os.path.join(out_dir, "history.json"))
+        plot_learning_curve(checkpoint["history"], os.path.join(out_dir, "learning_curve.png"))   # in the extras
+    if stop == "time":
+        metrics = evaluate(model, *val, run_device, precision_name)
+        if save_if_best(model, checkpoint, dict(metrics, step=record["step"]), epochs_done, best,
+                        first=not os.path.exists(best)):
+            print(f"best.pt: the weights at step {record['step']}"
+                  + (f", val accuracy {metrics['accuracy']:.4f}" if metrics else ""))
+
+
+def restore(checkpoint, model, optimizer, path, precision_name, rank):
+    """-> fp16's gradient scaler (disabled, a no-op, in bf16 and fp32: the loss is multiplied before backward so that
+    small gradients do not underflow to 0 in float16). A saved phase restores the weights, the optimizer's moments and
+    the scaler's scale: it continues exactly; one saved in another precision continues with a fresh scaler."""
+    scaler = torch.amp.GradScaler(next(model.parameters()).device.type, enabled=precision_name == "fp16")
+    if "model" not in checkpoint:
+        return scaler
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if scaler.is_enabled() and checkpoint["scaler"]:
+        scaler.load_state_dict(checkpoint["scaler"])
+    saved_precision = checkpoint.get("precision", precision_name)
+    if rank == 0:
+        print(f"resuming from {path} at step {checkpoint['step']}" + (f" (saved in {saved_precision}, continuing in "
+              f"{precision_name}{' with a fresh gradient scaler' if scaler.is_enabled() else ''})"
+              if saved_precision != precision_name else ""))
+    return scaler
+
+
+def nonfinite_error(val, loss_value, step, path, optimizer):
+    """The one-line error for a loss (or weights) turned inf or NaN: the checkpoint on disk is the last good one."""
+    last = (f"the last good checkpoint {path} (step {load_checkpoint(path)['step']}) is kept" if os.path.exists(path)
+            else "nothing was saved")
+    return ValueError(f"the {'pre-training' if val is None else 'training'} loss is {loss_value} at step {step + 1}: "
+                      f"training stopped; {last}. Lower {'--pretrain_lr' if val is None else '--lr'} (now "
+                      f"{optimizer.defaults['lr']}) or try --precision=fp32")
+
+
+def announce_stop(stop, step, total_steps, path, rank, ddp):
+    """Say why and where the loop stopped early, and how to go on. A signal ends the program here (each process
+    with 128 + the signal's number), after rank 0's checkpoint."""
+    phase = "pre-training" if path.endswith("pretrain.pt") else "training"
+    message = {"time": f"{phase} stopped by --max_minutes at step {step}/{total_steps}; checkpoint saved, run the "
+                       f"same command to resume",
+               "share": f"{phase} stopped at step {step}/{total_steps}, its share of --max_minutes: fine-tuning starts",
+               "signal": f"stopped by {signal.Signals(STOP[0]).name if STOP else 'a signal'} at step {step}: "
+                         f"checkpoint saved in {path}; run the same command to resume"}[stop]
+    if rank == 0:
+        print(message, file=sys.stderr if stop == "signal" else sys.stdout, flush=True)
+    if stop == "signal":
+        if ddp:
+            dist.barrier()
+        sys.exit(128 + (STOP[0] if STOP else 0))
+    return stop
+
+
 def optimizer_step(net, optimizer, scaler, loss):
     """Backward (of the scaled loss, in fp16), clip the true gradient (unscaled first), update the weights; the
     scaler skips a step whose gradients hold inf or NaN, and lowers its scale. -> whether it skipped this one."""
@@ -542,8 +641,8 @@ def optimizer_step(net, optimizer, scaler, loss):
 
 def train_loop(model, optimizer, batch_loss, encoded, labels, n_epochs, seed, started, deadlines, checkpoint, path,
                system, val=None):
-    """Both phases' loop (pre-training: labels None; fine-tuning: val = the validation split), from checkpoint's step to
-    n_epochs; saves checkpoint to path after each epoch or a stop. -> None when done, or the deadline that stopped it."""
+    """Both phases' loop (pre-training: labels None; fine-tuning: val = the validation split), from checkpoint's step
+    to n_epochs; saves checkpoint to path after each epoch or stop. -> None when done, or the deadline that stopped."""
     ddp, rank, world_size, run_device, precision_name, ctx = system
     scaler = restore(checkpoint, model, optimizer, path, precision_name, rank)    # (fp16's loss scaling)
     net = DistributedDataParallel(model, device_ids=[run_device] if "cuda" in run_device else None) if ddp else model
@@ -601,91 +700,15 @@ def train_loop(model, optimizer, batch_loss, encoded, labels, n_epochs, seed, st
     return None
 
 
-def end_epoch(model, checkpoint, record, epochs_done, stop, val, path, system):
-    """After a whole epoch: pre-training logs its loss; fine-tuning (on rank 0) evaluates on the validation split,
-    logs, keeps the model in best.pt if it is the best so far (without a validation split: every epoch's) and
-    writes history.json and the learning curve. After a stop inside an epoch (or with no best.pt yet) the weights
-    reached are kept in best.pt if they validate better: an ensemble model cut short near the end of its schedule,
-    where the learning rate is already low, is kept as it is, not as it was an epoch earlier."""
-    rank, run_device, precision_name, epoch_done = system[1], system[3], system[4], float(epochs_done).is_integer()
-    if val is None and epoch_done:
-        checkpoint["history"].append(record)
-        if rank == 0:
-            print(f"pre-training epoch {record['epoch']}: masked-language loss {record['mlm_loss']:.4f}")
-    if val is None or rank != 0:
-        return
-    out_dir, best = os.path.dirname(path), os.path.join(os.path.dirname(path), "best.pt")
-    if epoch_done:
-        record.update(evaluate(model, *val, run_device, precision_name))
-        scores = (f"val loss {record['loss']:.4f} val accuracy {record['accuracy']:.4f} val macro-F1 "
-                  f"{record['macro_f1']:.4f}" if val[1] else "(no validation split)")
-        print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} {scores}", flush=True)
-        checkpoint["history"].append(record)
-        save_if_best(model, checkpoint, record, record["epoch"], best)
-        with open(os.path.join(out_dir, "history.json.tmp"), "w") as f:
-            json.dump(checkpoint["history"], f, indent=1)
-        os.replace(os.path.join(out_dir, "history.json.tmp"), os.path.join(out_dir, "history.json"))
-        plot_learning_curve(checkpoint["history"], os.path.join(out_dir, "learning_curve.png"))   # in the extras
-    if stop == "time":
-        metrics = evaluate(model, *val, run_device, precision_name)
-        if save_if_best(model, checkpoint, dict(metrics, step=record["step"]), epochs_done, best,
-                        first=not os.path.exists(best)):
-            print(f"best.pt: the weights at step {record['step']}"
-                  + (f", val accuracy {metrics['accuracy']:.4f}" if metrics else ""))
-
-
-def save_if_best(model, checkpoint, metrics, epoch, best, first=False):
-    """Keep the model in best.pt if it beats the best so far on validation (without a validation split: always,
-    the latest model is the one to keep; first: there is no best.pt yet). -> whether it was kept."""
-    if not (first or "accuracy" not in metrics or metrics["accuracy"] > checkpoint["best_accuracy"]):
-        return False
-    checkpoint["best_accuracy"] = metrics.get("accuracy", checkpoint["best_accuracy"])
-    save_atomic({"model": model.state_dict(), "config": checkpoint["config"], "vocab": checkpoint["vocab"],
-                 "epoch": epoch, "metrics": metrics}, best)
-    return True
-
-
-def restore(checkpoint, model, optimizer, path, precision_name, rank):
-    """-> fp16's gradient scaler (disabled, a no-op, in bf16 and fp32: the loss is multiplied before backward so that
-    small gradients do not underflow to 0 in float16). A saved phase restores the weights, the optimizer's moments and
-    the scaler's scale: it continues exactly; one saved in another precision continues with a fresh scaler."""
-    scaler = torch.amp.GradScaler(next(model.parameters()).device.type, enabled=precision_name == "fp16")
-    if "model" not in checkpoint:
-        return scaler
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    if scaler.is_enabled() and checkpoint["scaler"]:
-        scaler.load_state_dict(checkpoint["scaler"])
-    saved_precision = checkpoint.get("precision", precision_name)
-    if rank == 0:
-        print(f"resuming from {path} at step {checkpoint['step']}" + (f" (saved in {saved_precision}, continuing in "
-              f"{precision_name}{' with a fresh gradient scaler' if scaler.is_enabled() else ''})"
-              if saved_precision != precision_name else ""))
-    return scaler
-
-
-def nonfinite_error(val, loss_value, step, path, optimizer):
-    """The one-line error when the loss (or the weights) turn inf or NaN: the checkpoint on disk is the last good one."""
-    last = (f"the last good checkpoint {path} (step {load_checkpoint(path)['step']}) is kept" if os.path.exists(path)
-            else "nothing was saved")
-    return ValueError(f"the {'pre-training' if val is None else 'training'} loss is {loss_value} at step {step + 1}: "
-                      f"training stopped; {last}. Lower {'--pretrain_lr' if val is None else '--lr'} (now "
-                      f"{optimizer.defaults['lr']}) or try --precision=fp32")
-
-
 def train_model(records, out_dir, mlm_records, mlm_epochs, seed, use_stems, minutes, system):
-    """Train one model on records (a stratified val_frac of them validates), resuming from out_dir if it holds a run.
-    With mlm_epochs > 0: first masked-language pre-training on the texts of records and of mlm_records (unlabelled:
-    the test texts), then fine-tuning from that encoder. -> the history: one dict per finished epoch (on rank 0; []
-    when the time ran out during pre-training)."""
+    """One model on records (a stratified val_frac validates), resuming out_dir's run if there is one; with mlm_epochs,
+    masked-language pre-training on the texts of records and mlm_records (the test texts) first. -> the history, one
+    dict per finished epoch (on rank 0; [] when the time ran out during pre-training)."""
     ddp, rank, world_size, run_device = system[:4]
     start = time.time()
     deadline = start + minutes * 60 if minutes > 0 else math.inf
     check_writable(out_dir)
-    # what this run is: a saved run in out_dir must be the same to be resumed
-    config = {name: globals()[name] for name in TRAIN_KEYS}
-    config.update(seed=seed, stem=use_stems, pretrain_epochs=mlm_epochs, train_data=fingerprint(records),
-                  mlm_texts=fingerprint(mlm_records, False) if mlm_epochs and mlm_records else "", processes=world_size)
+    config = run_config(records, mlm_records, mlm_epochs, seed, use_stems, world_size)
     checkpoint = check_resume(os.path.join(out_dir, "ckpt.pt"), config, run_device, rank)
     pretrained = check_resume(os.path.join(out_dir, "pretrain.pt"), config, run_device, rank) \
         if mlm_epochs and checkpoint is None else None
@@ -722,7 +745,7 @@ def train_model(records, out_dir, mlm_records, mlm_epochs, seed, use_stems, minu
     # phase 2 (the only one without pre-training): the classifier learns the labels, with label smoothing (Szegedy
     # et al. 2016, 7): the target gives 1 - label_smoothing to the true class and spreads label_smoothing evenly
     # over all classes, so the loss stops rewarding an ever larger gap between the logits (overconfidence)
-    from_pretrained = bool(mlm_epochs) and (checkpoint or {"pretrained": True})["pretrained"]
+    from_pretrained = bool(mlm_epochs) and (checkpoint or {"pretrained": True}).get("pretrained", False)
     scale_of = (lambda name: 1.0 if name.startswith("head.") or not from_pretrained else encoder_lr_frac)
     optimizer = torch.optim.AdamW(parameter_groups(model.named_parameters(), scale_of), lr=lr, fused=True)
     if from_pretrained and checkpoint is None and rank == 0:
@@ -735,25 +758,6 @@ def train_model(records, out_dir, mlm_records, mlm_epochs, seed, use_stems, minu
     if ddp:
         dist.barrier()                         # rank 0's last saves are done before any process leaves
     return checkpoint["history"]
-
-
-def announce_stop(stop, step, total_steps, path, rank, ddp):
-    """Say why and where the loop stopped early, and how to go on. A signal ends the program here (each process
-    with 128 + the signal's number), after rank 0's checkpoint."""
-    phase = "pre-training" if path.endswith("pretrain.pt") else "training"
-    if rank == 0:
-        print({"time": f"{phase} stopped by --max_minutes at step {step}/{total_steps}; checkpoint saved, run the "
-                       f"same command to resume",
-               "share": f"pre-training stopped at step {step}/{total_steps}, its share ({pretrain_share}) of "
-                        f"--max_minutes: fine-tuning starts",
-               "signal": f"stopped by {signal.Signals(STOP[0]).name if STOP else 'a signal'} at step {step}: "
-                         f"checkpoint saved in {path}; run the same command to resume"}[stop],
-              file=sys.stderr if stop == "signal" else sys.stdout, flush=True)
-    if stop == "signal":
-        if ddp:
-            dist.barrier()
-        sys.exit(128 + (STOP[0] if STOP else 0))
-    return stop
 
 
 def member_dir(out_dir, k):
@@ -860,9 +864,9 @@ def main(argv):
             draw_attention(attention, out_dir)     # in the extras below
         if bench:
             run_bench(data_dir, out_dir, system)   # in the extras below
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror
-                 else f"error: {e}" if rank == 0 else 1)
+    except (ValueError, OSError) as e:            # the one error path: one line, naming the file and the record
+        message = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else e
+        sys.exit(f"error: {message}" if rank == 0 else 1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -880,19 +884,15 @@ def load_checkpoint(path, map_location="cpu"):
     from elsewhere cannot run code on loading; a damaged file is a one-line error that says what to do."""
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e):
+    except Exception as e:   # objects weights_only refuses; or truncated, empty, not a zip
+        if isinstance(e, pickle.UnpicklingError) and ("weights only" in str(e).lower() or "weights_only" in str(e)):
             raise ValueError(f"{path} holds objects other than tensors, numbers and strings, so it was not written "
                              f"by textcls.py; refused to load it (weights_only=True)") from None
-        checkpoint = e
-    except Exception as e:   # truncated, empty, not a zip
-        checkpoint = e
-    if isinstance(checkpoint, Exception):
-        reason = (str(checkpoint).strip().splitlines() or [type(checkpoint).__name__])[0][:100]
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
         previous = (f"the previous state may be in {path}.tmp (rename it to {os.path.basename(path)} to use it), "
                     f"or " if os.path.exists(path + ".tmp") else "")
-        raise ValueError(f"{path} is damaged ({type(checkpoint).__name__}: {reason}); {previous}delete it to "
-                         f"start again")
+        raise ValueError(f"{path} is damaged ({type(e).__name__}: {reason}); {previous}delete it to start again") \
+            from None
     if not isinstance(checkpoint, dict) or not {"model", "config", "vocab"} <= checkpoint.keys():
         raise ValueError(f"{path} is not a checkpoint of this textcls.py (no model, configuration and vocabulary "
                          f"inside; older versions kept the vocabulary apart): train into another --out_dir")
@@ -1011,23 +1011,25 @@ def set_deterministic(on):
 
 
 # ----------------------------------------------------------------------------- charts (PIL only)
-def plot_learning_curve(history, path, size=(640, 360), margin=50):
-    """Each of train loss, validation loss, accuracy and macro-F1 (those in history) over the epochs, scaled
-    between its own minimum (bottom) and maximum (top), labelled with both."""
-    image = Image.new("RGB", size, "white")
+def plot_learning_curve(history, path):
+    """Two panels over the epochs: train and validation loss; validation accuracy and macro-F1 (empty without a
+    validation split). Each panel's scale runs from its lowest value (bottom) to its highest (top), both written."""
+    image = Image.new("RGB", (900, 360), "white")
     draw = ImageDraw.Draw(image)
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
-    names = [name for name in ("train_loss", "loss", "accuracy", "macro_f1") if all(name in h for h in history)]
-    width, height = size[0] - 2 * margin, size[1] - 2 * margin
-    for k, name in enumerate(names):
-        ys = [h[name] for h in history]
-        low, high = min(ys), max(ys) + 1e-9
-        points = [(margin + width * i / max(1, len(ys) - 1), margin + height * (high - y) / (high - low))
-                  for i, y in enumerate(ys)]
-        draw.line(points + points[-1:], fill=colours[k], width=2)
-        draw.text((margin + 150 * k, 10), f"{'val ' * (name != 'train_loss')}{name}: {ys[0]:.3f} -> {ys[-1]:.3f}",
-                  fill=colours[k])
-    draw.text((margin, size[1] - margin + 10), f"epoch 1 .. {history[-1]['epoch']}", fill="black")
+    for left, names in [(60, ["train_loss", "loss"]), (510, ["accuracy", "macro_f1"])]:
+        series = {name: [h[name] for h in history] for name in names if all(name in h for h in history)}
+        values = [v for ys in series.values() for v in ys] or [0.0]
+        low, high = min(values), max(values) + 1e-9
+        draw.rectangle((left, 30, left + 370, 320), outline="black")
+        draw.text((left - 55, 30), f"{high:.3f}", fill="black")
+        draw.text((left - 55, 310), f"{low:.3f}", fill="black")
+        for k, (name, ys) in enumerate(series.items()):
+            colour = [(31, 119, 180), (255, 127, 14)][k]
+            points = [(left + 370 * i / max(1, len(ys) - 1), 320 - 290 * (y - low) / (high - low)) for i, y in
+                      enumerate(ys)]
+            draw.line(points + points[-1:], fill=colour, width=2)
+            draw.text((left + 130 * k, 12), ("" if name == "train_loss" else "val ") + name, fill=colour)
+    draw.text((60, 330), f"epoch 1 .. {history[-1]['epoch']}", fill="black")
     image.save(path + ".tmp.png")
     os.replace(path + ".tmp.png", path)
 
