@@ -508,6 +508,7 @@ def run_config(records, mlm_records, mlm_epochs, seed, use_stems, world_size):
 def prepare_data(records, config, saved, out_dir, rank, world_size):
     """The stratified validation split, the vocabulary from the training part only (or the saved run's, which never
     changes), both parts as token ids. -> (vocab, (train ids, labels), (validation ids, labels))."""
+    check_writable(out_dir)                                        # before the long work
     labels = [r["label"] for r in records]
     train_idx, val_idx = stratified_split(labels, config["val_frac"], config["seed"])
     tokens = [record_tokens(r, config) for r in records]
@@ -701,26 +702,25 @@ def train_loop(model, optimizer, batch_loss, encoded, labels, n_epochs, seed, st
 
 
 def train_model(records, out_dir, mlm_records, mlm_epochs, seed, use_stems, minutes, system):
-    """One model on records (a stratified val_frac validates), resuming out_dir's run if there is one; with mlm_epochs,
-    masked-language pre-training on the texts of records and mlm_records (the test texts) first. -> the history, one
-    dict per finished epoch (on rank 0; [] when the time ran out during pre-training)."""
+    """One model on records (a stratified val_frac validates), resuming out_dir's run; with mlm_epochs, masked-language
+    pre-training on the texts of records and mlm_records first. -> the history (rank 0; [] if stopped in MLM)."""
     ddp, rank, world_size, run_device = system[:4]
     start = time.time()
     deadline = start + minutes * 60 if minutes > 0 else math.inf
-    check_writable(out_dir)
     config = run_config(records, mlm_records, mlm_epochs, seed, use_stems, world_size)
     checkpoint = check_resume(os.path.join(out_dir, "ckpt.pt"), config, run_device, rank)
     pretrained = check_resume(os.path.join(out_dir, "pretrain.pt"), config, run_device, rank) \
         if mlm_epochs and checkpoint is None else None
-    started = start - (checkpoint or pretrained or {}).get("seconds", 0.0)   # the seconds of the runs resumed count
-    vocab, (encoded, labels), val = prepare_data(records, config, checkpoint or pretrained, out_dir, rank, world_size)
+    saved = checkpoint or pretrained
+    started = start - (saved or {}).get("seconds", 0.0)       # the training seconds of the runs resumed count too
+    vocab, (encoded, labels), val = prepare_data(records, config, saved, out_dir, rank, world_size)
     torch.manual_seed(seed)
     model = build_model(config, len(vocab)).to(run_device)
-    if embeddings and not (checkpoint or pretrained) and rank == 0:
-        print(f"embeddings: {load_glove(embeddings, vocab, model.embedding, use_stems)} rows set from {embeddings}")
+    glove_rows = load_glove(embeddings, vocab, model.embedding, use_stems) if embeddings and not saved else 0
+    glove = f"; {glove_rows} embedding rows from {embeddings}" if glove_rows else ""
     if rank == 0:
         print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
-              f"{ {key: config[key] for key in MODEL_KEYS} }")
+              f"{ {key: config[key] for key in MODEL_KEYS} }{glove}")
     fresh = {"step": 0, "history": [], "config": config, "vocab": vocab.itos}
 
     if mlm_epochs and checkpoint is None:     # phase 1: masked-language modelling (BERT 3.1) with the same encoder
@@ -753,8 +753,11 @@ def train_model(records, out_dir, mlm_records, mlm_epochs, seed, use_stems, minu
     loss = lambda net, ids, targets, step: F.cross_entropy(net(ids.to(run_device)).float(), targets.to(run_device),
                                                            label_smoothing=label_smoothing)
     checkpoint = checkpoint or dict(fresh, history=[], best_accuracy=-1.0, pretrained=from_pretrained)
-    stop = train_loop(model, optimizer, loss, encoded, labels, epochs, seed, started, {"time": deadline}, checkpoint,
-                      os.path.join(out_dir, "ckpt.pt"), system, val)
+    train_loop(model, optimizer, loss, encoded, labels, epochs, seed, started, {"time": deadline}, checkpoint,
+               os.path.join(out_dir, "ckpt.pt"), system, val)
+    if rank == 0 and not os.path.exists(os.path.join(out_dir, "best.pt")):    # a finished run's, deleted since
+        save_if_best(model, checkpoint, evaluate(model, *val, run_device, system[4]), epochs,
+                     os.path.join(out_dir, "best.pt"), first=True)
     if ddp:
         dist.barrier()                         # rank 0's last saves are done before any process leaves
     return checkpoint["history"]
@@ -1096,10 +1099,13 @@ def bench_speed(records, run_device, names=("fp32", "bf16"), steps=40, rounds=2)
 def run_bench(data_dir, out_dir, system):
     """On one stratified held-out split: the training speed, then this Transformer with the constants above without
     and with masked-language pre-training (the held-out texts, never their labels, play the test texts that MLM may
-    read), fastText (supervised, word bigrams, 10 epochs) and TF-IDF word 1-2-grams + logistic regression.
-    max_minutes applies to each Transformer run. The baselines see the same training records as the Transformer
-    (its validation part excluded). Only here: pip install fasttext-wheel scikit-learn."""
-    from tokenizer import tokenize
+    read), then run_baselines. max_minutes applies to each Transformer run."""
+    try:                                       # the baselines' libraries are checked before any training
+        import fasttext  # noqa: F401
+        import sklearn  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"--bench compares with fastText and scikit-learn: pip install fasttext-wheel scikit-learn "
+                         f"({e})") from None
     rank, run_device, precision_name = system[1], system[3], system[4]
     check_writable(out_dir)
     records = load_news(os.path.join(data_dir, "News_train.json"))
@@ -1107,7 +1113,6 @@ def run_bench(data_dir, out_dir, system):
     train_records, test_records = [records[i] for i in kept], [records[i] for i in held_out]
     fit_idx, _ = stratified_split([r["label"] for r in train_records], val_frac, seed)  # what train_model uses
     fit_records = [train_records[i] for i in fit_idx]
-    text = lambda r: " ".join(tokenize(r["headline"] + " . " + r["short_description"]))
     test_labels, results = [r["label"] for r in test_records], {}
     names = ["fp32", "bf16"]
     if run_device.startswith("cuda") and torch.cuda.get_device_capability()[0] < 8:
@@ -1127,32 +1132,44 @@ def run_bench(data_dir, out_dir, system):
         logits = ensemble_logits(models, test_records, run_device, precision_name)
         seconds = sum(load_checkpoint(os.path.join(member_dir(folder, k), "ckpt.pt"))["seconds"]
                       for k in range(len(models)))
-        results[name] = (classification_metrics(logits.argmax(1).tolist(), test_labels), seconds)
-        print(f"{name}: held-out accuracy {results[name][0]['accuracy']:.4f}", flush=True)
+        results[name] = (logits.argmax(1).tolist(), seconds)
+        print(f"{name}: held-out accuracy {classification_metrics(results[name][0], test_labels)['accuracy']:.4f}",
+              flush=True)
     if rank != 0:
         return
-    import fasttext
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    start = time.time()
-    with open(os.path.join(out_dir, "fasttext_train.txt"), "w") as f:
-        f.writelines(f"__label__{r['label']} {text(r)}\n" for r in fit_records)
-    ft = fasttext.train_supervised(os.path.join(out_dir, "fasttext_train.txt"), wordNgrams=2, epoch=10,
-                                   thread=num_threads, seed=seed, verbose=0)
-    predictions = [int(labels[0].removeprefix("__label__"))
-                   for labels in ft.predict([text(r) for r in test_records])[0]]
-    results["fastText (bigrams, 10 epochs)"] = (classification_metrics(predictions, test_labels), time.time() - start)
-    start = time.time()
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, token_pattern=r"\S+")
-    features = vectorizer.fit_transform([text(r) for r in fit_records])
-    classifier = LogisticRegression(C=10, max_iter=1000).fit(features, [r["label"] for r in fit_records])
-    predictions = classifier.predict(vectorizer.transform([text(r) for r in test_records])).tolist()
-    results["TF-IDF 1-2-grams + LR"] = (classification_metrics(predictions, test_labels), time.time() - start)
+    results.update(run_baselines(fit_records, test_records, out_dir))
     print(f"held-out split: {len(test_records)} records ({holdout_frac:.0%} stratified, seed {seed + 1}); "
           f"training records: {len(fit_records)}")
     print("| model | accuracy | macro-F1 | training minutes |\n| --- | --- | --- | --- |")
-    for name, (metrics, seconds) in results.items():
+    for name, (predictions, seconds) in results.items():
+        metrics = classification_metrics(predictions, test_labels)
         print(f"| {name} | {metrics['accuracy']:.4f} | {metrics['macro_f1']:.4f} | {seconds / 60:.1f} |")
+
+
+def run_baselines(fit_records, test_records, out_dir):
+    """fastText (supervised, word bigrams, 10 epochs) and TF-IDF word 1-2-grams + logistic regression on tokenizer.py's
+    tokens, trained on the records the Transformer trains on (its validation part excluded).
+    -> {name: (predictions for test_records, training seconds)}."""
+    import fasttext
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from tokenizer import tokenize
+    fit_texts = [" ".join(tokenize(r["headline"] + " . " + r["short_description"])) for r in fit_records]
+    test_texts = [" ".join(tokenize(r["headline"] + " . " + r["short_description"])) for r in test_records]
+    start = time.time()
+    with open(os.path.join(out_dir, "fasttext_train.txt"), "w") as f:
+        f.writelines(f"__label__{r['label']} {text}\n" for r, text in zip(fit_records, fit_texts))
+    ft = fasttext.train_supervised(os.path.join(out_dir, "fasttext_train.txt"), wordNgrams=2, epoch=10,
+                                   thread=num_threads, seed=seed, verbose=0)
+    results = {"fastText (bigrams, 10 epochs)": ([int(labels[0].removeprefix("__label__"))
+                                                  for labels in ft.predict(test_texts)[0]], time.time() - start)}
+    start = time.time()
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, token_pattern=r"\S+")
+    classifier = LogisticRegression(C=10, max_iter=1000).fit(vectorizer.fit_transform(fit_texts),
+                                                            [r["label"] for r in fit_records])
+    predictions = classifier.predict(vectorizer.transform(test_texts)).tolist()
+    results["TF-IDF 1-2-grams + LR"] = (predictions, time.time() - start)
+    return results
 
 
 if __name__ == "__main__":
