@@ -7,7 +7,7 @@ ensemble of four such models whose logits are averaged, and the competition's su
     python textcls.py --train --data_dir=data/news --out_dir=out/textcls --max_minutes=20
     python textcls.py --predict --out_dir=out/textcls --test_file=data/news/News_test.json --submission=submission.csv
     python textcls.py --attention="Stocks fall as Fed raises rates" --out_dir=out/textcls   # attention-map PNG
-    python textcls.py --bench --data_dir=data/news        # beside fastText and TF-IDF + LR on one held-out split
+    python textcls.py --bench --data_dir=data/news        # speed per precision; held-out accuracy with and without MLM
     python textcls.py --train --pretrain_epochs=2 ...     # masked-language pre-training first, then fine-tuning
     torchrun --nproc_per_node=2 textcls.py --train ...    # several processes (DDP), as nanoGPT does it
 
@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import random
 import signal
 import sys
@@ -40,7 +39,7 @@ from tokenizer import Vocab, parse_overrides, preprocess, stem as porter_stem
 # what to do
 train = False           # train on data_dir/News_train.json
 predict = False         # write submission for test_file
-bench = False           # the benchmark: this model (without and with MLM) beside fastText and TF-IDF + LR
+bench = False           # the benchmark: training speed per precision, held-out accuracy without and with MLM
 attention = ""          # a sentence: draw its attention maps into out_dir/attention.png
 data_dir = "data/news"
 out_dir = "out/textcls"
@@ -98,18 +97,17 @@ CHECKS = {"pos_encoding": ("sinusoidal", "learned"), "pooling": ("mean", "cls"),
           "max_vocab": (lambda v: v > len(Vocab.SPECIALS), f"an integer > {len(Vocab.SPECIALS)} (the special tokens)"),
           "max_len": (lambda v: v >= 3, "an integer >= 3 (<cls>, <sep> and one token)"),
           "d_model": (lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2"),
-          "device": (lambda v: v in ("", "cpu", "cuda", "mps") or v.startswith("cuda:"), '"", cpu, cuda[:N] or mps')}
-RANGES = [(lambda v: v >= 1, "an integer >= 1", "min_freq nhead d_hid nlayers epochs batch_size ensemble num_threads "
-                                                 "log_every bench_pretrain_epochs"),
-          (lambda v: v >= 0, "an integer >= 0", "pretrain_epochs warmup_steps"),
-          (lambda v: v >= 0, "a number >= 0", "encoder_lr_frac weight_decay max_minutes"),
-          (lambda v: v > 0, "a number > 0", "pretrain_lr lr grad_clip"),
-          (lambda v: 0 <= v < 1, "a number in [0, 1)", "dropout label_smoothing val_frac"),
-          (lambda v: 0 < v < 1, "a number in (0, 1)", "mask_prob holdout_frac"),
-          (lambda v: 0 < v <= 1, "a number in (0, 1]", "pretrain_share"),
-          (lambda v: 0 <= v <= 1, "a number in [0, 1]", "min_lr_frac")]
-for rule, accepts, names in RANGES:
-    CHECKS.update({name: (rule, accepts) for name in names.split()})
+          "device": (lambda v: v in ("", "cpu", "cuda", "mps") or v.startswith("cuda:"), '"", cpu, cuda[:N] or mps'),
+          "mask_prob": (lambda v: 0 < v < 1, "a number in (0, 1)")}
+# counts that must be >= 1, and numbers that must not be negative (a dropout or a learning rate out of its range is
+# refused by PyTorch itself, with a ValueError that main prints as one line)
+AT_LEAST_ONE = "min_freq nhead d_hid nlayers epochs batch_size ensemble num_threads log_every bench_pretrain_epochs"
+NOT_NEGATIVE = "pretrain_epochs warmup_steps encoder_lr_frac max_minutes min_lr_frac pretrain_share"
+CHECKS.update({name: (lambda v: v >= 1, "an integer >= 1") for name in AT_LEAST_ONE.split()})
+CHECKS.update({name: (lambda v: v >= 0, "a number >= 0") for name in NOT_NEGATIVE.split()})
+CHECKS.update({name: (lambda v: 0 <= v < 1, "a number in [0, 1)") for name in ["dropout", "label_smoothing",
+                                                                                 "val_frac"]})
+CHECKS["holdout_frac"] = CHECKS["mask_prob"]
 
 NUM_CLASSES = 15
 LABEL_NAMES = ["POLITICS", "WELLNESS", "ENTERTAINMENT", "TRAVEL", "STYLE & BEAUTY", "PARENTING",
@@ -497,14 +495,6 @@ def fingerprint(records, with_labels=True):
     return f"{len(records)} records, sha1 {digest.hexdigest()[:16]}"
 
 
-def run_config(records, mlm_records, mlm_epochs, seed, use_stems, world_size):
-    """What a run is: the TRAIN_KEYS (with this model's seed and stem), its data and its number of processes."""
-    config = {name: globals()[name] for name in TRAIN_KEYS}
-    config.update(seed=seed, stem=use_stems, pretrain_epochs=mlm_epochs, train_data=fingerprint(records),
-                  mlm_texts=fingerprint(mlm_records, False) if mlm_epochs and mlm_records else "", processes=world_size)
-    return config
-
-
 def prepare_data(records, config, saved, out_dir, rank, world_size):
     """The stratified validation split, the vocabulary from the training part only (or the saved run's, which never
     changes), both parts as token ids. -> (vocab, (train ids, labels), (validation ids, labels))."""
@@ -517,8 +507,7 @@ def prepare_data(records, config, saved, out_dir, rank, world_size):
     split = lambda indices: ([vocab.encode(tokens[i][0], max_len=max_len, tokens_b=tokens[i][1]) for i in indices],
                              [labels[i] for i in indices])
     if rank == 0 and saved is None:
-        vocab.save(os.path.join(out_dir, "vocab.json.tmp"))        # a readable copy; the checkpoints hold the real one
-        os.replace(os.path.join(out_dir, "vocab.json.tmp"), os.path.join(out_dir, "vocab.json"))
+        vocab.save(os.path.join(out_dir, "vocab.json"))        # a readable copy; the checkpoints hold the real one
     if rank == 0:
         print(f"data: {len(train_idx)} train, {len(val_idx)} validation, vocabulary {len(vocab)}"
               + ("" if val_idx else " (no validation split: each epoch's model becomes best.pt)"))
@@ -530,95 +519,145 @@ def prepare_data(records, config, saved, out_dir, rank, world_size):
 def agree(flags, ddp, run_device):
     """Each flag True if it is True in any process. Every process gets the same answer, so all stop at the same
     step (one that stopped alone would leave the others waiting for it in the next gradient all-reduce)."""
-    if not ddp:
-        return [bool(f) for f in flags]
-    values = torch.tensor([int(bool(f)) for f in flags], device=run_device)
-    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    values = torch.tensor([int(bool(f)) for f in flags], device=run_device if ddp else "cpu")
+    if ddp:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return [bool(v) for v in values.tolist()]
-
-
-def save_if_best(model, checkpoint, metrics, epoch, best, first=False):
-    """Keep the model in best.pt if it beats the best so far on validation (without a validation split: always,
-    the latest model is the one to keep; first: there is no best.pt yet). -> whether it was kept."""
-    if not (first or "accuracy" not in metrics or metrics["accuracy"] > checkpoint["best_accuracy"]):
-        return False
-    checkpoint["best_accuracy"] = metrics.get("accuracy", checkpoint["best_accuracy"])
-    save_atomic({"model": model.state_dict(), "config": checkpoint["config"], "vocab": checkpoint["vocab"],
-                 "epoch": epoch, "metrics": metrics}, best)
-    return True
 
 
 def end_epoch(model, checkpoint, record, epochs_done, stop, val, path, system):
     """After a whole epoch: pre-training logs its loss; fine-tuning (on rank 0) evaluates on the validation split,
-    logs, keeps the model in best.pt if it is the best so far (without a validation split: every epoch's) and
-    writes history.json and the learning curve. After a stop inside an epoch (or with no best.pt yet) the weights
-    reached are kept in best.pt if they validate better: an ensemble model cut short near the end of its schedule,
-    where the learning rate is already low, is kept as it is, not as it was an epoch earlier."""
+    logs, and writes history.json and the learning curve. Then (fine-tuning, on rank 0) best.pt takes the model if it
+    validates better than the best so far; without a validation split always: the latest model is the one to keep.
+    After a stop inside an epoch the same holds for the weights reached: an ensemble model cut short near the end of
+    its schedule, where the learning rate is already low, is kept as it is, not as it was an epoch earlier."""
     rank, run_device, precision_name, epoch_done = system[1], system[3], system[4], float(epochs_done).is_integer()
-    if val is None and epoch_done:
+    if not all(bool(p.detach().isfinite().all()) for p in model.parameters()):
+        raise nonfinite_error("pre-training" if val is None else "training", "finite, but the weights are not",
+                              record["step"], path, checkpoint)
+    if epoch_done:
         checkpoint["history"].append(record)
-        if rank == 0:
-            print(f"pre-training epoch {record['epoch']}: masked-language loss {record['mlm_loss']:.4f}")
-    if val is None or rank != 0:
+    if val is None and epoch_done and rank == 0:
+        print(f"pre-training epoch {record['epoch']}: masked-language loss {record['mlm_loss']:.4f}")
+    if val is None or rank != 0 or not (epoch_done or stop == "--max_minutes"):
         return
     out_dir, best = os.path.dirname(path), os.path.join(os.path.dirname(path), "best.pt")
+    metrics = evaluate(model, *val, run_device, precision_name)
     if epoch_done:
-        record.update(evaluate(model, *val, run_device, precision_name))
+        record.update(metrics)
         scores = (f"val loss {record['loss']:.4f} val accuracy {record['accuracy']:.4f} val macro-F1 "
                   f"{record['macro_f1']:.4f}" if val[1] else "(no validation split)")
         print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} {scores}", flush=True)
-        checkpoint["history"].append(record)
-        save_if_best(model, checkpoint, record, record["epoch"], best)
-        with open(os.path.join(out_dir, "history.json.tmp"), "w") as f:
+        with open(os.path.join(out_dir, "history.json"), "w") as f:    # a readable copy of the checkpoint's history
             json.dump(checkpoint["history"], f, indent=1)
-        os.replace(os.path.join(out_dir, "history.json.tmp"), os.path.join(out_dir, "history.json"))
         plot_learning_curve(checkpoint["history"], os.path.join(out_dir, "learning_curve.png"))   # in the extras
-    if stop == "time":
-        metrics = evaluate(model, *val, run_device, precision_name)
-        if save_if_best(model, checkpoint, dict(metrics, step=record["step"]), epochs_done, best,
-                        first=not os.path.exists(best)):
+    if "accuracy" not in metrics or metrics["accuracy"] > checkpoint["best_accuracy"] or not os.path.exists(best):
+        checkpoint["best_accuracy"] = metrics.get("accuracy", checkpoint["best_accuracy"])
+        save_atomic({"model": model.state_dict(), "config": checkpoint["config"], "vocab": checkpoint["vocab"],
+                     "epoch": record["epoch"] if epoch_done else epochs_done,
+                     "metrics": record if epoch_done else dict(metrics, step=record["step"])}, best)
+        if not epoch_done:
             print(f"best.pt: the weights at step {record['step']}"
                   + (f", val accuracy {metrics['accuracy']:.4f}" if metrics else ""))
 
 
-def restore(checkpoint, model, optimizer, path, precision_name, rank):
+def resume(checkpoint, model, optimizer, path, precision_name, rank):
     """-> fp16's gradient scaler (disabled, a no-op, in bf16 and fp32: the loss is multiplied before backward so that
     small gradients do not underflow to 0 in float16). A saved phase restores the weights, the optimizer's moments and
     the scaler's scale: it continues exactly; one saved in another precision continues with a fresh scaler."""
     scaler = torch.amp.GradScaler(next(model.parameters()).device.type, enabled=precision_name == "fp16")
-    if "model" not in checkpoint:
-        return scaler
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    if scaler.is_enabled() and checkpoint["scaler"]:
-        scaler.load_state_dict(checkpoint["scaler"])
-    saved_precision = checkpoint.get("precision", precision_name)
-    if rank == 0:
-        print(f"resuming from {path} at step {checkpoint['step']}" + (f" (saved in {saved_precision}, continuing in "
-              f"{precision_name}{' with a fresh gradient scaler' if scaler.is_enabled() else ''})"
-              if saved_precision != precision_name else ""))
+    if "model" in checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scaler.is_enabled() and checkpoint["scaler"]:
+            scaler.load_state_dict(checkpoint["scaler"])
+        fresh = " with a fresh gradient scaler" if scaler.is_enabled() else ""
+        other = f" (saved in {checkpoint['precision']}, continuing in {precision_name}{fresh})"
+        if rank == 0:
+            print(f"resuming from {path} at step {checkpoint['step']}"
+                  + (other if checkpoint["precision"] != precision_name else ""))
     return scaler
 
 
-def nonfinite_error(val, loss_value, step, path, optimizer):
-    """The one-line error for a loss (or weights) turned inf or NaN: the checkpoint on disk is the last good one."""
-    last = (f"the last good checkpoint {path} (step {load_checkpoint(path)['step']}) is kept" if os.path.exists(path)
+def nonfinite_error(phase, value, step, path, checkpoint):
+    """The one-line error for a loss (or weights) turned inf or NaN: the checkpoint on disk is the last good one
+    (the weights are checked before every save)."""
+    kept = (f"the last good checkpoint {path} (step {checkpoint['step']}) is kept" if os.path.exists(path)
             else "nothing was saved")
-    return ValueError(f"the {'pre-training' if val is None else 'training'} loss is {loss_value} at step {step + 1}: "
-                      f"training stopped; {last}. Lower {'--pretrain_lr' if val is None else '--lr'} (now "
-                      f"{optimizer.defaults['lr']}) or try --precision=fp32")
+    return ValueError(f"the {phase} loss is {value} at step {step}: training stopped; {kept}. Lower "
+                      f"{'--pretrain_lr' if phase == 'pre-training' else '--lr'} or try --precision=fp32")
 
 
-def announce_stop(stop, step, total_steps, path, rank, ddp):
-    """Say why and where the loop stopped early, and how to go on. A signal ends the program here (each process
-    with 128 + the signal's number), after rank 0's checkpoint."""
-    phase = "pre-training" if path.endswith("pretrain.pt") else "training"
-    message = {"time": f"{phase} stopped by --max_minutes at step {step}/{total_steps}; checkpoint saved, run the "
-                       f"same command to resume",
-               "share": f"{phase} stopped at step {step}/{total_steps}, its share of --max_minutes: fine-tuning starts",
-               "signal": f"stopped by {signal.Signals(STOP[0]).name if STOP else 'a signal'} at step {step}: "
-                         f"checkpoint saved in {path}; run the same command to resume"}[stop]
-    if rank == 0:
+def train_loop(model, optimizer, batch_loss, encoded, labels, n_epochs, seed, started, deadlines, checkpoint, path,
+               system, val=None):
+    """Both phases' loop (pre-training: labels None; fine-tuning: val = the validation split), from checkpoint's step
+    to n_epochs; saves checkpoint to path after each epoch or stop. -> None when done, or the deadline that stopped."""
+    ddp, rank, world_size, run_device, precision_name, ctx = system
+    phase = "pre-training" if val is None else "training"
+    scaler = resume(checkpoint, model, optimizer, path, precision_name, rank)    # (fp16's loss scaling)
+    net = DistributedDataParallel(model, device_ids=[run_device] if "cuda" in run_device else None) if ddp else model
+    steps_per_epoch = math.ceil(len(encoded) / batch_size) // world_size   # each process takes every world_size-th
+    step, total_steps, skipped, stop = checkpoint["step"], n_epochs * steps_per_epoch, 0, None
+    while step < total_steps and not checkpoint.get("done") and not stop:
+        epoch = step // steps_per_epoch
+        # this process's batches of the epoch, in an order from (seed, epoch) only: a resumed run skips those it did
+        batches = make_batches([len(e) for e in encoded], batch_size, random.Random(seed + epoch), bucket)
+        net.train()
+        tick, seen, loss_sum, loss_count = time.time(), 0, 0.0, 0
+        for batch in batches[rank:steps_per_epoch * world_size:world_size][step - epoch * steps_per_epoch:]:
+            torch.manual_seed(seed + step * world_size + rank)    # dropout masks from (seed, step, rank): as on resume
+            step_lr = learning_rate(step, total_steps, optimizer.defaults["lr"])
+            for group in optimizer.param_groups:
+                group["lr"] = step_lr * group["lr_scale"]
+            ids, targets = collate(encoded, batch, labels)                 # forward
+            with ctx:
+                loss = batch_loss(net, ids, targets, step)
+            loss_value = loss.item()
+            # termination conditions, agreed by every process, so that all stop after the same step
+            nonfinite, signalled, *late = agree([not math.isfinite(loss_value), STOP] +
+                                                [time.time() > t for t in deadlines.values()], ddp, run_device)
+            if nonfinite:
+                raise nonfinite_error(phase, loss_value, step + 1, path, checkpoint)
+            # backward (scaled), clip the true gradient, update; the scaler skips steps with inf/NaN gradients
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+            scale = scaler.get_scale()
+            scaler.step(optimizer)
+            scaler.update()
+            skipped, step = skipped + (scaler.get_scale() < scale), step + 1
+            seen, loss_sum, loss_count = seen + len(batch), loss_sum + loss_value, loss_count + 1
+            # logging
+            if step % log_every == 0 and rank == 0:
+                speed = seen * world_size / max(1e-9, time.time() - tick)          # examples/s of all processes
+                print(f"{'pre-training ' if val is None else ''}epoch {epoch + 1} step {step}/{total_steps} loss "
+                      f"{loss_sum / loss_count:.4f} lr {step_lr:.2e} {speed:.0f} examples/s, about "
+                      f"{(total_steps - step) * batch_size * world_size / speed / 60:.1f} min left"
+                      + (f"; {skipped} steps skipped by the gradient scaler" if skipped else ""), flush=True)
+            stop = "signal" if signalled else next((reason for reason, up in zip(deadlines, late) if up), None)
+            if stop:
+                break
+        # end of the epoch, or of this run: check the weights, evaluate a whole epoch, save the checkpoint
+        record = {"epoch": epoch + 1, "step": step, "train_loss" if val else "mlm_loss": loss_sum / max(1, loss_count),
+                  "minutes": (time.time() - started) / 60}
+        end_epoch(model, checkpoint, record, step / steps_per_epoch, stop, val, path, system)
+        checkpoint.update(step=step, done=stop == "its share of --max_minutes" or (val is None and step >= total_steps),
+                          seconds=time.time() - started)
+        if rank == 0:
+            save_atomic({**checkpoint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "precision": precision_name}, path)
+    return announce_stop(stop, phase, step, total_steps, path, ddp, rank)
+
+
+def announce_stop(stop, phase, step, total_steps, path, ddp, rank):
+    """Say why the loop stopped early (None: it did not). A signal ends the program here (each process with 128 +
+    the signal's number), after rank 0's checkpoint. -> stop."""
+    message = f"{phase} stopped by {stop} at step {step}/{total_steps}; checkpoint saved"
+    if stop == "signal":
+        message = (f"stopped by {signal.Signals(STOP[0]).name if STOP else 'a signal'} at step {step}: checkpoint "
+                   f"saved in {path}; run the same command to resume")
+    if stop and rank == 0:
         print(message, file=sys.stderr if stop == "signal" else sys.stdout, flush=True)
     if stop == "signal":
         if ddp:
@@ -627,102 +666,29 @@ def announce_stop(stop, step, total_steps, path, rank, ddp):
     return stop
 
 
-def optimizer_step(net, optimizer, scaler, loss):
-    """Backward (of the scaled loss, in fp16), clip the true gradient (unscaled first), update the weights; the
-    scaler skips a step whose gradients hold inf or NaN, and lowers its scale. -> whether it skipped this one."""
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-    scale_before = scaler.get_scale() if scaler.is_enabled() else 0.0
-    scaler.step(optimizer)
-    scaler.update()
-    return scaler.is_enabled() and scaler.get_scale() < scale_before
-
-
-def train_loop(model, optimizer, batch_loss, encoded, labels, n_epochs, seed, started, deadlines, checkpoint, path,
-               system, val=None):
-    """Both phases' loop (pre-training: labels None; fine-tuning: val = the validation split), from checkpoint's step
-    to n_epochs; saves checkpoint to path after each epoch or stop. -> None when done, or the deadline that stopped."""
-    ddp, rank, world_size, run_device, precision_name, ctx = system
-    scaler = restore(checkpoint, model, optimizer, path, precision_name, rank)    # (fp16's loss scaling)
-    net = DistributedDataParallel(model, device_ids=[run_device] if "cuda" in run_device else None) if ddp else model
-    steps_per_epoch = math.ceil(len(encoded) / batch_size) // world_size   # each process takes every world_size-th
-    step, total_steps, skipped = checkpoint["step"], n_epochs * steps_per_epoch, 0
-    while step < total_steps and not checkpoint.get("done"):
-        epoch = step // steps_per_epoch
-        # this process's batches of the epoch, in an order from (seed, epoch) only: a resumed run skips those it did
-        batches = make_batches([len(e) for e in encoded], batch_size, random.Random(seed + epoch), bucket)
-        batches = batches[rank:steps_per_epoch * world_size:world_size]
-        net.train()
-        tick, seen, loss_sum, loss_count, stop = time.time(), 0, 0.0, 0, None
-        for batch in batches[step - epoch * steps_per_epoch:]:
-            torch.manual_seed(seed + step * world_size + rank)    # dropout masks from (seed, step, rank): as on resume
-            step_lr = learning_rate(step, total_steps, optimizer.defaults["lr"])
-            for group in optimizer.param_groups:
-                group["lr"] = step_lr * group["lr_scale"]
-            # forward
-            ids, targets = collate(encoded, batch, labels)
-            with ctx:
-                loss = batch_loss(net, ids, targets, step)
-            loss_value = loss.item()
-            # termination conditions, agreed by every process, so that all stop after the same step
-            nonfinite, signalled, *late = agree([not math.isfinite(loss_value), STOP] +
-                                                [time.time() > t for t in deadlines.values()], ddp, run_device)
-            if nonfinite:
-                raise nonfinite_error(val, loss_value, step, path, optimizer)
-            # backward and update
-            skipped += optimizer_step(net, optimizer, scaler, loss)
-            step, seen, loss_sum, loss_count = step + 1, seen + len(batch), loss_sum + loss_value, loss_count + 1
-            # logging
-            if step % log_every == 0 and rank == 0:
-                speed = seen * world_size / max(1e-9, time.time() - tick)          # examples/s of all processes
-                minutes_left = (total_steps - step) * batch_size * world_size / speed / 60
-                skips = f"; {skipped} steps skipped by the gradient scaler" if skipped else ""
-                print(f"{'pre-training ' if val is None else ''}epoch {epoch + 1} step {step}/{total_steps} loss "
-                      f"{loss_sum / loss_count:.4f} lr {step_lr:.2e} {speed:.0f} examples/s, about {minutes_left:.1f} "
-                      f"min left{skips}", flush=True)
-            stop = "signal" if signalled else next((reason for reason, up in zip(deadlines, late) if up), None)
-            if stop:
-                break
-        # end of the epoch, or of this run: check the weights, evaluate a whole epoch, save the checkpoint
-        if not all(bool(p.detach().isfinite().all()) for p in net.parameters()):
-            raise nonfinite_error(val, "finite, but the weights are not", step, path, optimizer)
-        record = {"epoch": epoch + 1, "step": step, "train_loss" if val else "mlm_loss": loss_sum / max(1, loss_count),
-                  "minutes": (time.time() - started) / 60}
-        end_epoch(model, checkpoint, record, step / steps_per_epoch, stop, val, path, system)
-        checkpoint.update(step=step, done=stop == "share" or (val is None and step >= total_steps),
-                          seconds=time.time() - started)
-        if rank == 0:
-            save_atomic({**checkpoint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "precision": precision_name}, path)
-        if stop:
-            return announce_stop(stop, step, total_steps, path, rank, ddp)
-    return None
-
-
 def train_model(records, out_dir, mlm_records, mlm_epochs, seed, use_stems, minutes, system):
     """One model on records (a stratified val_frac validates), resuming out_dir's run; with mlm_epochs, masked-language
     pre-training on the texts of records and mlm_records first. -> the history (rank 0; [] if stopped in MLM)."""
     ddp, rank, world_size, run_device = system[:4]
     start = time.time()
     deadline = start + minutes * 60 if minutes > 0 else math.inf
-    config = run_config(records, mlm_records, mlm_epochs, seed, use_stems, world_size)
+    config = {name: globals()[name] for name in TRAIN_KEYS}                  # what this run is, its data included
+    config.update(seed=seed, stem=use_stems, pretrain_epochs=mlm_epochs, train_data=fingerprint(records),
+                  mlm_texts=fingerprint(mlm_records, False) if mlm_epochs and mlm_records else "", processes=world_size)
     checkpoint = check_resume(os.path.join(out_dir, "ckpt.pt"), config, run_device, rank)
-    pretrained = check_resume(os.path.join(out_dir, "pretrain.pt"), config, run_device, rank) \
-        if mlm_epochs and checkpoint is None else None
+    pretrained = None if checkpoint or not mlm_epochs else \
+        check_resume(os.path.join(out_dir, "pretrain.pt"), config, run_device, rank)
     saved = checkpoint or pretrained
     started = start - (saved or {}).get("seconds", 0.0)       # the training seconds of the runs resumed count too
     vocab, (encoded, labels), val = prepare_data(records, config, saved, out_dir, rank, world_size)
     torch.manual_seed(seed)
     model = build_model(config, len(vocab)).to(run_device)
     glove_rows = load_glove(embeddings, vocab, model.embedding, use_stems) if embeddings and not saved else 0
-    glove = f"; {glove_rows} embedding rows from {embeddings}" if glove_rows else ""
     if rank == 0:
         print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
-              f"{ {key: config[key] for key in MODEL_KEYS} }{glove}")
+              f"{ {key: config[key] for key in MODEL_KEYS} }"
+              + (f"; {glove_rows} embedding rows from {embeddings}" if glove_rows else ""))
     fresh = {"step": 0, "history": [], "config": config, "vocab": vocab.itos}
-
     if mlm_epochs and checkpoint is None:     # phase 1: masked-language modelling (BERT 3.1) with the same encoder
         mlm = MaskedLanguageModel(model).to(run_device)
         texts = encode_records(records + list(mlm_records or []), vocab, config)
@@ -733,18 +699,17 @@ def train_model(records, out_dir, mlm_records, mlm_epochs, seed, use_stems, minu
         # the masking depends only on (seed, step, rank): exact on resume
         loss = lambda net, ids, _, step: mlm_loss(net, ids, len(vocab), torch.Generator().manual_seed(
             seed * 1000003 + step * world_size + rank), run_device)
-        share = {"share": start + pretrain_share * minutes * 60} if minutes > 0 else {}
+        share = {"its share of --max_minutes": start + pretrain_share * minutes * 60} if minutes > 0 else {}
         stop = train_loop(mlm, optimizer, loss, texts, None, mlm_epochs, seed + 7777, started,
-                          {"time": deadline, **share}, pretrained or dict(fresh), os.path.join(out_dir, "pretrain.pt"),
-                          system)
-        if stop == "time":          # nothing to fine-tune yet
+                          {"--max_minutes": deadline, **share}, pretrained or dict(fresh),
+                          os.path.join(out_dir, "pretrain.pt"), system)
+        if stop == "--max_minutes":          # nothing to fine-tune yet
             if ddp:
                 dist.barrier()
             return []
 
-    # phase 2 (the only one without pre-training): the classifier learns the labels, with label smoothing (Szegedy
-    # et al. 2016, 7): the target gives 1 - label_smoothing to the true class and spreads label_smoothing evenly
-    # over all classes, so the loss stops rewarding an ever larger gap between the logits (overconfidence)
+    # phase 2: the classifier learns the labels, with label smoothing (Szegedy et al. 2016, 7): the target gives 1 -
+    # label_smoothing to the true class and spreads label_smoothing evenly over all classes (no overconfidence)
     from_pretrained = bool(mlm_epochs) and (checkpoint or {"pretrained": True}).get("pretrained", False)
     scale_of = (lambda name: 1.0 if name.startswith("head.") or not from_pretrained else encoder_lr_frac)
     optimizer = torch.optim.AdamW(parameter_groups(model.named_parameters(), scale_of), lr=lr, fused=True)
@@ -753,11 +718,11 @@ def train_model(records, out_dir, mlm_records, mlm_epochs, seed, use_stems, minu
     loss = lambda net, ids, targets, step: F.cross_entropy(net(ids.to(run_device)).float(), targets.to(run_device),
                                                            label_smoothing=label_smoothing)
     checkpoint = checkpoint or dict(fresh, history=[], best_accuracy=-1.0, pretrained=from_pretrained)
-    train_loop(model, optimizer, loss, encoded, labels, epochs, seed, started, {"time": deadline}, checkpoint,
+    train_loop(model, optimizer, loss, encoded, labels, epochs, seed, started, {"--max_minutes": deadline}, checkpoint,
                os.path.join(out_dir, "ckpt.pt"), system, val)
     if rank == 0 and not os.path.exists(os.path.join(out_dir, "best.pt")):    # a finished run's, deleted since
-        save_if_best(model, checkpoint, evaluate(model, *val, run_device, system[4]), epochs,
-                     os.path.join(out_dir, "best.pt"), first=True)
+        save_atomic({"model": model.state_dict(), "config": config, "vocab": vocab.itos, "epoch": epochs,
+                     "metrics": evaluate(model, *val, run_device, system[4])}, os.path.join(out_dir, "best.pt"))
     if ddp:
         dist.barrier()                         # rank 0's last saves are done before any process leaves
     return checkpoint["history"]
@@ -854,10 +819,7 @@ def main(argv):
     rank = int(os.environ.get("RANK", 0))
     try:
         system = setup_system()
-        if train:
-            if pretrain_epochs and pretrain_test and not os.path.exists(test_file):
-                raise ValueError(f"--pretrain_test=True reads the test texts, but {test_file} does not exist: pass "
-                                 f"--test_file=PATH or --pretrain_test=False")
+        if train:                                  # (MLM reads test_file's texts too, unless --pretrain_test=False)
             mlm_records = load_news(test_file, require_label=False) if pretrain_epochs and pretrain_test else None
             train_ensemble(load_news(os.path.join(data_dir, "News_train.json")), out_dir, mlm_records,
                            pretrain_epochs, system)
@@ -888,12 +850,11 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:   # objects weights_only refuses; or truncated, empty, not a zip
-        if isinstance(e, pickle.UnpicklingError) and ("weights only" in str(e).lower() or "weights_only" in str(e)):
+        if "weights only" in str(e).lower().replace("_", " "):
             raise ValueError(f"{path} holds objects other than tensors, numbers and strings, so it was not written "
                              f"by textcls.py; refused to load it (weights_only=True)") from None
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
-        previous = (f"the previous state may be in {path}.tmp (rename it to {os.path.basename(path)} to use it), "
-                    f"or " if os.path.exists(path + ".tmp") else "")
+        previous = f"the previous state may be in {path}.tmp, or " if os.path.exists(path + ".tmp") else ""
         raise ValueError(f"{path} is damaged ({type(e).__name__}: {reason}); {previous}delete it to start again") \
             from None
     if not isinstance(checkpoint, dict) or not {"model", "config", "vocab"} <= checkpoint.keys():
@@ -992,11 +953,9 @@ def check_cuda_build():
     y >= Y; PTX compute_XY is compiled for any capability >= X.Y."""
     major, minor = torch.cuda.get_device_capability()
     archs = torch.cuda.get_arch_list()
-    def version(arch):  # "sm_86" -> (8, 6), "sm_90a" -> (9, 0), "compute_120" -> (12, 0)
-        digits = "".join(char for char in arch.split("_")[-1] if char.isdigit())
-        return int(digits[:-1]), int(digits[-1])
-    runs = any((arch.startswith("sm_") and version(arch)[0] == major and version(arch)[1] <= minor) or
-               (arch.startswith("compute_") and version(arch) <= (major, minor)) for arch in archs)
+    # "sm_86" -> ("sm", 86), "sm_90a" -> ("sm", 90), "compute_120" -> ("compute", 120): capability 12.0 is 120
+    built = [(arch.split("_")[0], int("".join(c for c in arch.split("_")[-1] if c.isdigit()))) for arch in archs]
+    runs = any(v // 10 == major and v % 10 <= minor if kind == "sm" else v <= 10 * major + minor for kind, v in built)
     if archs and not runs:
         raise ValueError(f"this PyTorch {torch.__version__} has GPU kernels for {' '.join(archs)}, none for "
                          f"{torch.cuda.get_device_name()} (sm_{major}{minor}): install a PyTorch build that lists "
@@ -1042,9 +1001,8 @@ def draw_attention(sentence, out_dir, cell=28):
     (averaged over heads): row = query token, column = key token, darker = more attention."""
     model, vocab, config = load_trained(out_dir, "cpu")
     headline, _, description = sentence.partition("|")   # "headline | description" gives two segments
-    words = lambda text: preprocess(text, config["remove_stop"], config["stem"])
-    ids = torch.tensor([vocab.encode(words(headline), max_len=config["max_len"],
-                                     tokens_b=words(description) if description else None)])
+    record = {"headline": headline, "short_description": description}
+    ids = torch.tensor(encode_records([record], vocab, config))          # as --predict encodes a record
     with torch.no_grad():
         probabilities = model(ids).softmax(-1)[0]
     tokens, maps = vocab.decode(ids[0].tolist()), model.attention_maps(ids)
@@ -1077,7 +1035,7 @@ def bench_speed(records, run_device, names=("fp32", "bf16"), steps=40, rounds=2)
     encoded, labels = encode_records(records, vocab, config), [r["label"] for r in records]
     batches = make_batches([len(e) for e in encoded], batch_size, random.Random(seed), bucket)[:steps + 5]
     best = {}
-    for _, name in [(r, name) for r in range(rounds) for name in names]:
+    for name in list(names) * rounds:
         torch.manual_seed(seed)
         model = build_model(config, len(vocab)).to(run_device).train()
         optimizer = torch.optim.AdamW(parameter_groups(model.named_parameters()), lr=lr)
@@ -1091,37 +1049,31 @@ def bench_speed(records, run_device, names=("fp32", "bf16"), steps=40, rounds=2)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            seen += len(batch) if i >= 5 else 0
+            seen += len(batch)
         best[name] = max(best.get(name, 0.0), seen / (time.perf_counter() - tick))
     return best
 
 
 def run_bench(data_dir, out_dir, system):
-    """On one stratified held-out split: the training speed, then this Transformer with the constants above without
-    and with masked-language pre-training (the held-out texts, never their labels, play the test texts that MLM may
-    read), then run_baselines. max_minutes applies to each Transformer run."""
-    try:                                       # the baselines' libraries are checked before any training
-        import fasttext  # noqa: F401
-        import sklearn  # noqa: F401
-    except ImportError as e:
-        raise ValueError(f"--bench compares with fastText and scikit-learn: pip install fasttext-wheel scikit-learn "
-                         f"({e})") from None
-    rank, run_device, precision_name = system[1], system[3], system[4]
+    """On one stratified held-out split: the training speed in each precision, then this Transformer with the
+    constants above without and with masked-language pre-training (the held-out texts, never their labels, play the
+    test texts that MLM may read). max_minutes applies to each run."""
+    run_device, precision_name = system[3], system[4]
     check_writable(out_dir)
     records = load_news(os.path.join(data_dir, "News_train.json"))
     kept, held_out = stratified_split([r["label"] for r in records], holdout_frac, seed + 1)
     train_records, test_records = [records[i] for i in kept], [records[i] for i in held_out]
     fit_idx, _ = stratified_split([r["label"] for r in train_records], val_frac, seed)  # what train_model uses
-    fit_records = [train_records[i] for i in fit_idx]
-    test_labels, results = [r["label"] for r in test_records], {}
     names = ["fp32", "bf16"]
     if run_device.startswith("cuda") and torch.cuda.get_device_capability()[0] < 8:
         names = ["fp32"]
         print("note: no bf16 speed on this GPU (CUDA capability below 8.0 has no native bfloat16)")
-    speeds = bench_speed(fit_records, run_device, names)
+    speeds = bench_speed([train_records[i] for i in fit_idx], run_device, names)
     print(f"training speed on {run_device}, batch {batch_size}: "
           + ", ".join(f"{name} {speed:.0f} examples/s" for name, speed in speeds.items())
           + f"; the runs below use {precision_name}", flush=True)
+    print(f"held-out split: {len(test_records)} records ({holdout_frac:.0%} stratified, seed {seed + 1}); "
+          f"training records: {len(fit_idx)}")
     mlm_epochs = pretrain_epochs or bench_pretrain_epochs
     for name, folder, phase_epochs in [("Transformer, no MLM", "bench_no_mlm", 0),
                                        (f"Transformer, MLM {mlm_epochs} ep", "bench_mlm", mlm_epochs)]:
@@ -1129,47 +1081,12 @@ def run_bench(data_dir, out_dir, system):
         train_ensemble(train_records, folder, test_records if phase_epochs and pretrain_test else None, phase_epochs,
                        system)
         models = load_ensemble(folder, run_device)
-        logits = ensemble_logits(models, test_records, run_device, precision_name)
+        predictions = ensemble_logits(models, test_records, run_device, precision_name).argmax(1).tolist()
+        metrics = classification_metrics(predictions, [r["label"] for r in test_records])
         seconds = sum(load_checkpoint(os.path.join(member_dir(folder, k), "ckpt.pt"))["seconds"]
                       for k in range(len(models)))
-        results[name] = (logits.argmax(1).tolist(), seconds)
-        print(f"{name}: held-out accuracy {classification_metrics(results[name][0], test_labels)['accuracy']:.4f}",
-              flush=True)
-    if rank != 0:
-        return
-    results.update(run_baselines(fit_records, test_records, out_dir))
-    print(f"held-out split: {len(test_records)} records ({holdout_frac:.0%} stratified, seed {seed + 1}); "
-          f"training records: {len(fit_records)}")
-    print("| model | accuracy | macro-F1 | training minutes |\n| --- | --- | --- | --- |")
-    for name, (predictions, seconds) in results.items():
-        metrics = classification_metrics(predictions, test_labels)
-        print(f"| {name} | {metrics['accuracy']:.4f} | {metrics['macro_f1']:.4f} | {seconds / 60:.1f} |")
-
-
-def run_baselines(fit_records, test_records, out_dir):
-    """fastText (supervised, word bigrams, 10 epochs) and TF-IDF word 1-2-grams + logistic regression on tokenizer.py's
-    tokens, trained on the records the Transformer trains on (its validation part excluded).
-    -> {name: (predictions for test_records, training seconds)}."""
-    import fasttext
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from tokenizer import tokenize
-    fit_texts = [" ".join(tokenize(r["headline"] + " . " + r["short_description"])) for r in fit_records]
-    test_texts = [" ".join(tokenize(r["headline"] + " . " + r["short_description"])) for r in test_records]
-    start = time.time()
-    with open(os.path.join(out_dir, "fasttext_train.txt"), "w") as f:
-        f.writelines(f"__label__{r['label']} {text}\n" for r, text in zip(fit_records, fit_texts))
-    ft = fasttext.train_supervised(os.path.join(out_dir, "fasttext_train.txt"), wordNgrams=2, epoch=10,
-                                   thread=num_threads, seed=seed, verbose=0)
-    results = {"fastText (bigrams, 10 epochs)": ([int(labels[0].removeprefix("__label__"))
-                                                  for labels in ft.predict(test_texts)[0]], time.time() - start)}
-    start = time.time()
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, token_pattern=r"\S+")
-    classifier = LogisticRegression(C=10, max_iter=1000).fit(vectorizer.fit_transform(fit_texts),
-                                                            [r["label"] for r in fit_records])
-    predictions = classifier.predict(vectorizer.transform(test_texts)).tolist()
-    results["TF-IDF 1-2-grams + LR"] = (predictions, time.time() - start)
-    return results
+        print(f"{name}: held-out accuracy {metrics['accuracy']:.4f} macro-F1 {metrics['macro_f1']:.4f}, "
+              f"{seconds / 60:.1f} training minutes", flush=True)
 
 
 if __name__ == "__main__":
