@@ -99,11 +99,12 @@ CHECKS = {"pos_encoding": ("sinusoidal", "learned"), "pooling": ("mean", "cls"),
           "d_model": (lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2"),
           "device": (lambda v: v in ("", "cpu", "cuda", "mps") or v.startswith("cuda:"), '"", cpu, cuda[:N] or mps'),
           "mask_prob": (lambda v: 0 < v < 1, "a number in (0, 1)")}
-# counts that must be >= 1, and numbers that must not be negative (a dropout or a learning rate out of its range is
-# refused by PyTorch itself, with a ValueError that main prints as one line)
+# counts that must be >= 1, numbers that must be > 0 or >= 0, and fractions
 AT_LEAST_ONE = "min_freq nhead d_hid nlayers epochs batch_size ensemble num_threads log_every bench_pretrain_epochs"
-NOT_NEGATIVE = "pretrain_epochs warmup_steps encoder_lr_frac max_minutes min_lr_frac pretrain_share"
+POSITIVE = "pretrain_lr lr grad_clip pretrain_share"
+NOT_NEGATIVE = "pretrain_epochs warmup_steps encoder_lr_frac weight_decay max_minutes min_lr_frac"
 CHECKS.update({name: (lambda v: v >= 1, "an integer >= 1") for name in AT_LEAST_ONE.split()})
+CHECKS.update({name: (lambda v: v > 0, "a number > 0") for name in POSITIVE.split()})
 CHECKS.update({name: (lambda v: v >= 0, "a number >= 0") for name in NOT_NEGATIVE.split()})
 CHECKS.update({name: (lambda v: 0 <= v < 1, "a number in [0, 1)") for name in ["dropout", "label_smoothing",
                                                                                  "val_frac"]})
@@ -507,7 +508,8 @@ def prepare_data(records, config, saved, out_dir, rank, world_size):
     split = lambda indices: ([vocab.encode(tokens[i][0], max_len=max_len, tokens_b=tokens[i][1]) for i in indices],
                              [labels[i] for i in indices])
     if rank == 0 and saved is None:
-        vocab.save(os.path.join(out_dir, "vocab.json"))        # a readable copy; the checkpoints hold the real one
+        vocab.save(os.path.join(out_dir, "vocab.json.tmp"))        # a readable copy; the checkpoints hold the real one
+        os.replace(os.path.join(out_dir, "vocab.json.tmp"), os.path.join(out_dir, "vocab.json"))
     if rank == 0:
         print(f"data: {len(train_idx)} train, {len(val_idx)} validation, vocabulary {len(vocab)}"
               + ("" if val_idx else " (no validation split: each epoch's model becomes best.pt)"))
