@@ -1033,7 +1033,7 @@ def bench_speed(records, run_device, names=("fp32", "bf16"), steps=40, rounds=2)
     in the same run. The rounds alternate them and the best round of each counts (other work on a shared machine
     slows some rounds down)."""
     config = {key: globals()[key] for key in MODEL_KEYS}
-    vocab = Vocab.build((t for r in records for t in sum(record_tokens(r, config), [])), min_freq, max_vocab)
+    vocab = Vocab.build((segment for r in records for segment in record_tokens(r, config)), min_freq, max_vocab)
     encoded, labels = encode_records(records, vocab, config), [r["label"] for r in records]
     batches = make_batches([len(e) for e in encoded], batch_size, random.Random(seed), bucket)[:steps + 5]
     best = {}
