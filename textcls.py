@@ -98,7 +98,8 @@ CHECKS = {"pos_encoding": ("sinusoidal", "learned"), "pooling": ("mean", "cls"),
           "max_len": (lambda v: v >= 3, "an integer >= 3 (<cls>, <sep> and one token)"),
           "d_model": (lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2"),
           "device": (lambda v: v in ("", "cpu", "cuda", "mps") or v.startswith("cuda:"), '"", cpu, cuda[:N] or mps'),
-          "mask_prob": (lambda v: 0 < v < 1, "a number in (0, 1)")}
+          "mask_prob": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+          "holdout_frac": (lambda v: 0 < v < 1, "a number in (0, 1)")}
 # counts that must be >= 1, numbers that must be > 0 or >= 0, and fractions
 AT_LEAST_ONE = "min_freq nhead d_hid nlayers epochs batch_size ensemble num_threads log_every bench_pretrain_epochs"
 POSITIVE = "pretrain_lr lr grad_clip pretrain_share"
@@ -108,7 +109,6 @@ CHECKS.update({name: (lambda v: v > 0, "a number > 0") for name in POSITIVE.spli
 CHECKS.update({name: (lambda v: v >= 0, "a number >= 0") for name in NOT_NEGATIVE.split()})
 CHECKS.update({name: (lambda v: 0 <= v < 1, "a number in [0, 1)") for name in ["dropout", "label_smoothing",
                                                                                  "val_frac"]})
-CHECKS["holdout_frac"] = CHECKS["mask_prob"]
 
 NUM_CLASSES = 15
 LABEL_NAMES = ["POLITICS", "WELLNESS", "ENTERTAINMENT", "TRAVEL", "STYLE & BEAUTY", "PARENTING",
