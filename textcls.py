@@ -7,29 +7,22 @@ ensemble of four such models whose logits are averaged, and the competition's su
     python textcls.py --train --data_dir=data/news --out_dir=out/textcls --max_minutes=20
     python textcls.py --predict --out_dir=out/textcls --test_file=data/news/News_test.json --submission=submission.csv
     python textcls.py --attention="Stocks fall as Fed raises rates" --out_dir=out/textcls   # attention-map PNG
-    python textcls.py --bench --data_dir=data/news        # beside fastText and TF-IDF + LR on one held-out split
+    python textcls.py --bench --data_dir=data/news        # speed per precision; held-out accuracy with and without MLM
     python textcls.py --train --pretrain_epochs=2 ...     # masked-language pre-training first, then fine-tuning
     torchrun --nproc_per_node=2 textcls.py --train ...    # several processes (DDP), as nanoGPT does it
 
-Training writes into out_dir: ckpt.pt (the latest state, to resume; it holds the vocabulary and the configuration
-with the weights), best.pt (the model to predict with: the last epoch's, or with --val_frac the best on
-validation; the same contents), pretrain.pt (the masked-language phase, when pretrain_epochs > 0), vocab.json (a
-readable copy of the vocabulary), history.json and learning_curve.png. Run the same --train command again to resume;
-Ctrl-C or SIGTERM saves a checkpoint at the step reached, then stops.
-With ensemble = 4 (the default) the second, third and fourth models write the same files into out_dir/member_2,
-out_dir/member_3 and out_dir/member_4.
+Training writes into out_dir (model 2, 3, 4 of the ensemble into out_dir/member_2, ...): ckpt.pt (the latest state,
+to resume; run the same command again, or after Ctrl-C/SIGTERM, which save first), best.pt (the model to predict
+with), pretrain.pt (with pretrain_epochs > 0), vocab.json, history.json and learning_curve.png.
 """
 import hashlib
 import json
 import math
 import os
-import pickle
 import random
 import signal
 import sys
-import threading
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,7 +39,7 @@ from tokenizer import Vocab, parse_overrides, preprocess, stem as porter_stem
 # what to do
 train = False           # train on data_dir/News_train.json
 predict = False         # write submission for test_file
-bench = False           # the benchmark: this model (without and with MLM) beside fastText and TF-IDF + LR
+bench = False           # the benchmark: training speed per precision, held-out accuracy without and with MLM
 attention = ""          # a sentence: draw its attention maps into out_dir/attention.png
 data_dir = "data/news"
 out_dir = "out/textcls"
@@ -89,7 +82,7 @@ max_minutes = 0.0       # stop cleanly (checkpoint saved) after this many minute
 ensemble = 4            # models trained one after another (seeds seed, seed+1, ...); --predict averages their logits
 ensemble_alternate_stem = True  # models 2, 4, ... of an ensemble read the text with the other `stem` setting
 seed = 1337
-device = ""             # "" = cuda if available, else cpu
+device = ""             # "" = cuda if available, else mps (Apple), else cpu; or "cpu", "cuda", "cuda:N", "mps"
 precision = "auto"      # auto | bf16 | fp16 | fp32 (auto: bf16 where native, fp16 + scaler on older GPUs, else fp32)
 deterministic = True    # deterministic algorithms, cuBLAS workspace, cuDNN flags: same command, same numbers
 num_threads = 2         # CPU threads per process
@@ -99,40 +92,23 @@ holdout_frac = 0.1      # --bench: stratified held-out split that no model train
 bench_pretrain_epochs = 2  # --bench: MLM epochs of its "with MLM" run when pretrain_epochs is 0
 # -----------------------------------------------------------------------------
 
-CHECKS = {
-    "min_freq": (lambda v: v >= 1, "an integer >= 1"),
-    "max_vocab": (lambda v: v > len(Vocab.SPECIALS), f"an integer > {len(Vocab.SPECIALS)} (the special tokens)"),
-    "max_len": (lambda v: v >= 3, "an integer >= 3 (<cls>, <sep> and one token)"),
-    "d_model": (lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2"),
-    "nhead": (lambda v: v >= 1, "an integer >= 1"),
-    "d_hid": (lambda v: v >= 1, "an integer >= 1"),
-    "nlayers": (lambda v: v >= 1, "an integer >= 1"),
-    "dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "pos_encoding": ("sinusoidal", "learned"),
-    "pooling": ("mean", "cls"),
-    "pretrain_epochs": (lambda v: v >= 0, "an integer >= 0"),
-    "pretrain_lr": (lambda v: v > 0, "a number > 0"),
-    "mask_prob": (lambda v: 0 < v < 1, "a number in (0, 1)"),
-    "pretrain_share": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "encoder_lr_frac": (lambda v: v >= 0, "a number >= 0"),
-    "epochs": (lambda v: v >= 1, "an integer >= 1"),
-    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "lr": (lambda v: v > 0, "a number > 0"),
-    "min_lr_frac": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
-    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "grad_clip": (lambda v: v > 0, "a number > 0"),
-    "label_smoothing": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "val_frac": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "max_minutes": (lambda v: v >= 0, "a number >= 0"),
-    "ensemble": (lambda v: v >= 1, "an integer >= 1"),
-    "device": (lambda v: v in ("", "cpu", "cuda") or v.startswith("cuda:"), '"", "cpu", "cuda" or "cuda:N"'),
-    "precision": ("auto", "bf16", "fp16", "fp32"),
-    "num_threads": (lambda v: v >= 1, "an integer >= 1"),
-    "log_every": (lambda v: v >= 1, "an integer >= 1"),
-    "holdout_frac": (lambda v: 0 < v < 1, "a number in (0, 1)"),
-    "bench_pretrain_epochs": (lambda v: v >= 1, "an integer >= 1"),
-}
+CHECKS = {"pos_encoding": ("sinusoidal", "learned"), "pooling": ("mean", "cls"),
+          "precision": ("auto", "bf16", "fp16", "fp32"),
+          "max_vocab": (lambda v: v > len(Vocab.SPECIALS), f"an integer > {len(Vocab.SPECIALS)} (the special tokens)"),
+          "max_len": (lambda v: v >= 3, "an integer >= 3 (<cls>, <sep> and one token)"),
+          "d_model": (lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2"),
+          "device": (lambda v: v in ("", "cpu", "cuda", "mps") or v.startswith("cuda:"), '"", cpu, cuda[:N] or mps'),
+          "mask_prob": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+          "holdout_frac": (lambda v: 0 < v < 1, "a number in (0, 1)")}
+# counts that must be >= 1, numbers that must be > 0 or >= 0, and fractions
+AT_LEAST_ONE = "min_freq nhead d_hid nlayers epochs batch_size ensemble num_threads log_every bench_pretrain_epochs"
+POSITIVE = "pretrain_lr lr grad_clip pretrain_share"
+NOT_NEGATIVE = "pretrain_epochs warmup_steps encoder_lr_frac weight_decay max_minutes min_lr_frac"
+CHECKS.update({name: (lambda v: v >= 1, "an integer >= 1") for name in AT_LEAST_ONE.split()})
+CHECKS.update({name: (lambda v: v > 0, "a number > 0") for name in POSITIVE.split()})
+CHECKS.update({name: (lambda v: v >= 0, "a number >= 0") for name in NOT_NEGATIVE.split()})
+CHECKS.update({name: (lambda v: 0 <= v < 1, "a number in [0, 1)") for name in ["dropout", "label_smoothing",
+                                                                                 "val_frac"]})
 
 NUM_CLASSES = 15
 LABEL_NAMES = ["POLITICS", "WELLNESS", "ENTERTAINMENT", "TRAVEL", "STYLE & BEAUTY", "PARENTING",
@@ -140,56 +116,68 @@ LABEL_NAMES = ["POLITICS", "WELLNESS", "ENTERTAINMENT", "TRAVEL", "STYLE & BEAUT
                "BLACK VOICES", "HOME & LIVING", "PARENTS"]
 
 
-# Reading order: data, model, devices and precision, evaluation, checkpoints, training (train_model() at the end of
-# that section is the whole recipe), prediction, the command line. The extras (the hand-drawn charts, --attention
-# and --bench) are fenced off at the end of the file.
+# ----------------------------------------------------------------------------- system: processes, device, precision
+def setup_system():
+    """nanoGPT's system block, run by every entry point: the processes (under torchrun, RANK and WORLD_SIZE set: one
+    per GPU with nccl, or CPU processes with gloo), the device and the autocast precision, each with why.
+    -> (ddp, rank, world_size, device, precision name, autocast context)."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    run_device, why = pick_device(device)                                  # (the compatibility helpers are
+    if ddp and run_device.startswith("cuda"):                              # in the extras at the end)
+        run_device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(run_device)
+    if run_device.startswith("cuda"):
+        check_cuda_build()
+    if ddp and not dist.is_initialized():      # once per program: the models of an ensemble share it
+        dist.init_process_group(backend="nccl" if run_device.startswith("cuda") else "gloo")
+    precision_name, reason = choose_precision(precision, run_device.split(":")[0])
+    set_deterministic(deterministic)
+    ctx = torch.autocast(run_device.split(":")[0], dtype=DTYPES[precision_name], enabled=precision_name != "fp32")
+    if rank == 0:
+        print(f"device: {run_device} ({why}); precision: {precision_name} ({reason}); deterministic algorithms "
+              f"{'on' if deterministic else 'off'}")
+    return ddp, rank, world_size, run_device, precision_name, ctx
+
 
 # ----------------------------------------------------------------------------- data
-class NewsFormatError(ValueError):
-    """Bad input; the message names the file and the record."""
-
-
 def read_utf8(path):
-    """The whole text of a file; bytes that are not UTF-8 are a NewsFormatError naming file, line and byte."""
+    """The whole text of a file; bytes that are not UTF-8 are an error naming file, line and byte."""
     with open(path, "rb") as f:
         raw = f.read()
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise NewsFormatError(f"{os.path.basename(path)}: line {line}: byte 0x{raw[e.start]:02x} at offset "
-                              f"{e.start} is not UTF-8 (save the file as UTF-8)") from None
+        raise ValueError(f"{os.path.basename(path)}: line {line}: byte 0x{raw[e.start]:02x} at offset "
+                         f"{e.start} is not UTF-8 (save the file as UTF-8)") from None
 
 
-def check_record(obj, name, where, require_label):
-    """obj itself if it is a valid record (`where` names it in the error otherwise)."""
+def check_record(obj, where, require_label):
+    """obj itself if it is a valid record; otherwise a ValueError naming `where` (file and record)."""
     if not isinstance(obj, dict):
-        raise NewsFormatError(f"{name}: {where}: expected an object, got {type(obj).__name__}")
+        raise ValueError(f"{where}: expected an object, got {type(obj).__name__}")
     fields = [("id", int), ("headline", str), ("short_description", str)]
-    if require_label or "label" in obj:
-        fields.append(("label", int))
-    for field, kind in fields:
+    for field, kind in fields + ([("label", int)] if require_label or "label" in obj else []):
         if field not in obj:
-            raise NewsFormatError(f"{name}: {where}: missing field '{field}'")
+            raise ValueError(f"{where}: missing field '{field}'")
         if not isinstance(obj[field], kind) or isinstance(obj[field], bool):
-            raise NewsFormatError(f"{name}: {where}: field '{field}' must be {kind.__name__}, "
-                                  f"got {obj[field]!r}")
+            raise ValueError(f"{where}: field '{field}' must be {kind.__name__}, got {obj[field]!r}")
     if "label" in obj and not 0 <= obj["label"] < NUM_CLASSES:
-        raise NewsFormatError(f"{name}: {where}: label {obj['label']} is outside 0..{NUM_CLASSES - 1}")
+        raise ValueError(f"{where}: label {obj['label']} is outside 0..{NUM_CLASSES - 1}")
     return obj
 
 
 def load_news(path, require_label=True):
     """A News_*.json file as a list of dicts {id, headline, short_description[, label]}. Accepts a JSON array
-    or JSON lines (one object a line); anything malformed is a NewsFormatError naming file and record."""
-    name = os.path.basename(path)
-    text = read_utf8(path)
+    or JSON lines (one object a line); anything malformed is a ValueError naming file and record."""
+    name, text = os.path.basename(path), read_utf8(path)
     if text.lstrip().startswith("["):
         try:
             objects = json.loads(text)
         except json.JSONDecodeError as e:
-            raise NewsFormatError(f"{name}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        where = [f"record {i}" for i in range(len(objects))]
+            raise ValueError(f"{name}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        where = [f"{name}: record {i}" for i in range(len(objects))]
     else:
         objects, where = [], []
         for line_number, line in enumerate(text.splitlines(), 1):
@@ -197,12 +185,11 @@ def load_news(path, require_label=True):
                 try:
                     objects.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise NewsFormatError(f"{name}: line {line_number}: invalid JSON: {e.msg}") from None
-                where.append(f"line {line_number}")
-    records = [check_record(obj, name, w, require_label) for obj, w in zip(objects, where)]
-    if not records:
-        raise NewsFormatError(f"{name}: no records")
-    return records
+                    raise ValueError(f"{name}: line {line_number}: invalid JSON: {e.msg}") from None
+                where.append(f"{name}: line {line_number}")
+    if not objects:
+        raise ValueError(f"{name}: no records")
+    return [check_record(obj, w, require_label) for obj, w in zip(objects, where)]
 
 
 def stratified_split(labels, frac, seed):
@@ -234,14 +221,10 @@ def record_tokens(record, config):
     return TOKEN_CACHE[key]
 
 
-def encode_pairs(token_pairs, vocab, length):
-    """(headline tokens, description tokens) pairs -> `<cls> a <sep> b` ids, cut to length longest-first."""
-    return [vocab.encode(a, max_len=length, tokens_b=b) for a, b in token_pairs]
-
-
 def encode_records(records, vocab, config):
-    """Records -> `<cls> headline <sep> description` ids, with config's preprocessing and max_len."""
-    return encode_pairs([record_tokens(r, config) for r in records], vocab, config["max_len"])
+    """Records -> `<cls> headline <sep> description` ids, with config's preprocessing, cut to max_len longest-first."""
+    return [vocab.encode(a, max_len=config["max_len"], tokens_b=b) for a, b in (record_tokens(r, config)
+                                                                                 for r in records)]
 
 
 def make_batches(lengths, batch_size, rng, bucket):
@@ -252,18 +235,15 @@ def make_batches(lengths, batch_size, rng, bucket):
     rng.shuffle(order)
     if bucket:
         window = batch_size * 50
-        order = [i for s in range(0, len(order), window)
-                 for i in sorted(order[s:s + window], key=lengths.__getitem__)]
+        order = [i for s in range(0, len(order), window) for i in sorted(order[s:s + window], key=lengths.__getitem__)]
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     rng.shuffle(batches)
     return batches
 
 
 def collate(encoded, indices, labels=None):
-    """Pad to the longest example of this batch (not to a global maximum) with <pad> = 0. -> (ids, labels or
-    None)."""
-    width = max(len(encoded[i]) for i in indices)
-    ids = torch.full((len(indices), width), Vocab.pad_id, dtype=torch.long)
+    """Pad to the longest example of this batch (not to a global maximum) with <pad> = 0. -> (ids, labels or None)."""
+    ids = torch.full((len(indices), max(len(encoded[i]) for i in indices)), Vocab.pad_id, dtype=torch.long)
     for row, i in enumerate(indices):
         ids[row, :len(encoded[i])] = torch.tensor(encoded[i])
     return ids, (torch.tensor([labels[i] for i in indices]) if labels is not None else None)
@@ -312,33 +292,15 @@ class LearnedPositionalEncoding(nn.Module):
         return x + self.pe.weight[: x.size(1)]
 
 
-def embed_tokens(model, ids):
-    """Token embeddings times sqrt(d_model), plus positions. Vaswani et al. (2017, 3.4) scale the embedding by
-    sqrt(d_model) without saying why; here the rows start with std d_model^-0.5 (about unit length), so the scaling
-    brings their components to about 1, the size of the sinusoidal encoding's, and neither drowns the other."""
-    return model.positional(model.embedding(ids) * math.sqrt(model.d_model))
-
-
-def run_encoder(model, ids):
-    """Embedding and positions, dropout, the encoder with the padding mask. model: the classifier, or the masked
-    language model that shares its modules. -> (states (batch, length, d_model), padding (batch, length))."""
-    padding = ids == Vocab.pad_id              # True where attention must not look
-    return model.encoder(model.dropout(embed_tokens(model, ids)), src_key_padding_mask=padding), padding
-
-
 class TransformerClassifier(nn.Module):
     def __init__(self, vocab_size, d_model, nhead, d_hid, nlayers, dropout, max_len, pos_encoding, pooling):
         super().__init__()
-        if pooling not in ("mean", "cls"):
-            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         self.d_model, self.pooling = d_model, pooling
         self.embedding = nn.Embedding(vocab_size, d_model, padding_idx=Vocab.pad_id)
-        nn.init.normal_(self.embedding.weight, std=d_model ** -0.5)    # see embed_tokens for this scale
+        nn.init.normal_(self.embedding.weight, std=d_model ** -0.5)    # see embed() for this scale
         with torch.no_grad():
             self.embedding.weight[Vocab.pad_id].zero_()
         positional = {"sinusoidal": SinusoidalPositionalEncoding, "learned": LearnedPositionalEncoding}
-        if pos_encoding not in positional:
-            raise ValueError(f"pos_encoding must be 'sinusoidal' or 'learned', got {pos_encoding!r}")
         self.positional = positional[pos_encoding](d_model, max_len)
         self.dropout = nn.Dropout(dropout)
         # Pre-norm layers (norm_first: LayerNorm at the start of each residual branch; Wang et al. 2019, Xiong et al.
@@ -346,12 +308,24 @@ class TransformerClassifier(nn.Module):
         # post-norm layers need (Xiong et al. 2020). Their stack's output is not normalised: a final LayerNorm is.
         layer = nn.TransformerEncoderLayer(d_model, nhead, d_hid, dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, nlayers, norm=nn.LayerNorm(d_model),
-                                             enable_nested_tensor=False)
+        self.encoder = nn.TransformerEncoder(layer, nlayers, norm=nn.LayerNorm(d_model), enable_nested_tensor=False)
         self.head = nn.Linear(d_model, NUM_CLASSES)
 
+    def embed(self, ids):
+        """Token embeddings times sqrt(d_model), plus positions. Vaswani et al. (2017, 3.4) scale the embedding by
+        sqrt(d_model) without saying why; here the rows start with std d_model^-0.5 (about unit length), so the
+        scaling brings their components to about 1, the size of the sinusoidal encoding's, and neither drowns the
+        other."""
+        return self.positional(self.embedding(ids) * math.sqrt(self.d_model))
+
+    def encode(self, ids):
+        """Embedding and positions, dropout, the encoder with the padding mask.
+        -> (states (batch, length, d_model), padding (batch, length))."""
+        padding = ids == Vocab.pad_id              # True where attention must not look
+        return self.encoder(self.dropout(self.embed(ids)), src_key_padding_mask=padding), padding
+
     def forward(self, ids):
-        x, padding = run_encoder(self, ids)
+        x, padding = self.encode(ids)
         if self.pooling == "cls":
             pooled = x[:, 0]
         else:                                      # mean over real tokens only
@@ -365,7 +339,7 @@ class TransformerClassifier(nn.Module):
         dropout). nn.TransformerEncoder does not return them, so run its layers one at a time and ask each one's
         attention for its weights."""
         padding = ids == Vocab.pad_id
-        x = embed_tokens(self, ids)
+        x = self.embed(ids)
         maps = []
         for layer in self.encoder.layers:
             h = layer.norm1(x)                         # pre-norm: attention reads the normalised input
@@ -381,6 +355,7 @@ class MaskedLanguageModel(nn.Module):
     BERT's released code: dense + GELU + LayerNorm, then an output layer whose weight IS the token embedding (tied,
     as in BERT and Vaswani et al. 3.4) plus a bias of its own. Only the chosen positions go through the output
     layer."""
+    embed, encode = TransformerClassifier.embed, TransformerClassifier.encode    # the classifier's, on these modules
 
     def __init__(self, classifier):
         super().__init__()
@@ -393,7 +368,7 @@ class MaskedLanguageModel(nn.Module):
     def forward(self, ids, targets):
         """targets: mask_tokens' (-100 where not chosen). -> (logits over the vocabulary at the chosen positions,
         their targets)."""
-        x, _ = run_encoder(self, ids)
+        x, _ = self.encode(ids)
         chosen = targets != -100
         return F.linear(self.transform(x[chosen]), self.embedding.weight, self.bias), targets[chosen]
 
@@ -418,82 +393,14 @@ def load_glove(path, vocab, embedding, use_stems):
         for line_number, line in enumerate(read_utf8(path).splitlines(), 1):
             word, *values = line.rstrip().split(" ")
             if len(values) != embedding.embedding_dim:
-                raise NewsFormatError(f"{os.path.basename(path)}: line {line_number}: {len(values)} numbers, "
-                                      f"but d_model is {embedding.embedding_dim}")
+                raise ValueError(f"{os.path.basename(path)}: line {line_number}: {len(values)} numbers, "
+                                 f"but d_model is {embedding.embedding_dim}")
             for token in {word, porter_stem(word) if use_stems and word.isalpha() else word}:
                 index = vocab.stoi.get(token)
                 if index is not None and index >= len(Vocab.SPECIALS) and index not in matched:
                     embedding.weight[index] = torch.tensor([float(v) for v in values])
                     matched.add(index)
     return len(matched)
-
-
-# ----------------------------------------------------------------------------- devices and precision
-def cpu_has_bf16():
-    """True where the CPU computes bfloat16 natively: AMX or AVX512-BF16 in Linux's /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def choose_precision(requested, device_type):
-    """The autocast precision for `precision` on this device, and why: auto is bf16 where the hardware computes it
-    natively (CUDA capability >= 8.0, i.e. Ampere and later; CPUs with AMX or AVX512-BF16), fp16 with a gradient
-    scaler on older GPUs (a T4, 7.5, only emulates bf16: its convolutions then skip cuDNN and the tensor cores),
-    and fp32 elsewhere."""
-    if requested != "auto":
-        return requested, "asked for"
-    if device_type == "cuda":
-        major, minor = torch.cuda.get_device_capability()
-        if major >= 8:
-            return "bf16", f"CUDA capability {major}.{minor} computes bfloat16 natively"
-        return "fp16", f"CUDA capability {major}.{minor} has no native bfloat16: float16 with a gradient scaler"
-    if device_type == "cpu" and cpu_has_bf16():
-        return "bf16", "this CPU computes bfloat16 natively (AMX or AVX512-BF16)"
-    return "fp32", f"no native bfloat16 on this {device_type}"
-
-
-def check_cuda_build():
-    """Stop at once where this PyTorch build has no kernels for the GPU (Kaggle's P100, sm_60, under a build for
-    sm_70 and newer), rather than with a CUDA error from deep inside. A cubin sm_XY runs on capability X.y for
-    y >= Y; PTX compute_XY is compiled for any capability >= X.Y."""
-    major, minor = torch.cuda.get_device_capability()
-    archs = torch.cuda.get_arch_list()
-    def version(arch):  # "sm_86" -> (8, 6), "sm_90a" -> (9, 0), "compute_120" -> (12, 0)
-        digits = "".join(char for char in arch.split("_")[-1] if char.isdigit())
-        return int(digits[:-1]), int(digits[-1])
-    runs = any((arch.startswith("sm_") and version(arch)[0] == major and version(arch)[1] <= minor) or
-               (arch.startswith("compute_") and version(arch) <= (major, minor)) for arch in archs)
-    if archs and not runs:
-        raise SystemExit(f"error: this PyTorch {torch.__version__} has GPU kernels for {' '.join(archs)}, none for "
-                         f"{torch.cuda.get_device_name()} (sm_{major}{minor}): install a PyTorch build that lists "
-                         f"sm_{major}{minor} (see the README, 'On a GPU'), or choose another GPU")
-
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-GRAD_SCALER_INIT = 2.0 ** 16   # torch's default initial loss scale (tests start higher to force skipped steps)
-
-
-def autocast(device_type, name):
-    return torch.autocast(device_type, dtype=DTYPES[name], enabled=name != "fp32")
-
-
-def set_deterministic(on):
-    """The same command gives the same numbers on the same GPU (the homework asks "fully reproducible"):
-    deterministic algorithms only (an op without one stops with an error instead of varying), the cuBLAS
-    workspace setting those need, and cuDNN without its run-time kernel search. A no-op cost on the CPU."""
-    if on:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # before the first cuBLAS call
-    torch.use_deterministic_algorithms(on)
-    torch.backends.cudnn.deterministic = on
-    torch.backends.cudnn.benchmark = not on
-
-
-def default_device():
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -518,79 +425,27 @@ def predict_logits(model, encoded, run_device, precision_name="fp32", examples_p
     for s in range(0, len(order), examples_per_batch):
         indices = order[s:s + examples_per_batch]
         ids, _ = collate(encoded, indices)
-        with autocast(run_device.split(":")[0], precision_name):
+        with torch.autocast(run_device.split(":")[0], dtype=DTYPES[precision_name], enabled=precision_name != "fp32"):
             logits[indices] = model(ids.to(run_device)).float().cpu()
     return logits
 
 
 def evaluate(model, encoded, labels, run_device, precision_name):
-    """Accuracy, macro-F1 and the loss (plain cross-entropy, without label smoothing) on labelled examples."""
+    """Accuracy, macro-F1 and the loss (plain cross-entropy, without label smoothing) on labelled examples;
+    {} without any."""
+    if not labels:
+        return {}
     logits = predict_logits(model, encoded, run_device, precision_name)
     metrics = classification_metrics(logits.argmax(1).tolist(), labels)
     metrics["loss"] = F.cross_entropy(logits, torch.tensor(labels)).item()
     return metrics
 
 
-# ----------------------------------------------------------------------------- checkpoints and output paths
-def save_atomic(obj, path):
-    """Write to a temporary file, then rename: an interrupted save never leaves a half-written checkpoint."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def damaged_checkpoint_message(path, error):
-    """The one-line error for a checkpoint that does not load, saying what to do."""
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:100]
-    previous = (f"the previous state may be in {path}.tmp (rename it to {os.path.basename(path)} to use it), or "
-                if os.path.exists(path + ".tmp") else "")
-    return f"error: {path} is damaged ({type(error).__name__}: {reason}); {previous}delete it to start again"
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """A checkpoint of this script. weights_only=True: tensors, numbers, strings, lists and dicts only, so a file
-    from elsewhere cannot run code on loading; a damaged file is a one-line error that says what to do."""
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e):
-            raise SystemExit(f"error: {path} holds objects other than tensors, numbers and strings, so it was not "
-                             f"written by textcls.py; refused to load it (weights_only=True)") from None
-        raise SystemExit(damaged_checkpoint_message(path, e)) from None
-    except Exception as e:   # truncated, empty, not a zip
-        raise SystemExit(damaged_checkpoint_message(path, e)) from None
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint \
-            or "vocab" not in checkpoint:
-        raise SystemExit(f"error: {path} is not a checkpoint of this textcls.py (no model, configuration and "
-                         f"vocabulary inside; older versions kept the vocabulary apart): train into another --out_dir")
-    return checkpoint
-
-
-def check_writable(path, is_folder=True):
-    """Make sure out_dir (created if missing) or a file's folder takes new files, before any long work."""
-    folder = path if is_folder else (os.path.dirname(path) or ".")
-    try:
-        if is_folder:
-            os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write_test_{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-        if not is_folder and os.path.isdir(path):
-            raise IsADirectoryError(21, "is a folder")
-    except OSError as e:
-        raise SystemExit(f"error: cannot write {path}: {e.strerror or e}")
-
-
 # ----------------------------------------------------------------------------- training
-# train_model(), at the end of this section, is the whole recipe: four set-up steps (start_run, check_saved_run,
-# prepare_data, init_model), then one loop (train_loop) per phase: Pretraining (masked-language modelling, only with
-# pretrain_epochs > 0), then Classification. Before them: the schedule, the optimizer's groups, what a run is (to
-# resume it), and the processes.
-
-def learning_rate(step, total_steps, peak=None):
-    """The learning rate of step (from 0): linear warmup over warmup_steps up to the peak (lr unless given; the
-    Transformer's schedule warms up linearly too, Vaswani et al. 2017, 5.3), then cosine decay (Loshchilov & Hutter
-    2017, without restarts) down to peak * min_lr_frac at the last step."""
-    peak = lr if peak is None else peak
+def learning_rate(step, total_steps, peak):
+    """The learning rate of step (from 0): linear warmup over warmup_steps up to the peak (the Transformer's schedule
+    warms up linearly too, Vaswani et al. 2017, 5.3), then cosine decay (Loshchilov & Hutter 2017, without
+    restarts) down to peak * min_lr_frac at the last step."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -607,10 +462,18 @@ def parameter_groups(named_parameters, lr_scale_of=lambda name: 1.0):
     groups = {}
     for name, p in named_parameters:
         decays = p.dim() >= 2 and "embedding" not in name and ".pe." not in name
-        key = (decays, lr_scale_of(name))
-        groups.setdefault(key, []).append(p)
+        groups.setdefault((decays, lr_scale_of(name)), []).append(p)
     return [{"params": ps, "weight_decay": weight_decay if decays else 0.0, "lr_scale": scale}
             for (decays, scale), ps in groups.items()]
+
+
+def mlm_loss(net, ids, vocab_size, generator, run_device):
+    """Cross-entropy at the masked positions (BERT 3.1), the masking drawn from generator."""
+    inputs, targets = mask_tokens(ids, vocab_size, generator, mask_prob)
+    logits, chosen_targets = net(inputs.to(run_device), targets.to(run_device))
+    if chosen_targets.numel() == 0:      # nothing chosen in this batch: a zero loss that reaches every weight
+        return logits.float().sum() * 0.0
+    return F.cross_entropy(logits.float(), chosen_targets)
 
 
 # What a run is, saved in every checkpoint. A resumed run must match it, except for the RESUMABLE keys (more epochs,
@@ -633,469 +496,238 @@ def fingerprint(records, with_labels=True):
     return f"{len(records)} records, sha1 {digest.hexdigest()[:16]}"
 
 
-def compare_config(path, saved, config):
-    """Stop, naming every differing key, where this run cannot continue the saved one; return the keys that
-    differ but may (RESUMABLE)."""
-    missing = "(not saved)"
-    differ = [key for key in config if saved.get(key, missing) != config[key]]
-    refused = [key for key in differ if key not in RESUMABLE]
-    if refused:
-        raise SystemExit(f"error: {path} was trained with "
-                         f"{', '.join(f'{key}={saved.get(key, missing)!r}' for key in refused)}; this run has "
-                         f"{', '.join(f'{key}={config[key]!r}' for key in refused)}: run with the checkpoint's values "
-                         f"to resume it, or train into another --out_dir")
-    return [key for key in differ if key in RESUMABLE]
-
-
-def setup_distributed():
-    """-> (ddp, rank, world_size, device). Under torchrun (RANK and WORLD_SIZE set, as in nanoGPT) one process per
-    GPU with nccl, or several CPU processes with gloo; otherwise one process."""
-    run_device = default_device()
-    if int(os.environ.get("RANK", -1)) == -1:
-        return False, 0, 1, run_device
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if run_device.startswith("cuda"):
-        run_device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(run_device)
-    if not dist.is_initialized():      # once per program: the models of an ensemble share it (main() ends it)
-        dist.init_process_group(backend="nccl" if run_device.startswith("cuda") else "gloo")
-    return True, rank, world_size, run_device
+def prepare_data(records, config, saved, out_dir, rank, world_size):
+    """The stratified validation split, the vocabulary from the training part only (or the saved run's, which never
+    changes), both parts as token ids. -> (vocab, (train ids, labels), (validation ids, labels))."""
+    check_writable(out_dir)                                        # before the long work
+    labels = [r["label"] for r in records]
+    train_idx, val_idx = stratified_split(labels, config["val_frac"], config["seed"])
+    tokens = [record_tokens(r, config) for r in records]
+    vocab = Vocab(saved["vocab"]) if saved else \
+        Vocab.build((t for i in train_idx for t in tokens[i]), min_freq=min_freq, max_size=max_vocab)
+    split = lambda indices: ([vocab.encode(tokens[i][0], max_len=max_len, tokens_b=tokens[i][1]) for i in indices],
+                             [labels[i] for i in indices])
+    if rank == 0 and saved is None:
+        vocab.save(os.path.join(out_dir, "vocab.json.tmp"))        # a readable copy; the checkpoints hold the real one
+        os.replace(os.path.join(out_dir, "vocab.json.tmp"), os.path.join(out_dir, "vocab.json"))
+    if rank == 0:
+        print(f"data: {len(train_idx)} train, {len(val_idx)} validation, vocabulary {len(vocab)}"
+              + ("" if val_idx else " (no validation split: each epoch's model becomes best.pt)"))
+    if math.ceil(len(train_idx) / batch_size) < world_size:
+        raise ValueError(f"{len(train_idx)} training records make no batch for each of {world_size} processes")
+    return vocab, split(train_idx), split(val_idx)
 
 
 def agree(flags, ddp, run_device):
     """Each flag True if it is True in any process. Every process gets the same answer, so all stop at the same
     step (one that stopped alone would leave the others waiting for it in the next gradient all-reduce)."""
-    if not ddp:
-        return [bool(f) for f in flags]
-    values = torch.tensor([int(bool(f)) for f in flags], device=run_device)
-    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    values = torch.tensor([int(bool(f)) for f in flags], device=run_device if ddp else "cpu")
+    if ddp:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return [bool(v) for v in values.tolist()]
 
 
-class StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM (what Colab and Kaggle send when a runtime ends) asks the training loop to save
-    a checkpoint after the current step and stop; a second one stops at once."""
-
-    def __init__(self):
-        self.name, self.number, self.previous = None, 0, {}
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handle(self, signum, frame):
-        if self.name:
-            raise KeyboardInterrupt
-        self.name, self.number = signal.Signals(signum).name, signum
-        print(f"\n{self.name}: saving a checkpoint after this step, then stopping", flush=True)
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-@dataclass
-class Run:
-    """What the set-up steps and the loop share about this process: its place among the processes, its device,
-    precision and clock."""
-    ddp: bool                     # several processes under torchrun, their gradients averaged by DDP
-    rank: int                     # this process, 0 .. world_size - 1; rank 0 logs, evaluates and saves
-    world_size: int
-    device: str                   # "cpu", "cuda" or "cuda:N"
-    precision_name: str           # autocast precision: bf16, fp16 (with a gradient scaler) or fp32
-    precision_reason: str         # why choose_precision chose it
-    stop_request: StopRequest     # Ctrl-C or SIGTERM received
-    start: float                  # time.time() when this run started
-    deadline: float               # when --max_minutes is up (math.inf without a limit)
-    seconds_before: float = 0.0   # the training time of the runs this one resumes
-
-    @property
-    def device_type(self):
-        return self.device.split(":")[0]
-
-    @property
-    def master_process(self):
-        return self.rank == 0
-
-    def log(self, *args, **kwargs):
-        if self.master_process:
-            print(*args, **kwargs)
-
-    def seconds(self):
-        """Training seconds so far, those of the resumed runs included."""
-        return self.seconds_before + time.time() - self.start
+def end_epoch(model, checkpoint, record, epochs_done, stop, val, path, system):
+    """After a whole epoch: pre-training logs its loss; fine-tuning (on rank 0) evaluates on the validation split,
+    logs, and writes history.json and the learning curve. Then (fine-tuning, on rank 0) best.pt takes the model if it
+    validates better than the best so far; without a validation split always: the latest model is the one to keep.
+    After a stop inside an epoch the same holds for the weights reached: an ensemble model cut short near the end of
+    its schedule, where the learning rate is already low, is kept as it is, not as it was an epoch earlier."""
+    rank, run_device, precision_name, epoch_done = system[1], system[3], system[4], float(epochs_done).is_integer()
+    if not all(bool(p.detach().isfinite().all()) for p in model.parameters()):
+        raise nonfinite_error("pre-training" if val is None else "training", "finite, but the weights are not",
+                              record["step"], path, checkpoint)
+    if epoch_done:
+        checkpoint["history"].append(record)
+    if val is None and epoch_done and rank == 0:
+        print(f"pre-training epoch {record['epoch']}: masked-language loss {record['mlm_loss']:.4f}")
+    if val is None or rank != 0 or not (epoch_done or stop == "--max_minutes"):
+        return
+    out_dir, best = os.path.dirname(path), os.path.join(os.path.dirname(path), "best.pt")
+    metrics = evaluate(model, *val, run_device, precision_name)
+    if epoch_done:
+        record.update(metrics)
+        scores = (f"val loss {record['loss']:.4f} val accuracy {record['accuracy']:.4f} val macro-F1 "
+                  f"{record['macro_f1']:.4f}" if val[1] else "(no validation split)")
+        print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} {scores}", flush=True)
+        with open(os.path.join(out_dir, "history.json"), "w") as f:    # a readable copy of the checkpoint's history
+            json.dump(checkpoint["history"], f, indent=1)
+        plot_learning_curve(checkpoint["history"], os.path.join(out_dir, "learning_curve.png"))   # in the extras
+    if "accuracy" not in metrics or metrics["accuracy"] > checkpoint["best_accuracy"] or not os.path.exists(best):
+        checkpoint["best_accuracy"] = metrics.get("accuracy", checkpoint["best_accuracy"])
+        save_atomic({"model": model.state_dict(), "config": checkpoint["config"], "vocab": checkpoint["vocab"],
+                     "epoch": record["epoch"] if epoch_done else epochs_done,
+                     "metrics": record if epoch_done else dict(metrics, step=record["step"])}, best)
+        if not epoch_done:
+            print(f"best.pt: the weights at step {record['step']}"
+                  + (f", val accuracy {metrics['accuracy']:.4f}" if metrics else ""))
 
 
-def start_run(ddp, rank, world_size, run_device, stop_request, out_dir):
-    """Set-up step 1: the clock, the CUDA build check, deterministic algorithms, the precision; out_dir is checked
-    for writing before any long work."""
-    start = time.time()
-    deadline = start + max_minutes * 60 if max_minutes > 0 else math.inf
-    if run_device.split(":")[0] == "cuda":
-        check_cuda_build()
-    set_deterministic(deterministic)
-    precision_name, reason = choose_precision(precision, run_device.split(":")[0])
-    check_writable(out_dir)
-    return Run(ddp, rank, world_size, run_device, precision_name, reason, stop_request, start, deadline)
+def resume(checkpoint, model, optimizer, path, precision_name, rank):
+    """-> fp16's gradient scaler (disabled, a no-op, in bf16 and fp32: the loss is multiplied before backward so that
+    small gradients do not underflow to 0 in float16). A saved phase restores the weights, the optimizer's moments and
+    the scaler's scale: it continues exactly; one saved in another precision continues with a fresh scaler."""
+    scaler = torch.amp.GradScaler(next(model.parameters()).device.type, enabled=precision_name == "fp16")
+    if "model" in checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scaler.is_enabled() and checkpoint["scaler"]:
+            scaler.load_state_dict(checkpoint["scaler"])
+        fresh = " with a fresh gradient scaler" if scaler.is_enabled() else ""
+        other = f" (saved in {checkpoint['precision']}, continuing in {precision_name}{fresh})"
+        if rank == 0:
+            print(f"resuming from {path} at step {checkpoint['step']}"
+                  + (other if checkpoint["precision"] != precision_name else ""))
+    return scaler
 
 
-def check_saved_run(run, records, mlm_records, out_dir):
-    """Set-up step 2: this run's configuration against what out_dir holds: ckpt.pt (to resume), or with pre-training
-    and no ckpt.pt yet, pretrain.pt. A saved run that this one cannot continue stops here, before anything is
-    written. -> (config, checkpoint or None, pretrain checkpoint or None)."""
-    config = {name: globals()[name] for name in TRAIN_KEYS}
-    config["train_data"] = fingerprint(records)
-    config["mlm_texts"] = fingerprint(mlm_records, with_labels=False) if pretrain_epochs and mlm_records else ""
-    config["processes"] = run.world_size
-    checkpoint_path, pretrain_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "pretrain.pt")
-    checkpoint = load_checkpoint(checkpoint_path, run.device) if os.path.exists(checkpoint_path) else None
-    pretrain_checkpoint = (load_checkpoint(pretrain_path, run.device) if pretrain_epochs and checkpoint is None and
-                           os.path.exists(pretrain_path) else None)
-    saved, saved_path = (checkpoint, checkpoint_path) if checkpoint else (pretrain_checkpoint, pretrain_path)
-    if saved is not None:
-        for key in compare_config(saved_path, saved["config"], config):
-            run.log(f"note: {key} = {config[key]!r} differs from {saved_path}'s {saved['config'].get(key)!r}: "
-                    f"continuing with the new value")
-    return config, checkpoint, pretrain_checkpoint
+def nonfinite_error(phase, value, step, path, checkpoint):
+    """The one-line error for a loss (or weights) turned inf or NaN: the checkpoint on disk is the last good one
+    (the weights are checked before every save)."""
+    kept = (f"the last good checkpoint {path} (step {checkpoint['step']}) is kept" if os.path.exists(path)
+            else "nothing was saved")
+    return ValueError(f"the {phase} loss is {value} at step {step}: training stopped; {kept}. Lower "
+                      f"{'--pretrain_lr' if phase == 'pre-training' else '--lr'} or try --precision=fp32")
 
 
-def count_steps_per_epoch(n_examples, world_size):
-    """Each process takes every world_size-th batch; the batches left over at the end of an epoch are dropped."""
-    return math.ceil(n_examples / batch_size) // world_size
-
-
-def prepare_data(run, records, config, saved, out_dir):
-    """Set-up step 3: the stratified validation split, the vocabulary from the training part only (or the saved
-    run's, which never changes), both parts as token ids. -> (vocab, (train ids, labels), (val ids, labels))."""
-    labels = [r["label"] for r in records]
-    train_idx, val_idx = stratified_split(labels, val_frac, seed)
-    tokens = [record_tokens(r, config) for r in records]
-    vocab = Vocab(saved["vocab"]) if saved else \
-        Vocab.build((t for i in train_idx for t in tokens[i]), min_freq=min_freq, max_size=max_vocab)
-    train_split = encode_pairs([tokens[i] for i in train_idx], vocab, max_len), [labels[i] for i in train_idx]
-    val_split = encode_pairs([tokens[i] for i in val_idx], vocab, max_len), [labels[i] for i in val_idx]
-    if run.master_process and saved is None:
-        vocab.save(os.path.join(out_dir, "vocab.json.tmp"))        # a readable copy; the checkpoints hold the real one
-        os.replace(os.path.join(out_dir, "vocab.json.tmp"), os.path.join(out_dir, "vocab.json"))
-    run.log(f"data: {len(train_idx)} train, {len(val_idx)} validation, vocabulary {len(vocab)} "
-            f"({time.time() - run.start:.1f} s)")
-    if not val_idx:
-        run.log("no validation split (val_frac=0, or no class has two records): each epoch's model becomes best.pt")
-    if count_steps_per_epoch(len(train_idx), run.world_size) == 0:
-        raise SystemExit(f"error: {len(train_idx)} training records make no batch for each of {run.world_size} "
-                         f"processes")
-    return vocab, train_split, val_split
-
-
-def init_model(run, config, vocab, fresh):
-    """Set-up step 4: the classifier, initialised from the seed, and on a fresh run from the GloVe file if given
-    (a resumed run loads its weights in its phase)."""
-    torch.manual_seed(seed)
-    model = build_model(config, len(vocab)).to(run.device)
-    if embeddings and fresh:
-        run.log(f"embeddings: {load_glove(embeddings, vocab, model.embedding, stem)} rows initialised from "
-                f"{embeddings}")
-    run.log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
-            f"{ {key: config[key] for key in MODEL_KEYS} }")
-    run.log(f"precision: {run.precision_name} ({run.precision_reason}); deterministic algorithms "
-            f"{'on' if deterministic else 'off'}")
-    return model
-
-
-def new_grad_scaler(run):
-    """fp16's loss scaling (disabled, a no-op, in bf16 and fp32): the loss is multiplied before backward so that
-    small gradients do not underflow to 0 in float16, and the gradients divided back before clipping."""
-    return torch.amp.GradScaler(run.device_type, init_scale=GRAD_SCALER_INIT, enabled=run.precision_name == "fp16")
-
-
-def restore_state(saved, model, optimizer, scaler):
-    """The weights, the optimizer's moments and the scaler's scale of a saved phase: it continues exactly."""
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    if scaler.is_enabled() and saved["scaler"]:
-        scaler.load_state_dict(saved["scaler"])
-
-
-# A phase is what train_loop trains: its model, optimizer and gradient scaler, its examples (encoded), its schedule
-# (peak_lr, steps_per_epoch, total_steps, start_step), its own deadline, and three methods: batch_loss, end_epoch and
-# save (its checkpoint, in path).
-class Pretraining:
-    """Phase 1: masked-language modelling (BERT, Devlin et al. 2019, 3.1). The classifier's own embedding and encoder
-    learn to restore masked tokens of the training texts and of mlm_records' (the test texts; never their labels).
-    Checkpoint: pretrain.pt; done once it is finished, or stopped at its share of --max_minutes."""
-    name, log_prefix, lr_option, seed_offset = "pre-training", "pre-training ", "--pretrain_lr", 7777
-
-    def __init__(self, run, classifier, records, mlm_records, vocab, config, saved, out_dir):
-        self.run, self.vocab, self.config = run, vocab, config
-        self.path = os.path.join(out_dir, "pretrain.pt")
-        self.model = MaskedLanguageModel(classifier).to(run.device)
-        texts = records + list(mlm_records or [])
-        self.encoded = encode_records(texts, vocab, config)
-        self.steps_per_epoch = count_steps_per_epoch(len(self.encoded), run.world_size)
-        self.total_steps = pretrain_epochs * self.steps_per_epoch
-        self.peak_lr = pretrain_lr
-        self.deadline = run.start + pretrain_share * max_minutes * 60 if max_minutes > 0 else math.inf
-        # fused: AdamW's update of all parameters in one kernel (CPU since PyTorch 2.4, and CUDA); the 6M-weight
-        # embedding makes the per-tensor update a third of a CPU step
-        self.optimizer = torch.optim.AdamW(parameter_groups(self.model.named_parameters()), lr=pretrain_lr,
-                                           fused=True)
-        self.scaler = new_grad_scaler(run)
-        self.start_step, self.history, self.done = 0, [], False
-        if saved is not None:
-            restore_state(saved, self.model, self.optimizer, self.scaler)
-            self.start_step, self.history, self.done = saved["step"], saved["history"], saved["done"]
-            run.log(f"resuming pre-training from {self.path} at step {self.start_step}" if not self.done else
-                    f"pre-training done ({self.path}, step {self.start_step}): fine-tuning from its encoder")
-        if not self.done:
-            run.log(f"pre-training: masked-language model on {len(texts)} texts ({len(records)} training"
-                    f"{f', {len(mlm_records)} test' if mlm_records else ''}), {pretrain_epochs} epochs, "
-                    f"{self.total_steps} steps")
-
-    def batch_loss(self, net, batch, step):
-        """Cross-entropy at the masked positions. The masking depends only on (seed, step, rank): exact on resume."""
-        ids, _ = collate(self.encoded, batch)
-        generator = torch.Generator().manual_seed(seed * 1000003 + step * self.run.world_size + self.run.rank)
-        inputs, targets = mask_tokens(ids, len(self.vocab), generator, mask_prob)
-        logits, chosen_targets = net(inputs.to(self.run.device), targets.to(self.run.device))
-        if chosen_targets.numel() == 0:      # nothing chosen in this batch: a zero loss that reaches every weight
-            return logits.float().sum() * 0.0
-        return F.cross_entropy(logits.float(), chosen_targets)
-
-    def end_epoch(self, epoch, step, train_loss):
-        self.history.append({"epoch": epoch + 1, "step": step, "mlm_loss": train_loss,
-                             "minutes": self.run.seconds() / 60})
-        self.run.log(f"pre-training epoch {epoch + 1}: masked-language loss {train_loss:.4f}")
-
-    def save(self, step, stop_reason):
-        if self.run.master_process:
-            save_atomic({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                         "scaler": self.scaler.state_dict(), "step": step, "done": stop_reason == "share" or
-                         step >= self.total_steps, "history": self.history, "seconds": self.run.seconds(),
-                         "config": self.config, "vocab": self.vocab.itos}, self.path)
-
-
-class Classification:
-    """Phase 2 (the only one without pre-training): the classifier learns the labels of the training split. After
-    every epoch it is evaluated on the validation split and the best epoch is kept in best.pt. Checkpoint: ckpt.pt."""
-    name, log_prefix, lr_option, seed_offset = "training", "", "--lr", 0
-
-    def __init__(self, run, model, vocab, config, train_split, val_split, saved, from_pretrained, out_dir):
-        self.run, self.model, self.vocab, self.config, self.out_dir = run, model, vocab, config, out_dir
-        (self.encoded, self.labels), (self.val_encoded, self.val_labels) = train_split, val_split
-        self.path, self.best_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt")
-        self.steps_per_epoch = count_steps_per_epoch(len(self.encoded), run.world_size)
-        self.total_steps = epochs * self.steps_per_epoch
-        self.peak_lr, self.deadline, self.from_pretrained = lr, math.inf, from_pretrained
-        # fine-tuning may give the pre-trained encoder a fraction of the new head's learning rate
-        lr_scale_of = (lambda name: 1.0 if name.startswith("head.") else encoder_lr_frac) if from_pretrained \
-            else (lambda name: 1.0)
-        self.optimizer = torch.optim.AdamW(parameter_groups(model.named_parameters(), lr_scale_of), lr=lr, fused=True)
-        self.scaler = new_grad_scaler(run)
-        self.start_step, self.history, self.best_accuracy = 0, [], -1.0
-        if saved is not None:
-            restore_state(saved, model, self.optimizer, self.scaler)
-            self.start_step, self.history, self.best_accuracy = saved["step"], saved["history"], saved["best_accuracy"]
-            run.log(f"resuming from {self.path} at step {self.start_step} "
-                    f"(epoch {self.start_step // self.steps_per_epoch + 1})")
-        elif from_pretrained:
-            run.log(f"fine-tuning from the pre-trained encoder (encoder learning rate {encoder_lr_frac} x lr)")
-
-    def batch_loss(self, net, batch, step):
-        """Cross-entropy with label smoothing (Szegedy et al. 2016, section 7): the target gives 1 - label_smoothing
-        to the true class and spreads label_smoothing evenly over all classes, so the loss stops rewarding an ever
-        larger gap between the true class's logit and the others (overconfidence)."""
-        ids, targets = collate(self.encoded, batch, self.labels)
-        return F.cross_entropy(net(ids.to(self.run.device)).float(), targets.to(self.run.device),
-                               label_smoothing=label_smoothing)
-
-    def validation_metrics(self):
-        """Loss, accuracy and macro-F1 on the validation split; {} without one."""
-        if not self.val_labels:
-            return {}
-        return evaluate(self.model, self.val_encoded, self.val_labels, self.run.device, self.run.precision_name)
-
-    def save_if_best(self, metrics, epoch, first=False):
-        """Keep the model in best.pt if it beats the best so far on validation (without a validation split: always,
-        the latest model is the one to keep; first: there is no best.pt yet). -> whether it was kept."""
-        if not (first or not self.val_labels or metrics["accuracy"] > self.best_accuracy):
-            return False
-        self.best_accuracy = metrics.get("accuracy", self.best_accuracy)
-        save_atomic({"model": self.model.state_dict(), "config": self.config, "vocab": self.vocab.itos,
-                     "epoch": epoch, "metrics": metrics}, self.best_path)
-        return True
-
-    def keep_if_best(self, step, stop_reason):
-        """On rank 0, when training stopped inside an epoch (--max_minutes), or there is no best.pt yet: save_if_best
-        with the weights reached. An ensemble model cut short near the end of its schedule, where the learning rate
-        is already low, is then kept as it is, not as it was an epoch earlier. A new best accuracy is saved in the
-        checkpoint too: a resumed run compares against it."""
-        best_before = self.best_accuracy
-        metrics = self.validation_metrics()
-        if self.save_if_best(dict(metrics, step=step), step / self.steps_per_epoch,
-                             first=not os.path.exists(self.best_path)):
-            self.run.log(f"best.pt: the weights at step {step}"
-                         + (f", val accuracy {metrics['accuracy']:.4f}" if self.val_labels else ""))
-        if self.best_accuracy != best_before:
-            self.save(step, stop_reason)
-
-    def end_epoch(self, epoch, step, train_loss):
-        """On rank 0: evaluate and log; keep the model in best.pt if it is the best so far (without a validation
-        split: every epoch's); write history.json and the learning curve."""
-        if not self.run.master_process:
-            return
-        metrics = {"epoch": epoch + 1, "step": step, "train_loss": train_loss, "minutes": self.run.seconds() / 60}
-        metrics.update(self.validation_metrics())
-        if self.val_labels:
-            self.run.log(f"epoch {epoch + 1}: train loss {train_loss:.4f} val loss {metrics['loss']:.4f} "
-                         f"val accuracy {metrics['accuracy']:.4f} val macro-F1 {metrics['macro_f1']:.4f}", flush=True)
-        else:
-            self.run.log(f"epoch {epoch + 1}: train loss {train_loss:.4f} (no validation split)", flush=True)
-        self.history.append(metrics)
-        self.save_if_best(metrics, epoch + 1)
-        with open(os.path.join(self.out_dir, "history.json.tmp"), "w") as f:
-            json.dump(self.history, f, indent=1)
-        os.replace(os.path.join(self.out_dir, "history.json.tmp"), os.path.join(self.out_dir, "history.json"))
-        plot_learning_curve(self.history, os.path.join(self.out_dir, "learning_curve.png"))   # in the extras
-
-    def save(self, step, stop_reason):
-        if self.run.master_process:
-            save_atomic({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                         "scaler": self.scaler.state_dict(), "step": step, "history": self.history,
-                         "best_accuracy": self.best_accuracy, "seconds": self.run.seconds(),
-                         "pretrained": self.from_pretrained, "config": self.config, "vocab": self.vocab.itos},
-                        self.path)
-
-
-def stop_for_nonfinite(run, phase, step, loss_value):
-    last = (f"the last good checkpoint {phase.path} (step {load_checkpoint(phase.path)['step']}) is kept"
-            if os.path.exists(phase.path) else "nothing was saved")
-    message = (f"error: the {phase.name} loss is {loss_value} at step {step + 1}: training stopped; {last}. "
-               f"Lower {phase.lr_option} (now {phase.peak_lr}) or try --precision=fp32")
-    raise SystemExit(message if run.master_process else 1)
-
-
-def stop_for_signal(run, step, path):
-    if run.master_process:
-        print(f"stopped by {run.stop_request.name} at step {step}: checkpoint saved in {path}; run the same command "
-              f"to resume", file=sys.stderr, flush=True)
-    if run.ddp:
-        dist.barrier()
-    raise SystemExit(128 + run.stop_request.number)
-
-
-def train_loop(run, phase):
-    """Train phase from phase.start_step to phase.total_steps; save its checkpoint after every epoch and when it
-    stops early. -> (the step reached, None when done, or why it stopped early: "time" (--max_minutes) or "share"
-    (pre-training's share of it)). A non-finite loss or a signal ends the program here."""
-    net = DistributedDataParallel(phase.model, device_ids=[run.device] if run.device_type == "cuda" else None) \
-        if run.ddp else phase.model
-    step, skipped_steps = phase.start_step, 0
-    while step < phase.total_steps:
-        epoch = step // phase.steps_per_epoch
-        # this process's batches of the epoch, in an order that depends only on (seed, epoch): a resumed run skips
-        # those it did
-        batches = make_batches([len(e) for e in phase.encoded], batch_size,
-                               random.Random(seed + phase.seed_offset + epoch), bucket)
-        batches = batches[run.rank:phase.steps_per_epoch * run.world_size:run.world_size]
+def train_loop(model, optimizer, batch_loss, encoded, labels, n_epochs, seed, started, deadlines, checkpoint, path,
+               system, val=None):
+    """Both phases' loop (pre-training: labels None; fine-tuning: val = the validation split), from checkpoint's step
+    to n_epochs; saves checkpoint to path after each epoch or stop. -> None when done, or the deadline that stopped."""
+    ddp, rank, world_size, run_device, precision_name, ctx = system
+    phase = "pre-training" if val is None else "training"
+    scaler = resume(checkpoint, model, optimizer, path, precision_name, rank)    # (fp16's loss scaling)
+    net = DistributedDataParallel(model, device_ids=[run_device] if "cuda" in run_device else None) if ddp else model
+    steps_per_epoch = math.ceil(len(encoded) / batch_size) // world_size   # each process takes every world_size-th
+    step, total_steps, skipped, stop = checkpoint["step"], n_epochs * steps_per_epoch, 0, None
+    while step < total_steps and not checkpoint.get("done") and not stop:
+        epoch = step // steps_per_epoch
+        # this process's batches of the epoch, in an order from (seed, epoch) only: a resumed run skips those it did
+        batches = make_batches([len(e) for e in encoded], batch_size, random.Random(seed + epoch), bucket)
         net.train()
-        tick, examples_seen, loss_sum, loss_count, stop_reason = time.time(), 0, 0.0, 0, None
-        for batch in batches[step - epoch * phase.steps_per_epoch:]:
-            # dropout masks from (seed, step, rank): the same on resume
-            torch.manual_seed(seed + phase.seed_offset + step * run.world_size + run.rank)
-            # determine and set the learning rate for this iteration
-            step_lr = learning_rate(step, phase.total_steps, phase.peak_lr)
-            for group in phase.optimizer.param_groups:
+        tick, seen, loss_sum, loss_count = time.time(), 0, 0.0, 0
+        for batch in batches[rank:steps_per_epoch * world_size:world_size][step - epoch * steps_per_epoch:]:
+            torch.manual_seed(seed + step * world_size + rank)    # dropout masks from (seed, step, rank): as on resume
+            step_lr = learning_rate(step, total_steps, optimizer.defaults["lr"])
+            for group in optimizer.param_groups:
                 group["lr"] = step_lr * group["lr_scale"]
-            # forward
-            with autocast(run.device_type, run.precision_name):
-                loss = phase.batch_loss(net, batch, step)
+            ids, targets = collate(encoded, batch, labels)                 # forward
+            with ctx:
+                loss = batch_loss(net, ids, targets, step)
             loss_value = loss.item()
             # termination conditions, agreed by every process, so that all stop after the same step
-            now = time.time()
-            nonfinite, time_up, share_up, signalled = agree([not math.isfinite(loss_value), now > run.deadline,
-                                                             now > phase.deadline, run.stop_request.name],
-                                                            run.ddp, run.device)
+            nonfinite, signalled, *late = agree([not math.isfinite(loss_value), STOP] +
+                                                [time.time() > t for t in deadlines.values()], ddp, run_device)
             if nonfinite:
-                stop_for_nonfinite(run, phase, step, loss_value)
-            # backward (in fp16 of the scaled loss)
-            phase.optimizer.zero_grad(set_to_none=True)
-            phase.scaler.scale(loss).backward()
-            # clip the gradient (the true one, unscaled first)
-            phase.scaler.unscale_(phase.optimizer)
+                raise nonfinite_error(phase, loss_value, step + 1, path, checkpoint)
+            # backward (scaled), clip the true gradient, update; the scaler skips steps with inf/NaN gradients
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-            # update the weights; the scaler skips a step whose gradients hold inf or NaN, and lowers its scale
-            scale_before = phase.scaler.get_scale() if phase.scaler.is_enabled() else 0.0
-            phase.scaler.step(phase.optimizer)
-            phase.scaler.update()
-            skipped_steps += phase.scaler.is_enabled() and phase.scaler.get_scale() < scale_before
-            step += 1
-            examples_seen += len(batch) * run.world_size
-            loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+            scale = scaler.get_scale()
+            scaler.step(optimizer)
+            scaler.update()
+            skipped, step = skipped + (scaler.get_scale() < scale), step + 1
+            seen, loss_sum, loss_count = seen + len(batch), loss_sum + loss_value, loss_count + 1
             # logging
-            if step % log_every == 0:
-                examples_per_second = examples_seen / max(1e-9, time.time() - tick)
-                minutes_left = (phase.total_steps - step) * batch_size * run.world_size / examples_per_second / 60
-                skipped = f"; {skipped_steps} steps skipped by the gradient scaler" if skipped_steps else ""
-                run.log(f"{phase.log_prefix}epoch {epoch + 1} step {step}/{phase.total_steps} loss "
-                        f"{loss_sum / loss_count:.4f} lr {step_lr:.2e} {examples_per_second:.0f} examples/s, about "
-                        f"{minutes_left:.1f} min left{skipped}", flush=True)
-            if time_up or share_up or signalled:
-                stop_reason = "signal" if signalled else "time" if time_up else "share"
+            if step % log_every == 0 and rank == 0:
+                speed = seen * world_size / max(1e-9, time.time() - tick)          # examples/s of all processes
+                print(f"{'pre-training ' if val is None else ''}epoch {epoch + 1} step {step}/{total_steps} loss "
+                      f"{loss_sum / loss_count:.4f} lr {step_lr:.2e} {speed:.0f} examples/s, about "
+                      f"{(total_steps - step) * batch_size * world_size / speed / 60:.1f} min left"
+                      + (f"; {skipped} steps skipped by the gradient scaler" if skipped else ""), flush=True)
+            stop = "signal" if signalled else next((reason for reason, up in zip(deadlines, late) if up), None)
+            if stop:
                 break
-        # end of the epoch, or of this run: check the weights, finish a whole epoch, save the checkpoint
-        if not all(bool(p.detach().isfinite().all()) for p in net.parameters()):
-            stop_for_nonfinite(run, phase, step, "finite, but the weights are not")
-        if step % phase.steps_per_epoch == 0 or step == phase.total_steps:
-            phase.end_epoch(epoch, step, loss_sum / max(1, loss_count))
-        phase.save(step, stop_reason)
-        if stop_reason == "signal":
-            stop_for_signal(run, step, phase.path)
-        if stop_reason:
-            return step, stop_reason
-    return step, None
+        # end of the epoch, or of this run: check the weights, evaluate a whole epoch, save the checkpoint
+        record = {"epoch": epoch + 1, "step": step, "train_loss" if val else "mlm_loss": loss_sum / max(1, loss_count),
+                  "minutes": (time.time() - started) / 60}
+        end_epoch(model, checkpoint, record, step / steps_per_epoch, stop, val, path, system)
+        checkpoint.update(step=step, done=stop == "its share of --max_minutes" or (val is None and step >= total_steps),
+                          seconds=time.time() - started)
+        if rank == 0:
+            save_atomic({**checkpoint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "precision": precision_name}, path)
+    return announce_stop(stop, phase, step, total_steps, path, ddp, rank)
 
 
-def train_model(records, out_dir, mlm_records=None):
-    """Train on records (a stratified val_frac of them validates), resuming from out_dir if it holds a run. With
-    pretrain_epochs > 0: first masked-language pre-training on the texts of records and of mlm_records (unlabelled,
-    the test texts), then fine-tuning from that encoder. Returns the history: one dict per finished epoch (on rank 0;
-    [] when --max_minutes ran out during pre-training)."""
-    ddp, rank, world_size, run_device = setup_distributed()
-    stop_request = StopRequest()
-    try:
-        run = start_run(ddp, rank, world_size, run_device, stop_request, out_dir)
-        config, checkpoint, pretrain_checkpoint = check_saved_run(run, records, mlm_records, out_dir)
-        saved = checkpoint or pretrain_checkpoint
-        run.seconds_before = saved.get("seconds", 0.0) if saved else 0.0
-        vocab, train_split, val_split = prepare_data(run, records, config, saved, out_dir)
-        model = init_model(run, config, vocab, fresh=saved is None)
-        from_pretrained = bool(pretrain_epochs) and (checkpoint is None or checkpoint.get("pretrained", False))
-
-        if pretrain_epochs and checkpoint is None:    # phase 1; loading pretrain.pt sets the classifier's encoder too
-            phase = Pretraining(run, model, records, mlm_records, vocab, config, pretrain_checkpoint, out_dir)
-            if not phase.done:
-                step, stop_reason = train_loop(run, phase)
-                if stop_reason == "time":
-                    run.log(f"stopped after {max_minutes} minutes in pre-training at step {step}/{phase.total_steps}; "
-                            f"checkpoint saved, run the same command to resume")
-                    if ddp:
-                        dist.barrier()
-                    return []
-                if stop_reason == "share":
-                    run.log(f"pre-training stopped at step {step}/{phase.total_steps}, its share ({pretrain_share}) "
-                            f"of --max_minutes: fine-tuning starts")
-
-        phase = Classification(run, model, vocab, config, train_split, val_split, checkpoint, from_pretrained,
-                               out_dir)
-        step, stop_reason = train_loop(run, phase)
-        if stop_reason == "time":
-            run.log(f"stopped after {max_minutes} minutes at step {step}/{phase.total_steps}; checkpoint saved, "
-                    f"run the same command to resume")
-        if run.master_process and (stop_reason == "time" or not os.path.exists(phase.best_path)):
-            phase.keep_if_best(step, stop_reason)     # stopped inside an epoch: its weights may be the best yet
+def announce_stop(stop, phase, step, total_steps, path, ddp, rank):
+    """Say why the loop stopped early (None: it did not). A signal ends the program here (each process with 128 +
+    the signal's number), after rank 0's checkpoint. -> stop."""
+    message = f"{phase} stopped by {stop} at step {step}/{total_steps}; checkpoint saved"
+    if stop == "signal":
+        message = (f"stopped by {signal.Signals(STOP[0]).name if STOP else 'a signal'} at step {step}: checkpoint "
+                   f"saved in {path}; run the same command to resume")
+    if stop and rank == 0:
+        print(message, file=sys.stderr if stop == "signal" else sys.stdout, flush=True)
+    if stop == "signal":
         if ddp:
-            dist.barrier()                         # rank 0's last saves are done before any process leaves
-        return phase.history
-    finally:
-        stop_request.restore()
+            dist.barrier()
+        sys.exit(128 + (STOP[0] if STOP else 0))
+    return stop
+
+
+def train_model(records, out_dir, mlm_records, mlm_epochs, seed, use_stems, minutes, system):
+    """One model on records (a stratified val_frac validates), resuming out_dir's run; with mlm_epochs, masked-language
+    pre-training on the texts of records and mlm_records first. -> the history (rank 0; [] if stopped in MLM)."""
+    ddp, rank, world_size, run_device = system[:4]
+    start = time.time()
+    deadline = start + minutes * 60 if minutes > 0 else math.inf
+    config = {name: globals()[name] for name in TRAIN_KEYS}                  # what this run is, its data included
+    config.update(seed=seed, stem=use_stems, pretrain_epochs=mlm_epochs, train_data=fingerprint(records),
+                  mlm_texts=fingerprint(mlm_records, False) if mlm_epochs and mlm_records else "", processes=world_size)
+    checkpoint = check_resume(os.path.join(out_dir, "ckpt.pt"), config, run_device, rank)
+    pretrained = None if checkpoint or not mlm_epochs else \
+        check_resume(os.path.join(out_dir, "pretrain.pt"), config, run_device, rank)
+    saved = checkpoint or pretrained
+    started = start - (saved or {}).get("seconds", 0.0)       # the training seconds of the runs resumed count too
+    vocab, (encoded, labels), val = prepare_data(records, config, saved, out_dir, rank, world_size)
+    torch.manual_seed(seed)
+    model = build_model(config, len(vocab)).to(run_device)
+    glove_rows = load_glove(embeddings, vocab, model.embedding, use_stems) if embeddings and not saved else 0
+    if rank == 0:
+        print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+              f"{ {key: config[key] for key in MODEL_KEYS} }"
+              + (f"; {glove_rows} embedding rows from {embeddings}" if glove_rows else ""))
+    fresh = {"step": 0, "history": [], "config": config, "vocab": vocab.itos}
+    if mlm_epochs and checkpoint is None:     # phase 1: masked-language modelling (BERT 3.1) with the same encoder
+        mlm = MaskedLanguageModel(model).to(run_device)
+        texts = encode_records(records + list(mlm_records or []), vocab, config)
+        optimizer = torch.optim.AdamW(parameter_groups(mlm.named_parameters()), lr=pretrain_lr, fused=True)
+        if rank == 0 and not (pretrained or {}).get("done"):
+            print(f"pre-training: masked-language model on {len(texts)} texts ({len(records)} training"
+                  f"{f', {len(mlm_records)} test' if mlm_records else ''}), {mlm_epochs} epochs")
+        # the masking depends only on (seed, step, rank): exact on resume
+        loss = lambda net, ids, _, step: mlm_loss(net, ids, len(vocab), torch.Generator().manual_seed(
+            seed * 1000003 + step * world_size + rank), run_device)
+        share = {"its share of --max_minutes": start + pretrain_share * minutes * 60} if minutes > 0 else {}
+        stop = train_loop(mlm, optimizer, loss, texts, None, mlm_epochs, seed + 7777, started,
+                          {"--max_minutes": deadline, **share}, pretrained or dict(fresh),
+                          os.path.join(out_dir, "pretrain.pt"), system)
+        if stop == "--max_minutes":          # nothing to fine-tune yet
+            if ddp:
+                dist.barrier()
+            return []
+
+    # phase 2: the classifier learns the labels, with label smoothing (Szegedy et al. 2016, 7): the target gives 1 -
+    # label_smoothing to the true class and spreads label_smoothing evenly over all classes (no overconfidence)
+    from_pretrained = bool(mlm_epochs) and (checkpoint or {"pretrained": True}).get("pretrained", False)
+    scale_of = (lambda name: 1.0 if name.startswith("head.") or not from_pretrained else encoder_lr_frac)
+    optimizer = torch.optim.AdamW(parameter_groups(model.named_parameters(), scale_of), lr=lr, fused=True)
+    if from_pretrained and checkpoint is None and rank == 0:
+        print(f"fine-tuning from the pre-trained encoder (encoder learning rate {encoder_lr_frac} x lr)")
+    loss = lambda net, ids, targets, step: F.cross_entropy(net(ids.to(run_device)).float(), targets.to(run_device),
+                                                           label_smoothing=label_smoothing)
+    checkpoint = checkpoint or dict(fresh, history=[], best_accuracy=-1.0, pretrained=from_pretrained)
+    train_loop(model, optimizer, loss, encoded, labels, epochs, seed, started, {"--max_minutes": deadline}, checkpoint,
+               os.path.join(out_dir, "ckpt.pt"), system, val)
+    if rank == 0 and not os.path.exists(os.path.join(out_dir, "best.pt")):    # a finished run's, deleted since
+        save_atomic({"model": model.state_dict(), "config": config, "vocab": vocab.itos, "epoch": epochs,
+                     "metrics": evaluate(model, *val, run_device, system[4])}, os.path.join(out_dir, "best.pt"))
+    if ddp:
+        dist.barrier()                         # rank 0's last saves are done before any process leaves
+    return checkpoint["history"]
 
 
 def member_dir(out_dir, k):
@@ -1104,7 +736,7 @@ def member_dir(out_dir, k):
     return out_dir if k == 0 else os.path.join(out_dir, f"member_{k + 1}")
 
 
-def train_ensemble(records, out_dir, mlm_records=None):
+def train_ensemble(records, out_dir, mlm_records, mlm_epochs, system):
     """`ensemble` models, one after another, each a whole train_model() run with its own seed: its own validation
     split, initial weights, batch order and dropout masks. Their mistakes differ, so the average of their logits is
     right more often than any one of them (Dietterich 2000, "Ensemble Methods in Machine Learning"). With
@@ -1114,21 +746,15 @@ def train_ensemble(records, out_dir, mlm_records=None):
     whole-words model instead 79.0 %; the default command's four 79.5 %, its models alone 77.8-78.3 %).
     --max_minutes is one budget: each model gets an equal share of what is left when it starts. Running the same
     command again skips the finished models and resumes the stopped one."""
-    global seed, max_minutes, stem
-    base_seed, budget, base_stem = seed, max_minutes, stem
-    deadline = time.time() + budget * 60
-    try:
-        for k in range(ensemble):
-            seed = base_seed + k
-            stem = base_stem != (ensemble_alternate_stem and k % 2 == 1)
-            if budget > 0:    # (never 0, which would mean no limit, when the budget is spent)
-                max_minutes = budget / ensemble if k == 0 else max(1e-6, (deadline - time.time()) / 60 / (ensemble - k))
-            if ensemble > 1 and int(os.environ.get("RANK", 0)) == 0:     # under torchrun: rank 0 only
-                print(f"ensemble model {k + 1}/{ensemble}: seed {seed}, stem {stem}, in {member_dir(out_dir, k)}"
-                      + (f", {max_minutes:.1f} minutes" if budget > 0 else ""), flush=True)
-            train_model(records, member_dir(out_dir, k), mlm_records)
-    finally:
-        seed, max_minutes, stem = base_seed, budget, base_stem
+    deadline = time.time() + max_minutes * 60
+    for k in range(ensemble):
+        use_stems = stem != (ensemble_alternate_stem and k % 2 == 1)
+        minutes = max(1e-6, (deadline - time.time()) / 60 / (ensemble - k)) if k else max_minutes / ensemble
+        minutes = minutes if max_minutes > 0 else 0.0        # (never 0, which means no limit, when the budget is spent)
+        if ensemble > 1 and system[1] == 0:
+            print(f"ensemble model {k + 1}/{ensemble}: seed {seed + k}, stem {use_stems}, in {member_dir(out_dir, k)}"
+                  + (f", {minutes:.1f} minutes" if max_minutes > 0 else ""), flush=True)
+        train_model(records, member_dir(out_dir, k), mlm_records, mlm_epochs, seed + k, use_stems, minutes, system)
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -1137,12 +763,11 @@ def load_trained(out_dir, run_device):
     come from the checkpoint and are passed on explicitly; this module's constants are left as they are."""
     path = os.path.join(out_dir, "best.pt")
     if not os.path.exists(path):
-        raise SystemExit(f"error: {path} not found: train first (python textcls.py --train --out_dir={out_dir})")
+        raise ValueError(f"{path} not found: train first (python textcls.py --train --out_dir={out_dir})")
     checkpoint = load_checkpoint(path, run_device)
-    vocab = Vocab(checkpoint["vocab"])
-    model = build_model(checkpoint["config"], len(vocab)).to(run_device)
+    model = build_model(checkpoint["config"], len(checkpoint["vocab"])).to(run_device)
     model.load_state_dict(checkpoint["model"])
-    return model.eval(), vocab, checkpoint["config"]
+    return model.eval(), Vocab(checkpoint["vocab"]), checkpoint["config"]
 
 
 def load_ensemble(out_dir, run_device):
@@ -1159,18 +784,17 @@ def ensemble_logits(models, records, run_device, precision_name):
                for model, vocab, config in models) / len(models)
 
 
-def write_submission(out_dir, test_file, submission):
+def write_submission(out_dir, test_file, submission, system):
     """`id,label` for every record of test_file, in id order, written atomically; returns the predicted labels.
     With labels in the file, also the accuracy. The submission's folder is checked before any work."""
     check_writable(submission, is_folder=False)
-    run_device = default_device()
+    run_device, precision_name = system[3], system[4]
     models = load_ensemble(out_dir, run_device)     # every model there before the test file is read
     records = sorted(load_news(test_file, require_label=False), key=lambda r: r["id"])
     ids = [r["id"] for r in records]
     if len(set(ids)) != len(ids):
-        raise NewsFormatError(f"{os.path.basename(test_file)}: id {next(i for i in ids if ids.count(i) > 1)} "
-                              f"appears more than once")
-    precision_name, _ = choose_precision(precision, run_device.split(":")[0])
+        raise ValueError(f"{os.path.basename(test_file)}: id {next(i for i in ids if ids.count(i) > 1)} "
+                         f"appears more than once")
     predictions = ensemble_logits(models, records, run_device, precision_name).argmax(1).tolist()
     with open(submission + ".tmp", "w") as f:
         f.write("id,label\n")
@@ -1184,233 +808,290 @@ def write_submission(out_dir, test_file, submission):
     return predictions
 
 
-# ----------------------------------------------------------------------------- command line
+# ----------------------------------------------------------------------------- main
 def main(argv):
     positional = parse_overrides(argv, globals(), CHECKS)
     if positional:
-        raise SystemExit(f"error: textcls.py takes only --name=value options, got {positional[0]!r} "
-                         f"(--help lists them)")
+        sys.exit(f"error: textcls.py takes only --name=value options, got {positional[0]!r} (--help lists them)")
     if d_model % nhead:
-        raise SystemExit(f"error: --d_model={d_model} must be a multiple of --nhead={nhead}")
+        sys.exit(f"error: --d_model={d_model} must be a multiple of --nhead={nhead}")
+    if not (train or predict or attention or bench):
+        return print(__doc__)
     torch.set_num_threads(num_threads)
+    rank = int(os.environ.get("RANK", 0))
     try:
-        if train:
-            records = load_news(os.path.join(data_dir, "News_train.json"))
-            mlm_records = None
-            if pretrain_epochs and pretrain_test:
-                if not os.path.exists(test_file):
-                    raise SystemExit(f"error: --pretrain_test=True reads the test texts, but {test_file} does not "
-                                     f"exist: pass --test_file=PATH or --pretrain_test=False")
-                mlm_records = load_news(test_file, require_label=False)
-            train_ensemble(records, out_dir, mlm_records)
-        if predict:
-            write_submission(out_dir, test_file, submission)
-        if attention:
-            draw_attention(attention, out_dir)         # in the extras below
+        system = setup_system()
+        if train:                                  # (MLM reads test_file's texts too, unless --pretrain_test=False)
+            mlm_records = load_news(test_file, require_label=False) if pretrain_epochs and pretrain_test else None
+            train_ensemble(load_news(os.path.join(data_dir, "News_train.json")), out_dir, mlm_records,
+                           pretrain_epochs, system)
+        if predict and rank == 0:                  # under torchrun: one submission, written by rank 0
+            write_submission(out_dir, test_file, submission, system)
+        if attention and rank == 0:
+            draw_attention(attention, out_dir)     # in the extras below
         if bench:
-            check_writable(out_dir)
-            run_bench(data_dir, out_dir)               # in the extras below
-        if not (train or predict or attention or bench):
-            print(__doc__)
-    except NewsFormatError as e:
-        raise SystemExit(f"error: {e}")
-    except OSError as e:
-        raise SystemExit(f"error: {e.filename or ''}: {e.strerror or e}")
+            run_bench(data_dir, out_dir, system)   # in the extras below
+    except (ValueError, OSError) as e:            # the one error path: one line, naming the file and the record
+        message = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else e
+        sys.exit(f"error: {message}" if rank == 0 else 1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-# =============================================================================================================
-# EXTRAS, not the lesson: the charts drawn by hand with PIL (training's learning curve, --attention's maps) and
-# --bench (the training speed, and this model beside fastText and TF-IDF + logistic regression). Above, only
-# Classification.end_epoch (plot_learning_curve) and main() (draw_attention, run_bench) call into this part.
-# =============================================================================================================
+# --- robustness (read last) ---
+def save_atomic(obj, path):
+    """Write to a temporary file, then rename: an interrupted save never leaves a half-written checkpoint."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """A checkpoint of this script. weights_only=True: tensors, numbers, strings, lists and dicts only, so a file
+    from elsewhere cannot run code on loading; a damaged file is a one-line error that says what to do."""
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:   # objects weights_only refuses; or truncated, empty, not a zip
+        if "weights only" in str(e).lower().replace("_", " "):
+            raise ValueError(f"{path} holds objects other than tensors, numbers and strings, so it was not written "
+                             f"by textcls.py; refused to load it (weights_only=True)") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+        previous = f"the previous state may be in {path}.tmp, or " if os.path.exists(path + ".tmp") else ""
+        raise ValueError(f"{path} is damaged ({type(e).__name__}: {reason}); {previous}delete it to start again") \
+            from None
+    if not isinstance(checkpoint, dict) or not {"model", "config", "vocab"} <= checkpoint.keys():
+        raise ValueError(f"{path} is not a checkpoint of this textcls.py (no model, configuration and vocabulary "
+                         f"inside; older versions kept the vocabulary apart): train into another --out_dir")
+    return checkpoint
+
+
+def check_resume(path, config, run_device, rank):
+    """The checkpoint in path, or None if there is none. A run that cannot continue it (another configuration,
+    other data) stops here, naming every differing key; the RESUMABLE keys continue with the new value."""
+    if not os.path.exists(path):
+        return None
+    saved = load_checkpoint(path, run_device)
+    was = {key: saved["config"].get(key, "(not saved)") for key in config}
+    differ = [key for key in config if was[key] != config[key]]
+    refused = [key for key in differ if key not in RESUMABLE]
+    if refused:
+        raise ValueError(f"{path} was trained with {', '.join(f'{k}={was[k]!r}' for k in refused)}; this run has "
+                         f"{', '.join(f'{k}={config[k]!r}' for k in refused)}: run with the checkpoint's values to "
+                         f"resume it, or train into another --out_dir")
+    for key in differ if rank == 0 else []:
+        print(f"note: {key} = {config[key]!r} differs from {path}'s {was[key]!r}: continuing with the new value")
+    return saved
+
+
+def check_writable(path, is_folder=True):
+    """Make sure out_dir (created if missing) or a file's folder takes new files, before any long work."""
+    folder = path if is_folder else (os.path.dirname(path) or ".")
+    try:
+        if is_folder:
+            os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, f".write_test_{os.getpid()}"), "w").close()
+        os.remove(os.path.join(folder, f".write_test_{os.getpid()}"))
+        if not is_folder and os.path.isdir(path):
+            raise IsADirectoryError(21, "is a folder")
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+STOP = []   # the signals received: the training loop saves a checkpoint after its current step and stops
+
+
+def on_signal(signum, frame):
+    if STOP:                                      # a second one stops at once
+        raise KeyboardInterrupt
+    STOP.append(signum)
+    print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping", flush=True)
+
+
+# --- extras (not the lesson) ---
+# ----------------------------------------------------------------------------- devices and precisions
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def pick_device(requested):
+    """The device for --device ("" picks: a CUDA GPU, else Apple's mps, else the CPU), and why."""
+    if requested:
+        return requested, "asked for"
+    if torch.cuda.is_available():
+        return "cuda", "a CUDA GPU is available"
+    if torch.backends.mps.is_available():
+        return "mps", "no CUDA GPU; Apple's Metal (mps) is available"
+    return "cpu", "no CUDA GPU or Apple mps"
+
+
+def choose_precision(requested, device_type):
+    """The autocast precision for `precision` on this device, and why: auto is bf16 where the hardware computes it
+    natively (CUDA capability >= 8.0, i.e. Ampere and later; CPUs with AMX or AVX512-BF16), fp16 with a gradient
+    scaler on older GPUs (a T4, 7.5, only emulates bf16: slow, and a P100 fails in cuBLAS), fp32 elsewhere (on
+    Apple's mps too: its float16 and bfloat16 speed is not measured here)."""
+    major, minor = torch.cuda.get_device_capability() if device_type == "cuda" else (0, 0)
+    if requested == "bf16" and device_type == "cuda" and major < 8:
+        raise ValueError(f"--precision=bf16 needs CUDA capability 8.0; this GPU has {major}.{minor}: use "
+                         f"--precision=fp16 (or auto, which picks fp16 with a gradient scaler here)")
+    if requested != "auto":
+        return requested, "asked for"
+    if device_type == "cuda":
+        if major >= 8:
+            return "bf16", f"CUDA capability {major}.{minor} computes bfloat16 natively"
+        return "fp16", f"CUDA capability {major}.{minor} has no native bfloat16: float16 with a gradient scaler"
+    if device_type == "cpu" and cpu_has_bf16():
+        return "bf16", "this CPU computes bfloat16 natively (AMX or AVX512-BF16)"
+    return "fp32", f"no native bfloat16 on this {device_type}"
+
+
+def cpu_has_bf16():
+    """True where the CPU computes bfloat16 natively: AMX or AVX512-BF16 in Linux's /proc/cpuinfo."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def check_cuda_build():
+    """Stop at once where this PyTorch build has no kernels for the GPU (Kaggle's P100, sm_60, under a build for
+    sm_70 and newer), rather than with a CUDA error from deep inside. A cubin sm_XY runs on capability X.y for
+    y >= Y; PTX compute_XY is compiled for any capability >= X.Y."""
+    major, minor = torch.cuda.get_device_capability()
+    archs = torch.cuda.get_arch_list()
+    # "sm_86" -> ("sm", 86), "sm_90a" -> ("sm", 90), "compute_120" -> ("compute", 120): capability 12.0 is 120
+    built = [(arch.split("_")[0], int("".join(c for c in arch.split("_")[-1] if c.isdigit()))) for arch in archs]
+    runs = any(v // 10 == major and v % 10 <= minor if kind == "sm" else v <= 10 * major + minor for kind, v in built)
+    if archs and not runs:
+        raise ValueError(f"this PyTorch {torch.__version__} has GPU kernels for {' '.join(archs)}, none for "
+                         f"{torch.cuda.get_device_name()} (sm_{major}{minor}): install a PyTorch build that lists "
+                         f"sm_{major}{minor} (see the README, 'On a GPU'), or choose another GPU")
+
+
+def set_deterministic(on):
+    """The same command gives the same numbers on the same GPU (the homework asks "fully reproducible"):
+    deterministic algorithms only (an op without one stops with an error instead of varying), the cuBLAS
+    workspace setting those need, and cuDNN without its run-time kernel search. A no-op cost on the CPU."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # before the first cuBLAS call
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = on, not on
+
 
 # ----------------------------------------------------------------------------- charts (PIL only)
-CHART_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
-
-
-def draw_chart(draw, box, xs, series, title):
-    """A line chart of each named series over xs inside box, with min/max labels and a legend."""
-    left, top, right, bottom = box
-    values = [v for ys in series.values() for v in ys]
-    low, high = min(values), max(values)
-    if high - low < 1e-9:
-        low, high = low - 0.5, high + 0.5
-    x_low, x_high = min(xs), max(max(xs), min(xs) + 1)
-    to_pixel = lambda x, y: (left + (x - x_low) / (x_high - x_low) * (right - left),
-                             bottom - (y - low) / (high - low) * (bottom - top))
-    draw.rectangle(box, outline="black")
-    draw.text((left, top - 18), title, fill="black")
-    draw.text((left - 55, top), f"{high:.3f}", fill="black")
-    draw.text((left - 55, bottom - 10), f"{low:.3f}", fill="black")
-    draw.text((left, bottom + 5), f"epoch {x_low}", fill="black")
-    draw.text((right - 50, bottom + 5), f"epoch {x_high}", fill="black")
-    for k, (name, ys) in enumerate(series.items()):
-        points = [to_pixel(x, y) for x, y in zip(xs, ys)]
-        colour = CHART_COLOURS[k % len(CHART_COLOURS)]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        for x, y in points:
-            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
-        draw.text((left + 60 + 110 * k, top - 18), name, fill=colour)   # legend beside the title
-
-
 def plot_learning_curve(history, path):
-    """Two panels: train and validation loss per epoch; validation accuracy and macro-F1 per epoch (the second
-    stays empty without a validation split)."""
-    epochs_done = [h["epoch"] for h in history]
+    """Two panels over the epochs: train and validation loss; validation accuracy and macro-F1 (empty without a
+    validation split). Each panel's scale runs from its lowest value (bottom) to its highest (top), both written."""
     image = Image.new("RGB", (900, 360), "white")
     draw = ImageDraw.Draw(image)
-    with_val = all("accuracy" in h for h in history)
-    losses = {"train loss": [h["train_loss"] for h in history]}
-    if with_val:
-        losses["val loss"] = [h["loss"] for h in history]
-    draw_chart(draw, (60, 30, 430, 320), epochs_done, losses, "loss")
-    if with_val:
-        draw_chart(draw, (510, 30, 880, 320), epochs_done, {"val accuracy": [h["accuracy"] for h in history],
-                                                            "val macro-F1": [h["macro_f1"] for h in history]}, "score")
+    for left, names in [(60, ["train_loss", "loss"]), (510, ["accuracy", "macro_f1"])]:
+        series = {name: [h[name] for h in history] for name in names if all(name in h for h in history)}
+        values = [v for ys in series.values() for v in ys] or [0.0]
+        low, high = min(values), max(values) + 1e-9
+        draw.rectangle((left, 30, left + 370, 320), outline="black")
+        draw.text((left - 55, 30), f"{high:.3f}", fill="black")
+        draw.text((left - 55, 310), f"{low:.3f}", fill="black")
+        for k, (name, ys) in enumerate(series.items()):
+            colour = [(31, 119, 180), (255, 127, 14)][k]
+            points = [(left + 370 * i / max(1, len(ys) - 1), 320 - 290 * (y - low) / (high - low)) for i, y in
+                      enumerate(ys)]
+            draw.line(points + points[-1:], fill=colour, width=2)
+            draw.text((left + 130 * k, 12), ("" if name == "train_loss" else "val ") + name, fill=colour)
+    draw.text((60, 330), f"epoch 1 .. {history[-1]['epoch']}", fill="black")
     image.save(path + ".tmp.png")
     os.replace(path + ".tmp.png", path)
 
 
-def plot_attention(tokens, maps, path, cell=28):
-    """One heat map per layer (averaged over heads): row = query token, column = key token, darker = more."""
-    n = len(tokens)
-    label_width = 8 * max(len(t) for t in tokens) + 10
-    panel = label_width + n * cell + 20
-    image = Image.new("RGB", (panel * len(maps), label_width + n * cell + 30), "white")
+def draw_attention(sentence, out_dir, cell=28):
+    """--attention: classify one "headline | description" with the best checkpoint and draw one heat map per layer
+    (averaged over heads): row = query token, column = key token, darker = more attention."""
+    model, vocab, config = load_trained(out_dir, "cpu")
+    headline, _, description = sentence.partition("|")   # "headline | description" gives two segments
+    record = {"headline": headline, "short_description": description}
+    ids = torch.tensor(encode_records([record], vocab, config))          # as --predict encodes a record
+    with torch.no_grad():
+        probabilities = model(ids).softmax(-1)[0]
+    tokens, maps = vocab.decode(ids[0].tolist()), model.attention_maps(ids)
+    n, label = len(tokens), 8 * max(len(t) for t in tokens) + 10
+    image = Image.new("RGB", ((label + n * cell + 20) * len(maps), label + n * cell + 30), "white")
     draw = ImageDraw.Draw(image)
     for layer, weights in enumerate(maps):
-        weights = weights[0].mean(0)[:n, :n]            # first example, mean over heads: (query, key)
-        x0, y0 = layer * panel + label_width, label_width + 20
+        weights = weights[0].mean(0)                    # first example, mean over heads: (query, key)
+        x0, y0 = layer * (label + n * cell + 20) + label, label + 20
         draw.text((x0, 2), f"layer {layer + 1} (mean over heads)", fill="black")
         for q in range(n):
-            draw.text((x0 - label_width + 2, y0 + q * cell + 8), tokens[q], fill="black")
+            draw.text((x0 - label + 2, y0 + q * cell + 8), tokens[q], fill="black")
+            draw.text((x0 + q * cell + 2, y0 - 14 - 10 * (q % 2)), tokens[q][:4], fill="black")   # keys, staggered
             for k in range(n):
                 shade = int(255 * (1 - float(weights[q, k]) / float(weights.max())))
                 draw.rectangle((x0 + k * cell, y0 + q * cell, x0 + (k + 1) * cell - 1, y0 + (q + 1) * cell - 1),
                                fill=(shade, shade, 255))
-        for k, token in enumerate(tokens):     # key labels written sideways above the columns
-            label = Image.new("RGB", (label_width, 14), "white")
-            ImageDraw.Draw(label).text((2, 1), token, fill="black")
-            image.paste(label.rotate(90, expand=True), (x0 + k * cell + 7, 18))
-    image.save(path)
-
-
-def draw_attention(sentence, out_dir):
-    """--attention: classify one "headline | description" with the best checkpoint and draw its attention maps."""
-    model, vocab, config = load_trained(out_dir, "cpu")
-    headline, _, description = sentence.partition("|")   # "headline | description" gives two segments
-    words = lambda text: preprocess(text, config["remove_stop"], config["stem"])
-    ids = vocab.encode(words(headline), max_len=config["max_len"], tokens_b=words(description) if description else None)
-    ids = torch.tensor([ids])
-    with torch.no_grad():
-        probabilities = model(ids).softmax(-1)[0]
-    path = os.path.join(out_dir, "attention.png")
-    plot_attention(vocab.decode(ids[0].tolist()), model.attention_maps(ids), path)
+    image.save(os.path.join(out_dir, "attention.png"))
     print(f"{sentence!r} -> {LABEL_NAMES[int(probabilities.argmax())]} ({float(probabilities.max()):.2f}); "
-          f"attention maps in {path}")
+          f"attention maps in {os.path.join(out_dir, 'attention.png')}")
 
 
 # ----------------------------------------------------------------------------- benchmark
-def bench_speed(records, steps=40, rounds=2):
-    """Training examples/s of the configured model on this device with fp32 and with bf16 autocast, on the same
-    batches in the same run. The rounds alternate the two and the best round of each counts (other work on a
-    shared machine slows some rounds down)."""
-    run_device = default_device()
-    device_type = run_device.split(":")[0]
+def bench_speed(records, run_device, names=("fp32", "bf16"), steps=40, rounds=2):
+    """Training examples/s of the configured model on this device in each precision of names, on the same batches
+    in the same run. The rounds alternate them and the best round of each counts (other work on a shared machine
+    slows some rounds down)."""
     config = {key: globals()[key] for key in MODEL_KEYS}
-    tokens = [record_tokens(r, config) for r in records]
-    vocab = Vocab.build((t for pair in tokens for t in pair), min_freq=min_freq, max_size=max_vocab)
-    encoded, labels = encode_pairs(tokens, vocab, max_len), [r["label"] for r in records]
+    vocab = Vocab.build((segment for r in records for segment in record_tokens(r, config)), min_freq, max_vocab)
+    encoded, labels = encode_records(records, vocab, config), [r["label"] for r in records]
     batches = make_batches([len(e) for e in encoded], batch_size, random.Random(seed), bucket)[:steps + 5]
     best = {}
-    for _ in range(rounds):
-        for name in ("fp32", "bf16"):
-            torch.manual_seed(seed)
-            model = build_model(config, len(vocab)).to(run_device).train()
-            optimizer = torch.optim.AdamW(parameter_groups(model.named_parameters()), lr=lr)
-            for i, batch in enumerate(batches):
-                if i == 5:                      # the first steps warm up (allocations, kernel choice)
-                    tick, seen = time.perf_counter(), 0
-                ids, targets = collate(encoded, batch, labels)
-                with autocast(device_type, name):
-                    loss = F.cross_entropy(model(ids.to(run_device)).float(), targets.to(run_device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                seen = seen + len(batch) if i >= 5 else 0
-            best[name] = max(best.get(name, 0.0), seen / (time.perf_counter() - tick))
+    for name in list(names) * rounds:
+        torch.manual_seed(seed)
+        model = build_model(config, len(vocab)).to(run_device).train()
+        optimizer = torch.optim.AdamW(parameter_groups(model.named_parameters()), lr=lr)
+        tick, seen = time.perf_counter(), 0
+        for i, batch in enumerate(batches):
+            if i == 5:                      # the first steps warm up (allocations, kernel choice)
+                tick, seen = time.perf_counter(), 0
+            ids, targets = collate(encoded, batch, labels)
+            with torch.autocast(run_device.split(":")[0], dtype=DTYPES[name], enabled=name != "fp32"):
+                loss = F.cross_entropy(model(ids.to(run_device)).float(), targets.to(run_device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += len(batch)
+        best[name] = max(best.get(name, 0.0), seen / (time.perf_counter() - tick))
     return best
 
 
-def run_bench(data_dir, out_dir):
-    """On one stratified held-out split: the training speed in fp32 and bf16, then this Transformer with the
-    constants above without and with masked-language pre-training (the held-out texts, never their labels, play
-    the test texts that MLM may read), fastText (supervised, word bigrams, 10 epochs) and TF-IDF word 1-2-grams +
-    logistic regression. max_minutes applies to each Transformer run. The baselines see the same training records
-    as the Transformer (its validation part excluded). Only here: pip install fasttext-wheel scikit-learn."""
-    import fasttext
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from tokenizer import tokenize
-
+def run_bench(data_dir, out_dir, system):
+    """On one stratified held-out split: the training speed in each precision, then this Transformer with the
+    constants above without and with masked-language pre-training (the held-out texts, never their labels, play the
+    test texts that MLM may read). max_minutes applies to each run."""
+    run_device, precision_name = system[3], system[4]
+    check_writable(out_dir)
     records = load_news(os.path.join(data_dir, "News_train.json"))
     kept, held_out = stratified_split([r["label"] for r in records], holdout_frac, seed + 1)
     train_records, test_records = [records[i] for i in kept], [records[i] for i in held_out]
     fit_idx, _ = stratified_split([r["label"] for r in train_records], val_frac, seed)  # what train_model uses
-    fit_records = [train_records[i] for i in fit_idx]
-    text = lambda r: " ".join(tokenize(r["headline"] + " . " + r["short_description"]))
-    test_labels = [r["label"] for r in test_records]
-    run_device = default_device()
-    precision_name, why = choose_precision(precision, run_device.split(":")[0])
-    results = {}
-
-    speeds = bench_speed(fit_records)
-    print(f"training speed on {run_device}, batch {batch_size}: fp32 {speeds['fp32']:.0f} examples/s, "
-          f"bf16 {speeds['bf16']:.0f} examples/s (x{speeds['bf16'] / speeds['fp32']:.2f}); the runs below use "
-          f"{precision_name} ({why})", flush=True)
-
+    names = ["fp32", "bf16"]
+    if run_device.startswith("cuda") and torch.cuda.get_device_capability()[0] < 8:
+        names = ["fp32"]
+        print("note: no bf16 speed on this GPU (CUDA capability below 8.0 has no native bfloat16)")
+    speeds = bench_speed([train_records[i] for i in fit_idx], run_device, names)
+    print(f"training speed on {run_device}, batch {batch_size}: "
+          + ", ".join(f"{name} {speed:.0f} examples/s" for name, speed in speeds.items())
+          + f"; the runs below use {precision_name}", flush=True)
+    print(f"held-out split: {len(test_records)} records ({holdout_frac:.0%} stratified, seed {seed + 1}); "
+          f"training records: {len(fit_idx)}")
     mlm_epochs = pretrain_epochs or bench_pretrain_epochs
-    for name, folder_name, phase_epochs in [("Transformer, no MLM", "bench_no_mlm", 0),
-                                            (f"Transformer, MLM {mlm_epochs} ep", "bench_mlm", mlm_epochs)]:
-        folder = os.path.join(out_dir, folder_name)
-        globals()["pretrain_epochs"], kept_value = phase_epochs, pretrain_epochs
-        try:
-            train_ensemble(train_records, folder, test_records if phase_epochs and pretrain_test else None)
-        finally:
-            globals()["pretrain_epochs"] = kept_value
+    for name, folder, phase_epochs in [("Transformer, no MLM", "bench_no_mlm", 0),
+                                       (f"Transformer, MLM {mlm_epochs} ep", "bench_mlm", mlm_epochs)]:
+        folder = os.path.join(out_dir, folder)
+        train_ensemble(train_records, folder, test_records if phase_epochs and pretrain_test else None, phase_epochs,
+                       system)
         models = load_ensemble(folder, run_device)
-        logits = ensemble_logits(models, test_records, run_device, precision_name)
+        predictions = ensemble_logits(models, test_records, run_device, precision_name).argmax(1).tolist()
+        metrics = classification_metrics(predictions, [r["label"] for r in test_records])
         seconds = sum(load_checkpoint(os.path.join(member_dir(folder, k), "ckpt.pt"))["seconds"]
                       for k in range(len(models)))
-        results[name] = (classification_metrics(logits.argmax(1).tolist(), test_labels), seconds)
-        print(f"{name}: held-out accuracy {results[name][0]['accuracy']:.4f}", flush=True)
-
-    start = time.time()
-    with open(os.path.join(out_dir, "fasttext_train.txt"), "w") as f:
-        f.writelines(f"__label__{r['label']} {text(r)}\n" for r in fit_records)
-    ft = fasttext.train_supervised(os.path.join(out_dir, "fasttext_train.txt"), wordNgrams=2, epoch=10,
-                                   thread=num_threads, seed=seed, verbose=0)
-    predictions = [int(labels[0].removeprefix("__label__"))
-                   for labels in ft.predict([text(r) for r in test_records])[0]]
-    results["fastText (bigrams, 10 epochs)"] = (classification_metrics(predictions, test_labels), time.time() - start)
-
-    start = time.time()
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, token_pattern=r"\S+")
-    features = vectorizer.fit_transform([text(r) for r in fit_records])
-    classifier = LogisticRegression(C=10, max_iter=1000).fit(features, [r["label"] for r in fit_records])
-    predictions = classifier.predict(vectorizer.transform([text(r) for r in test_records])).tolist()
-    results["TF-IDF 1-2-grams + LR"] = (classification_metrics(predictions, test_labels), time.time() - start)
-
-    print(f"held-out split: {len(test_records)} records ({holdout_frac:.0%} stratified, seed {seed + 1}); "
-          f"training records: {len(fit_records)}")
-    print("| model | accuracy | macro-F1 | training minutes |\n| --- | --- | --- | --- |")
-    for name, (metrics, seconds) in results.items():
-        print(f"| {name} | {metrics['accuracy']:.4f} | {metrics['macro_f1']:.4f} | {seconds / 60:.1f} |")
+        print(f"{name}: held-out accuracy {metrics['accuracy']:.4f} macro-F1 {metrics['macro_f1']:.4f}, "
+              f"{seconds / 60:.1f} training minutes", flush=True)
 
 
 if __name__ == "__main__":
+    for s in (signal.SIGINT, signal.SIGTERM):     # Ctrl-C, or what Colab and Kaggle send when a runtime ends
+        signal.signal(s, on_signal)
     main(sys.argv[1:])

@@ -40,12 +40,9 @@ CHECKS = {"bench_docs": (lambda v: v >= 0, "an integer >= 0")}   # checked befor
 # word; hyphen look-alikes (hyphen, no-break hyphen, minus) become "-" (they join words: "covid‑19"), while en and
 # em dashes and the horizontal bar become spaces (they separate: "win—again" is two words). The no-break space
 # becomes a space and the zero-width space goes.
-UNICODE_FOLD = str.maketrans({
-    "\u2018": "'", "\u2019": "'", "\u201b": "'", "\u2032": "'", "\u00b4": "'", "\u0060": "'",
-    "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2033": '"', "\u00ab": '"', "\u00bb": '"',
-    "\u2010": "-", "\u2011": "-", "\u2212": "-", "\u2013": " ", "\u2014": " ", "\u2015": " ",
-    "\u00a0": " ", "\u200b": "",
-})
+UNICODE_FOLD = str.maketrans("\u2018\u2019\u201b\u2032\u00b4\u0060" "\u201c\u201d\u201e\u2033\u00ab\u00bb"   # these
+                             "\u2010\u2011\u2212" "\u2013\u2014\u2015" "\u00a0",
+                             "''''''" '""""""' "---" "   " " ", "\u200b")    # become these; the last goes
 HTML_TAG = re.compile(r"<[^>]{0,200}>")    # "<br/>", "<b>": markup, not words (a "<" with no ">" in the next
                                            # 200 characters is not a tag: "a < b" keeps its words)
 POSSESSIVE = re.compile(r"(?<=\w)'s\b")     # "spacex's" -> "spacex", "it's" -> "it" (see TOKEN below)
@@ -113,15 +110,14 @@ def remove_punctuation(text):
 # added 19 contractions such as "i'm"). It holds the pieces that other tokenizers split contractions into
 # ("didn", "t", "ll") as well as the whole forms ("didn't", "you'll") that ours keeps.
 STOP_WORDS = frozenset("""
-i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he him
-his himself she she's her hers herself it it's its itself they them their theirs themselves what which who
-whom this that that'll these those am is are was were be been being have has had having do does did doing a
-an the and but if or because as until while of at by for with about against between into through during
-before after above below to from up down in out on off over under again further then once here there when
-where why how all any both each few more most other some such no nor not only own same so than too very s t
-can will just don don't should should've now d ll m o re ve y ain aren aren't couldn couldn't didn didn't
-doesn doesn't hadn hadn't hasn hasn't haven haven't isn isn't ma mightn mightn't mustn mustn't needn needn't
-shan shan't shouldn shouldn't wasn wasn't weren weren't won won't wouldn wouldn't
+i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he him his himself
+she she's her hers herself it it's its itself they them their theirs themselves what which who whom this that that'll
+these those am is are was were be been being have has had having do does did doing a an the and but if or because as
+until while of at by for with about against between into through during before after above below to from up down in out
+on off over under again further then once here there when where why how all any both each few more most other some such
+no nor not only own same so than too very s t can will just don don't should should've now d ll m o re ve y ain aren
+aren't couldn couldn't didn didn't doesn doesn't hadn hadn't hasn hasn't haven haven't isn isn't ma mightn mightn't
+mustn mustn't needn needn't shan shan't shouldn shouldn't wasn wasn't weren weren't won won't wouldn wouldn't
 """.split())
 
 
@@ -139,23 +135,15 @@ shan shan't shouldn shouldn't wasn wasn't weren weren't won won't wouldn wouldn'
 
 def _is_consonant(word, i):
     """Whether word[i] is a consonant in the paper's sense (above)."""
-    letter = word[i]
-    if letter in "aeiou":
-        return False
-    if letter == "y":  # "y" is a vowel after a consonant ("by"), a consonant at the start or after a vowel ("toy")
+    if word[i] == "y":  # "y" is a vowel after a consonant ("by"), a consonant at the start or after a vowel ("toy")
         return i == 0 or not _is_consonant(word, i - 1)
-    return True
+    return word[i] not in "aeiou"
 
 
 def _measure(word):
     """m in [C](VC)^m[V]: the number of vowel-to-consonant changes."""
-    m, previous_is_vowel = 0, False
-    for i in range(len(word)):
-        is_vowel = not _is_consonant(word, i)
-        if previous_is_vowel and not is_vowel:
-            m += 1
-        previous_is_vowel = is_vowel
-    return m
+    is_vowel = [not _is_consonant(word, i) for i in range(len(word))]
+    return sum(1 for i in range(1, len(word)) if is_vowel[i - 1] and not is_vowel[i])
 
 
 def _has_vowel(word):
@@ -178,31 +166,30 @@ def _ends_cvc(word):
 # Steps 2, 3 and 4 as the paper lists them. Of the rules of one step "only one is obeyed, and this will be the one
 # with the longest matching S1" (the paper): with the suffixes sorted longest first, that is the first suffix the
 # word ends with, so a word ending in "ement" meets "ement", not "ment" or "ent".
-STEP2_RULES = [  # (m>0) suffix -> replacement
+STEP2_RULES = sorted([  # (m>0) suffix -> replacement
     ("ational", "ate"), ("tional", "tion"), ("enci", "ence"), ("anci", "ance"), ("izer", "ize"),
     ("abli", "able"), ("alli", "al"), ("entli", "ent"), ("eli", "e"), ("ousli", "ous"), ("ization", "ize"),
     ("ation", "ate"), ("ator", "ate"), ("alism", "al"), ("iveness", "ive"), ("fulness", "ful"),
     ("ousness", "ous"), ("aliti", "al"), ("iviti", "ive"), ("biliti", "ble"),
-]
-STEP3_RULES = [  # (m>0) suffix -> replacement
+], key=lambda rule: len(rule[0]), reverse=True)   # longest suffix first
+STEP3_RULES = sorted([  # (m>0) suffix -> replacement
     ("icate", "ic"), ("ative", ""), ("alize", "al"), ("iciti", "ic"), ("ical", "ic"), ("ful", ""), ("ness", ""),
-]
-STEP4_SUFFIXES = [  # (m>1) suffix -> nothing; "ion" has its own extra condition in stem()
+], key=lambda rule: len(rule[0]), reverse=True)
+STEP4_RULES = sorted([(suffix, "") for suffix in [  # (m>1) suffix -> nothing; "ion" also needs *S or *T
     "al", "ance", "ence", "er", "ic", "able", "ible", "ant", "ement", "ment", "ent", "ion", "ou", "ism", "ate",
     "iti", "ous", "ive", "ize",
-]
-STEP2_RULES.sort(key=lambda rule: len(rule[0]), reverse=True)   # longest suffix first
-STEP3_RULES.sort(key=lambda rule: len(rule[0]), reverse=True)
-STEP4_SUFFIXES.sort(key=len, reverse=True)
+]], key=lambda rule: len(rule[0]), reverse=True)
 
 
-def _replace_suffix(word, rules):
-    """Steps 2 and 3: replace the longest listed suffix the word ends with if the base before it has m>0.
-    If it has not, the word stays as it is: no shorter suffix is tried."""
+def _replace_suffix(word, rules, min_measure=1):
+    """Steps 2, 3 and 4: replace the longest listed suffix the word ends with if the base before it has
+    m >= min_measure (and, for step 4's "ion", ends in s or t). If it has not, the word stays as it is: no shorter
+    suffix is tried."""
     for suffix, replacement in rules:
         if word.endswith(suffix):
             base = word[: -len(suffix)]
-            return base + replacement if _measure(base) > 0 else word
+            applies = _measure(base) >= min_measure and (suffix != "ion" or base.endswith(("s", "t")))
+            return base + replacement if applies else word
     return word
 
 
@@ -245,12 +232,7 @@ def stem(word):
 
     # Step 4: remove a suffix, (m>1). revival -> reviv, adjustment -> adjust; (m>1 and (*S or *T)) ion -> (nothing):
     # adoption -> adopt. As in steps 2 and 3, only the longest suffix the word ends with is tried.
-    for suffix in STEP4_SUFFIXES:
-        if word.endswith(suffix):
-            base = word[: -len(suffix)]
-            if _measure(base) > 1 and (suffix != "ion" or base.endswith(("s", "t"))):
-                word = base
-            break
+    word = _replace_suffix(word, STEP4_RULES, min_measure=2)
 
     # Step 5a: (m>1) e -> (nothing); (m=1 and not *o) e -> (nothing). probate -> probat, rate -> rate, cease -> ceas
     if word.endswith("e"):
@@ -270,10 +252,8 @@ def _stem_token(token):
     "@nasa", "didn't", URLs, e-mail addresses. A word with inner hyphens is stemmed on its last part when that is
     letters only ("long-lasting" -> "long-last", "covid-19" stays): in an English compound the last part usually
     carries the inflection."""
-    if token.isalpha():
-        return stem(token)
-    head, dash, last = token.rpartition("-")
-    return head + dash + stem(last) if dash and last.isalpha() else token
+    head, dash, last = token.rpartition("-")        # ("", "", token) without a hyphen
+    return head + dash + stem(last) if last.isalpha() else token
 
 
 def preprocess(text, remove_stop=True, use_stemming=True):
@@ -282,9 +262,7 @@ def preprocess(text, remove_stop=True, use_stemming=True):
     tokens = tokenize(text)
     if remove_stop:  # before stemming, on the words as written: the stop list holds "was", not its stem "wa"
         tokens = [t for t in tokens if t not in STOP_WORDS]
-    if use_stemming:
-        tokens = [_stem_token(t) for t in tokens]
-    return tokens
+    return [_stem_token(t) for t in tokens] if use_stemming else tokens
 
 
 # ----------------------------------------------------------------------------- vocabulary
@@ -293,28 +271,23 @@ class Vocab:
     <pad> 0 (batch padding, masked out), <unk> 1 (unknown token), <cls> 2 (first position; its output is the
     text's vector with textcls.py --pooling=cls), <sep> 3 (between two segments), <mask> 4 (masked-language
     pre-training, textcls.py --pretrain_epochs)."""
-    PAD, UNK, CLS, SEP, MASK = "<pad>", "<unk>", "<cls>", "<sep>", "<mask>"
-    SPECIALS = [PAD, UNK, CLS, SEP, MASK]
+    SPECIALS = ["<pad>", "<unk>", "<cls>", "<sep>", "<mask>"]
     pad_id, unk_id, cls_id, sep_id, mask_id = range(len(SPECIALS))   # their positions in SPECIALS
 
     def __init__(self, itos):
-        first = list(itos[: len(self.SPECIALS)])
-        if first != self.SPECIALS:
-            raise ValueError(f"a vocabulary must start with {self.SPECIALS}, got {first}")
         self.itos = list(itos)
         self.stoi = {token: i for i, token in enumerate(self.itos)}
-        if len(self.stoi) != len(self.itos):
-            raise ValueError("a vocabulary must not list a token twice")
+        if self.itos[: len(self.SPECIALS)] != self.SPECIALS or len(self.stoi) != len(self.itos):
+            raise ValueError(f"a vocabulary must start with {self.SPECIALS} and list each token once, "
+                             f"got {self.itos[:8]}{'...' if len(self.itos) > 8 else ''}")
 
     @classmethod
     def build(cls, token_lists, min_freq=1, max_size=None):
         """Most frequent tokens first (ties alphabetically, so a build is repeatable), those seen fewer than
         min_freq times dropped; max_size caps the whole vocabulary, special tokens included."""
         counts = Counter(token for tokens in token_lists for token in tokens)
-        for special in cls.SPECIALS:  # a "<pad>" among the tokens would otherwise be listed twice
-            counts.pop(special, None)
-        kept = sorted((token for token, count in counts.items() if count >= min_freq),
-                      key=lambda token: (-counts[token], token))
+        kept = sorted((token for token, count in counts.items() if count >= min_freq and token not in cls.SPECIALS),
+                      key=lambda token: (-counts[token], token))     # (a "<pad>" among the tokens is not listed twice)
         if max_size is not None:
             kept = kept[: max(0, max_size - len(cls.SPECIALS))]
         return cls(cls.SPECIALS + kept)
@@ -327,22 +300,18 @@ class Vocab:
 
     def encode(self, tokens, max_len=None, add_cls=True, tokens_b=None):
         """[<cls>] tokens [<sep> tokens_b] as ids, unknown tokens as <unk>. With max_len, tokens are cut from the
-        end of whichever segment is longer, one at a time, until everything fits: BERT's "longest first"
-        (_truncate_seq_pair in google-research/bert's run_classifier.py)."""
-        tokens, tokens_b = list(tokens), (list(tokens_b) if tokens_b is not None else None)  # copies: cutting pops
+        end of whichever segment is longer (the second when both are as long), one at a time, until everything
+        fits: BERT's "longest first" (_truncate_seq_pair in google-research/bert's run_classifier.py)."""
+        segments = [list(tokens)] if tokens_b is None else [list(tokens), list(tokens_b)]   # copies: cutting pops
         if max_len is not None:
-            room = max_len - int(add_cls) - int(tokens_b is not None)   # what <cls> and <sep> leave
+            room = max_len - int(add_cls) - (len(segments) - 1)      # what <cls> and <sep> leave
             if room < 0:
                 raise ValueError(f"max_len={max_len} leaves no room for the special tokens")
-            if tokens_b is None:
-                tokens = tokens[:room]
-            else:
-                while len(tokens) + len(tokens_b) > room:
-                    (tokens if len(tokens) > len(tokens_b) else tokens_b).pop()
+            while sum(len(segment) for segment in segments) > room:
+                (segments[0] if len(segments[0]) > len(segments[-1]) else segments[-1]).pop()
         ids = [self.cls_id] if add_cls else []
-        ids += [self.stoi.get(t, self.unk_id) for t in tokens]
-        if tokens_b is not None:
-            ids += [self.sep_id] + [self.stoi.get(t, self.unk_id) for t in tokens_b]
+        for k, segment in enumerate(segments):
+            ids += [self.sep_id] * k + [self.stoi.get(t, self.unk_id) for t in segment]
         return ids
 
     def decode(self, ids):
@@ -359,60 +328,41 @@ class Vocab:
             return cls(json.load(f)["itos"])
 
 
-# =============================================================================================================
-# extras, not the lesson: the demo (python tokenizer.py "some text") and the benchmark (--bench)
-# =============================================================================================================
-
-# ----------------------------------------------------------------------------- the demo
+# --- extras (not the lesson) ---
 def show_stages(text, vocab=None):
     """Print what each step of preprocess() makes of one text, as the homework slides do, then the ids of its
     stems (in vocab, or in a vocabulary of these stems alone). Every line comes from the pipeline's own functions
     (preprocess with its later steps switched off), so what is shown is what runs."""
-    tokens = preprocess(text, remove_stop=False, use_stemming=False)
-    without_stop_words = preprocess(text, use_stemming=False)
     stems = preprocess(text)
-    if vocab is None:
-        vocab = Vocab.build([stems])
+    vocab = vocab or Vocab.build([stems])
     ids = vocab.encode(stems)
-    print(f"input          : {text}")
-    print(f"cleaned        : {clean(text)}")
-    print(f"no punctuation : {remove_punctuation(text)}")
-    print(f"tokens         : {tokens}")
-    print(f"no stop words  : {without_stop_words}")
-    print(f"stems          : {stems}")
-    print(f"with specials  : {vocab.decode(ids)}")
-    print(f"ids            : {ids}")
+    stages = [("input", text), ("cleaned", clean(text)), ("no punctuation", remove_punctuation(text)),
+              ("tokens", preprocess(text, remove_stop=False, use_stemming=False)),
+              ("no stop words", preprocess(text, use_stemming=False)), ("stems", stems),
+              ("with specials", vocab.decode(ids)), ("ids", ids)]
+    for name, value in stages:
+        print(f"{name:15s}: {value}")
 
 
-# ----------------------------------------------------------------------------- the benchmark
 def run_bench(data_dir, n_docs=0):
     """docs/s of preprocess() over the training texts (the first n_docs; 0 = all), and of the nearest NLTK
-    pipeline in the same run."""
-    with open(f"{data_dir}/News_train.json", encoding="utf-8") as f:
-        records = json.load(f)
-    texts = [record["headline"] + " " + record["short_description"] for record in records]
-    texts = texts[:n_docs] if n_docs else texts
-    stem.cache_clear()  # the first call of a run pays for stemming every distinct word, as a user's would
-    t0 = time.perf_counter()
-    n_tokens = sum(len(preprocess(text)) for text in texts)
-    ours = len(texts) / (time.perf_counter() - t0)
-    print(f"tokenizer.py : {ours:10,.0f} docs/s  ({len(texts):,} docs, {n_tokens:,} tokens)")
-    try:
-        from nltk.stem.porter import PorterStemmer
-        from nltk.tokenize import TreebankWordTokenizer
-    except ImportError:
-        print("nltk not installed (pip install -r requirements-dev.txt): no comparison")
-        return
+    pipeline in the same run (TreebankWordTokenizer + the stop list + PorterStemmer ORIGINAL; nltk is in
+    requirements-dev.txt)."""
+    from nltk.stem.porter import PorterStemmer
+    from nltk.tokenize import TreebankWordTokenizer
     treebank, porter = TreebankWordTokenizer(), PorterStemmer(PorterStemmer.ORIGINAL_ALGORITHM)
-    t0 = time.perf_counter()
-    for text in texts:  # a list of stems per text, as preprocess() makes
-        [porter.stem(word) for word in treebank.tokenize(text.lower()) if word not in STOP_WORDS]
-    theirs = len(texts) / (time.perf_counter() - t0)
-    print(f"NLTK         : {theirs:10,.0f} docs/s  (TreebankWordTokenizer + stop list + PorterStemmer ORIGINAL)")
-    print(f"speed-up     : {ours / theirs:.1f}x")
-
-
-# ======================================================================================== end of the extras
+    nltk = lambda text: [porter.stem(word) for word in treebank.tokenize(text.lower()) if word not in STOP_WORDS]
+    with open(f"{data_dir}/News_train.json", encoding="utf-8") as f:
+        texts = [record["headline"] + " " + record["short_description"] for record in json.load(f)]
+    texts = texts[:n_docs] if n_docs else texts
+    speeds = {}
+    for name, pipeline in [("tokenizer.py", preprocess), ("NLTK", nltk)]:
+        stem.cache_clear()  # the first call of a run pays for stemming every distinct word, as a user's would
+        t0 = time.perf_counter()
+        n_tokens = sum(len(pipeline(text)) for text in texts)
+        speeds[name] = len(texts) / (time.perf_counter() - t0)
+        print(f"{name:13s}: {speeds[name]:10,.0f} docs/s  ({len(texts):,} docs, {n_tokens:,} tokens)")
+    print(f"speed-up     : {speeds['tokenizer.py'] / speeds['NLTK']:.1f}x")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -479,9 +429,8 @@ def parse_overrides(argv, config, checks=None):
 
 if __name__ == "__main__":
     sentences = parse_overrides(sys.argv[1:], globals(), CHECKS)
+    demo_vocab = Vocab.load(vocab_path) if vocab_path else None
     if bench:
         run_bench(data_dir, bench_docs)
-    else:
-        demo_vocab = Vocab.load(vocab_path) if vocab_path else None
-        for sentence in sentences or ["The cats are running quickly!"]:
-            show_stages(sentence, demo_vocab)
+    for sentence in [] if bench else sentences or ["The cats are running quickly!"]:
+        show_stages(sentence, demo_vocab)

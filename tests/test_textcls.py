@@ -66,6 +66,21 @@ def tiny(monkeypatch):
         monkeypatch.setattr(textcls, name, value)
 
 
+def train(records, out_dir, mlm_records=None):
+    """train_model with the module's constants, as main() passes them for one model."""
+    return textcls.train_model(records, str(out_dir), mlm_records, textcls.pretrain_epochs, textcls.seed,
+                               textcls.stem, textcls.max_minutes, textcls.setup_system())
+
+
+def train_ensemble(records, out_dir, mlm_records=None):
+    return textcls.train_ensemble(records, str(out_dir), mlm_records, textcls.pretrain_epochs,
+                                  textcls.setup_system())
+
+
+def submit(out_dir, test_file, submission):
+    return textcls.write_submission(str(out_dir), test_file, submission, textcls.setup_system())
+
+
 def tiny_model(pooling="mean", pos_encoding="sinusoidal", vocab_size=50):
     torch.manual_seed(0)
     return textcls.TransformerClassifier(vocab_size, 16, 2, 32, 2, 0.0, 64, pos_encoding, pooling).eval()
@@ -95,7 +110,7 @@ def test_loads_array_and_json_lines_alike(tmp_path):
 ])
 def test_bad_input_is_one_clear_error(tmp_path, content, message):
     (tmp_path / "a.json").write_text(content)
-    with pytest.raises(textcls.NewsFormatError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
         textcls.load_news(str(tmp_path / "a.json"))
 
 
@@ -103,7 +118,7 @@ def test_test_file_needs_no_label_but_a_present_label_is_checked(tmp_path):
     records = make_records(5, labelled=False)
     assert textcls.load_news(write_json(tmp_path / "t.json", records), require_label=False) == records
     records[2]["label"] = 99
-    with pytest.raises(textcls.NewsFormatError, match="record 2: label 99"):
+    with pytest.raises(ValueError, match="record 2: label 99"):
         textcls.load_news(write_json(tmp_path / "t.json", records), require_label=False)
 
 
@@ -163,9 +178,8 @@ def test_attention_maps_are_distributions_that_ignore_padding():
 
 def test_learning_rate_warms_up_then_decays_to_the_floor(monkeypatch):
     monkeypatch.setattr(textcls, "warmup_steps", 10)
-    monkeypatch.setattr(textcls, "lr", 1e-3)
     monkeypatch.setattr(textcls, "min_lr_frac", 0.1)
-    rates = [textcls.learning_rate(s, 110) for s in range(111)]
+    rates = [textcls.learning_rate(s, 110, 1e-3) for s in range(111)]
     assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
     assert rates[60] == pytest.approx(1e-4 + 0.9e-3 * 0.5)   # half-way through the cosine
     assert rates[110] == pytest.approx(1e-4)
@@ -191,7 +205,7 @@ def test_glove_rows_match_words_and_stems(tmp_path):
     assert embedding.weight[6].tolist() == [5, 6, 7, 8]
     torch.testing.assert_close(embedding.weight[7], before[7])   # no vector for "zebra": untouched
     (tmp_path / "bad.txt").write_text("cat 1 2 3\n")
-    with pytest.raises(textcls.NewsFormatError, match="bad.txt: line 1: 3 numbers, but d_model is 4"):
+    with pytest.raises(ValueError, match="bad.txt: line 1: 3 numbers, but d_model is 4"):
         textcls.load_glove(str(tmp_path / "bad.txt"), vocab, embedding, True)
 
 
@@ -215,7 +229,7 @@ def test_tiny_model_overfits_a_small_batch():
 
 def test_training_learns_writes_its_files_and_predicts(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(textcls, "epochs", 6)
-    history = textcls.train_model(make_records(600), str(tmp_path))
+    history = train(make_records(600), str(tmp_path))
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
     assert history[-1]["accuracy"] > 0.9 and history[-1]["loss"] < history[0]["loss"]
     for name in ("vocab.json", "ckpt.pt", "best.pt", "history.json", "learning_curve.png"):
@@ -224,7 +238,7 @@ def test_training_learns_writes_its_files_and_predicts(tmp_path, tiny, monkeypat
     test_records = make_records(45, seed=9, labelled=False)
     random.Random(1).shuffle(test_records)
     test_file = write_json(tmp_path / "News_test.json", test_records, lines=True)
-    textcls.write_submission(str(tmp_path), test_file, str(tmp_path / "submission.csv"))
+    submit(str(tmp_path), test_file, str(tmp_path / "submission.csv"))
     with open(tmp_path / "submission.csv") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["id", "label"]
@@ -239,7 +253,7 @@ def test_training_learns_writes_its_files_and_predicts(tmp_path, tiny, monkeypat
 def test_ensemble_trains_each_model_with_its_own_seed_and_predicts_their_mean_logits(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(textcls, "ensemble", 2)
     records = make_records(300)
-    textcls.train_ensemble(records, str(tmp_path))
+    train_ensemble(records, str(tmp_path))
     assert (textcls.seed, textcls.max_minutes, textcls.stem) == (TINY["seed"], TINY["max_minutes"], True)   # restored
     first, second = (textcls.load_checkpoint(str(folder / "ckpt.pt")) for folder in (tmp_path, tmp_path / "member_2"))
     assert (first["config"]["seed"], second["config"]["seed"]) == (TINY["seed"], TINY["seed"] + 1)
@@ -248,7 +262,7 @@ def test_ensemble_trains_each_model_with_its_own_seed_and_predicts_their_mean_lo
     assert not torch.equal(first["model"]["head.weight"], second["model"]["head.weight"])
     # the submission is the argmax of the two models' mean logits, each model with its own vocabulary
     test_records = make_records(40, seed=5, labelled=False)
-    predicted = textcls.write_submission(str(tmp_path), write_json(tmp_path / "t.json", test_records),
+    predicted = submit(str(tmp_path), write_json(tmp_path / "t.json", test_records),
                                          str(tmp_path / "s.csv"))
     logits = []
     for folder in (tmp_path, tmp_path / "member_2"):
@@ -256,15 +270,15 @@ def test_ensemble_trains_each_model_with_its_own_seed_and_predicts_their_mean_lo
         logits.append(textcls.predict_logits(model, textcls.encode_records(test_records, vocab, config), "cpu"))
     assert predicted == ((logits[0] + logits[1]) / 2).argmax(1).tolist()
     # the same command again: both models are finished, nothing changes
-    textcls.train_ensemble(records, str(tmp_path))
+    train_ensemble(records, str(tmp_path))
     assert torch.equal(textcls.load_checkpoint(str(tmp_path / "member_2" / "ckpt.pt"))["model"]["head.weight"],
                        second["model"]["head.weight"])
     # prediction takes the number of models from the checkpoint, not from the constant; a missing one is one line
     monkeypatch.setattr(textcls, "ensemble", 1)
-    assert textcls.write_submission(str(tmp_path), str(tmp_path / "t.json"), str(tmp_path / "s.csv")) == predicted
+    assert submit(str(tmp_path), str(tmp_path / "t.json"), str(tmp_path / "s.csv")) == predicted
     os.remove(tmp_path / "member_2" / "best.pt")
-    with pytest.raises(SystemExit, match="member_2/best.pt not found"):
-        textcls.write_submission(str(tmp_path), str(tmp_path / "t.json"), str(tmp_path / "s.csv"))
+    with pytest.raises(ValueError, match="member_2/best.pt not found"):
+        submit(str(tmp_path), str(tmp_path / "t.json"), str(tmp_path / "s.csv"))
 
 
 def test_ensemble_shares_max_minutes_between_its_models(tiny, monkeypatch):
@@ -273,13 +287,13 @@ def test_ensemble_shares_max_minutes_between_its_models(tiny, monkeypatch):
     clock, shares = [1000.0], []
     monkeypatch.setattr(textcls.time, "time", lambda: clock[0])
 
-    def fake_train_model(records, folder, mlm_records=None):   # model 1 uses its whole share, model 2 only 4 minutes
-        shares.append((textcls.seed, round(textcls.max_minutes, 6), folder, textcls.stem))
-        clock[0] += 60 * (textcls.max_minutes if len(shares) == 1 else 4)
+    def fake_train_model(records, folder, mlm_records, mlm_epochs, seed, use_stems, minutes, system):
+        shares.append((seed, round(minutes, 6), folder, use_stems))   # model 1 uses its whole share, model 2 only 4
+        clock[0] += 60 * (minutes if len(shares) == 1 else 4)
     monkeypatch.setattr(textcls, "train_model", fake_train_model)
     monkeypatch.setattr(textcls, "ensemble", 3)
     monkeypatch.setattr(textcls, "max_minutes", 30.0)
-    textcls.train_ensemble(make_records(30), "out")
+    train_ensemble(make_records(30), "out")
     assert shares == [(0, 10.0, "out", True), (1, 10.0, os.path.join("out", "member_2"), False),
                       (2, 16.0, os.path.join("out", "member_3"), True)]
     assert (textcls.seed, textcls.max_minutes) == (0, 30.0)
@@ -292,24 +306,24 @@ def test_vocabulary_excludes_validation_only_words(tmp_path, tiny, monkeypatch):
     records[val_idx[0]]["headline"] += " Xylophonist"
     train_only = [i for i in range(200) if i not in val_idx][0]
     records[train_only]["headline"] += " Harpsichordist"
-    textcls.train_model(records, str(tmp_path))
+    train(records, str(tmp_path))
     vocab = Vocab.load(str(tmp_path / "vocab.json"))
     assert "harpsichordist" in vocab.stoi and "xylophonist" not in vocab.stoi
 
 
 def test_resume_continues_exactly_from_the_saved_step(tmp_path, tiny):
     records = make_records(160)
-    textcls.train_model(records, str(tmp_path / "straight"))
+    train(records, str(tmp_path / "straight"))
     straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
 
     interrupted = str(tmp_path / "interrupted")
     textcls.max_minutes = 1e-9                        # the deadline passes after every step
-    textcls.train_model(records, interrupted)
+    train(records, interrupted)
     assert torch.load(os.path.join(interrupted, "ckpt.pt"), weights_only=True)["step"] == 1
-    textcls.train_model(records, interrupted)
+    train(records, interrupted)
     assert torch.load(os.path.join(interrupted, "ckpt.pt"), weights_only=True)["step"] == 2
     textcls.max_minutes = 0.0
-    textcls.train_model(records, interrupted)
+    train(records, interrupted)
     resumed = torch.load(os.path.join(interrupted, "ckpt.pt"), weights_only=True)
     train_idx, _ = textcls.stratified_split([r["label"] for r in records], TINY["val_frac"], TINY["seed"])
     steps_per_epoch = math.ceil(len(train_idx) / 16)
@@ -327,13 +341,12 @@ def test_stopped_inside_an_epoch_best_pt_takes_the_weights_reached_only_if_bette
     against."""
     records = make_records(160)
     monkeypatch.setattr(textcls, "epochs", 1)
-    textcls.train_model(records, str(tmp_path))
+    train(records, str(tmp_path))
     epoch_1 = torch.load(tmp_path / "best.pt", weights_only=True)
     monkeypatch.setattr(textcls, "epochs", 2)
     monkeypatch.setattr(textcls, "max_minutes", 1e-9)          # the deadline passes after the first step
-    monkeypatch.setattr(textcls.Classification, "validation_metrics",
-                        lambda self: {"accuracy": stopped_accuracy, "macro_f1": 0.5, "loss": 1.0})
-    textcls.train_model(records, str(tmp_path))
+    monkeypatch.setattr(textcls, "evaluate", lambda *a: {"accuracy": stopped_accuracy, "macro_f1": 0.5, "loss": 1.0})
+    train(records, str(tmp_path))
     best = torch.load(tmp_path / "best.pt", weights_only=True)
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     steps_per_epoch = checkpoint["step"] - 1
@@ -352,11 +365,11 @@ def test_stopped_inside_an_epoch_without_validation_best_pt_takes_the_weights_re
     records = make_records(160)
     monkeypatch.setattr(textcls, "val_frac", 0.0)
     monkeypatch.setattr(textcls, "epochs", 1)
-    textcls.train_model(records, str(tmp_path))
+    train(records, str(tmp_path))
     epoch_1 = torch.load(tmp_path / "best.pt", weights_only=True)
     monkeypatch.setattr(textcls, "epochs", 2)
     monkeypatch.setattr(textcls, "max_minutes", 1e-9)          # the deadline passes after the first step
-    textcls.train_model(records, str(tmp_path))
+    train(records, str(tmp_path))
     best = torch.load(tmp_path / "best.pt", weights_only=True)
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert checkpoint["step"] == epoch_1["metrics"]["step"] + 1
@@ -366,17 +379,17 @@ def test_stopped_inside_an_epoch_without_validation_best_pt_takes_the_weights_re
 
 def test_same_command_same_numbers(tmp_path, tiny):
     records = make_records(120)
-    first = textcls.train_model(records, str(tmp_path / "a"))
-    second = textcls.train_model(records, str(tmp_path / "b"))
+    first = train(records, str(tmp_path / "a"))
+    second = train(records, str(tmp_path / "b"))
     assert [(h["loss"], h["accuracy"]) for h in first] == [(h["loss"], h["accuracy"]) for h in second]
 
 
 def test_resume_with_another_configuration_is_refused(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(textcls, "epochs", 1)
-    textcls.train_model(make_records(60), str(tmp_path))
+    train(make_records(60), str(tmp_path))
     monkeypatch.setattr(textcls, "d_model", 32)
-    with pytest.raises(SystemExit, match="was trained with d_model=16; this run has d_model=32"):
-        textcls.train_model(make_records(60), str(tmp_path))
+    with pytest.raises(ValueError, match="was trained with d_model=16; this run has d_model=32"):
+        train(make_records(60), str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- real data
@@ -389,8 +402,8 @@ def test_real_files_load_and_predict(tmp_path, tiny, monkeypatch):
     assert len(records) == 137122 and {r["label"] for r in records} == set(range(15))
     monkeypatch.setattr(textcls, "epochs", 1)
     monkeypatch.setattr(textcls, "min_freq", 2)
-    textcls.train_model(records[:3000], str(tmp_path))
-    textcls.write_submission(str(tmp_path), os.path.join(news, "News_test.json"), str(tmp_path / "s.csv"))
+    train(records[:3000], str(tmp_path))
+    submit(str(tmp_path), os.path.join(news, "News_test.json"), str(tmp_path / "s.csv"))
     with open(tmp_path / "s.csv") as f:
         rows = list(csv.reader(f))
     with open(os.path.join(news, "sample_submission.csv")) as f:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import textcls
-from test_textcls import TINY, make_records
+from test_textcls import TINY, make_records, train
 from test_textcls import one_thread  # noqa: F401  (a fixture)
 from test_textcls_robust import tiny  # noqa: F401  (a fixture)
 from tokenizer import Vocab
@@ -59,7 +59,7 @@ def test_output_layer_is_tied_to_the_token_embedding():
     labels = torch.full_like(ids, -100)
     labels[0, 2], labels[0, 5] = 8, 10
     logits, targets = mlm(ids, labels)
-    states, _ = textcls.run_encoder(mlm, ids)
+    states, _ = mlm.encode(ids)
     expected = mlm.transform(states[0, [2, 5]]) @ classifier.embedding.weight.T + mlm.bias
     torch.testing.assert_close(logits, expected)
     assert targets.tolist() == [8, 10]
@@ -106,7 +106,7 @@ def test_fine_tuning_starts_from_the_pretrained_encoder(tmp_path, mlm_run, monke
     monkeypatch.setattr(textcls.TransformerClassifier, "forward", capture)
     monkeypatch.setattr(textcls, "epochs", 1)
     records, test_texts = make_records(160), make_records(40, seed=7, labelled=False)
-    textcls.train_model(records, str(tmp_path), test_texts)
+    train(records, str(tmp_path), test_texts)
     out = capsys.readouterr().out
     assert "pre-training: masked-language model on 200 texts (160 training, 40 test)" in out
     assert "pre-training epoch 1: masked-language loss" in out and "fine-tuning from the pre-trained encoder" in out
@@ -125,12 +125,12 @@ def test_fine_tuning_starts_from_the_pretrained_encoder(tmp_path, mlm_run, monke
 
 def test_resume_inside_each_phase_is_exact(tmp_path, mlm_run, monkeypatch):
     records, test_texts = make_records(120), make_records(40, seed=7, labelled=False)
-    textcls.train_model(records, str(tmp_path / "straight"), test_texts)
+    train(records, str(tmp_path / "straight"), test_texts)
     interrupted = str(tmp_path / "interrupted")
     monkeypatch.setattr(textcls, "max_minutes", 1e-9)          # the deadline passes after every step
     phases = []
     for _ in range(13):                                         # 10 pre-training steps, then 3 of fine-tuning
-        textcls.train_model(records, interrupted, test_texts)
+        train(records, interrupted, test_texts)
         if os.path.exists(os.path.join(interrupted, "ckpt.pt")):
             phases.append(("fine-tuning", torch.load(os.path.join(interrupted, "ckpt.pt"), weights_only=True)["step"]))
         else:
@@ -138,7 +138,7 @@ def test_resume_inside_each_phase_is_exact(tmp_path, mlm_run, monkeypatch):
                                                       weights_only=True)["step"]))
     assert phases == [("pre-training", s) for s in range(1, 11)] + [("fine-tuning", s) for s in (1, 2, 3)]
     monkeypatch.setattr(textcls, "max_minutes", 0.0)
-    textcls.train_model(records, interrupted, test_texts)
+    train(records, interrupted, test_texts)
     for name in ("pretrain.pt", "ckpt.pt"):
         straight = torch.load(tmp_path / "straight" / name, weights_only=True)
         resumed = torch.load(os.path.join(interrupted, name), weights_only=True)
@@ -149,5 +149,5 @@ def test_resume_inside_each_phase_is_exact(tmp_path, mlm_run, monkeypatch):
 
 
 def test_bench_speed_measures_fp32_and_bf16(tiny):
-    speeds = textcls.bench_speed(make_records(400), steps=5, rounds=1)
+    speeds = textcls.bench_speed(make_records(400), "cpu", steps=5, rounds=1)
     assert set(speeds) == {"fp32", "bf16"} and all(v > 0 for v in speeds.values())

@@ -2,6 +2,7 @@
 for real on the CPU, exact resume with the scaler's state, the CUDA build check, determinism, processes that stop
 together, non-finite losses, checked options, checkpoints that carry their configuration and vocabulary, untrusted
 and damaged files, SIGTERM/Ctrl-C, missing validation splits and unwritable outputs."""
+import functools
 import hashlib
 import os
 import pathlib
@@ -14,7 +15,7 @@ import torch
 
 import textcls
 from conftest import ROOT
-from test_textcls import TINY, make_records, one_thread, write_json  # noqa: F401  (one_thread: a fixture)
+from test_textcls import TINY, make_records, one_thread, submit, train, write_json  # noqa: F401  (one_thread: a fixture)
 
 CONFIG_NAMES = [name for name, _ in __import__("tokenizer").config_block(textcls.__file__) if name]
 
@@ -86,10 +87,10 @@ def test_cuda_build_check_with_mocked_arch_list(monkeypatch, capability, archs, 
     if runs:
         textcls.check_cuda_build()
     else:
-        with pytest.raises(SystemExit) as stop:
+        with pytest.raises(ValueError) as stop:
             textcls.check_cuda_build()
         message = str(stop.value)
-        assert message.startswith("error: ") and "\n" not in message
+        assert message.startswith("this PyTorch ") and "\n" not in message
         assert f"sm_{capability[0]}{capability[1]}" in message and "Mocked GPU" in message
 
 
@@ -109,10 +110,10 @@ def test_fp16_with_grad_scaler_trains_for_real_on_the_cpu(tmp_path, tiny, monkey
     """fp16 autocast + GradScaler("cpu"): a start scale of 2^20 makes the first scaled gradients overflow fp16, the
     scaler skips those steps (inf gradients) and lowers its scale, and training goes on and learns."""
     monkeypatch.setattr(textcls, "precision", "fp16")
-    monkeypatch.setattr(textcls, "GRAD_SCALER_INIT", 2.0 ** 20)
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 20))
     monkeypatch.setattr(textcls, "epochs", 4)
     monkeypatch.setattr(textcls, "log_every", 5)
-    history = textcls.train_model(make_records(300), str(tmp_path))
+    history = train(make_records(300), str(tmp_path))
     out = capsys.readouterr().out
     assert "precision: fp16 (asked for)" in out
     assert "steps skipped by the gradient scaler" in out
@@ -125,21 +126,21 @@ def test_fp16_with_grad_scaler_trains_for_real_on_the_cpu(tmp_path, tiny, monkey
 
 def test_fp16_resume_with_scaler_state_is_bit_identical(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(textcls, "precision", "fp16")
-    monkeypatch.setattr(textcls, "GRAD_SCALER_INIT", 2.0 ** 20)
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 20))
     records = make_records(160)
-    textcls.train_model(records, str(tmp_path / "straight"))
+    train(records, str(tmp_path / "straight"))
     straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
     interrupted = str(tmp_path / "interrupted")
     monkeypatch.setattr(textcls, "max_minutes", 1e-9)          # the deadline passes after every step
     scales = []
     for expected_step in (1, 2, 3):
-        textcls.train_model(records, interrupted)
+        train(records, interrupted)
         checkpoint = torch.load(os.path.join(interrupted, "ckpt.pt"), weights_only=True)
         assert checkpoint["step"] == expected_step
         scales.append(checkpoint["scaler"]["scale"])
     assert scales[0] > scales[-1]                              # the resumed runs carried on the scaler's back-off
     monkeypatch.setattr(textcls, "max_minutes", 0.0)
-    textcls.train_model(records, interrupted)
+    train(records, interrupted)
     resumed = torch.load(os.path.join(interrupted, "ckpt.pt"), weights_only=True)
     assert resumed["step"] == straight["step"]
     assert resumed["scaler"] == straight["scaler"]
@@ -151,10 +152,10 @@ def test_auto_precision_is_named_with_its_reason_at_the_start(tmp_path, tiny, mo
     monkeypatch.setattr(textcls, "precision", "auto")
     monkeypatch.setattr(textcls, "epochs", 1)
     monkeypatch.setattr(textcls, "cpu_has_bf16", lambda: False)
-    textcls.train_model(make_records(60), str(tmp_path / "a"))
+    train(make_records(60), str(tmp_path / "a"))
     assert "precision: fp32 (no native bfloat16 on this cpu)" in capsys.readouterr().out
     monkeypatch.setattr(textcls, "cpu_has_bf16", lambda: True)
-    textcls.train_model(make_records(60), str(tmp_path / "b"))
+    train(make_records(60), str(tmp_path / "b"))
     assert "precision: bf16 (this CPU computes bfloat16 natively" in capsys.readouterr().out
 
 
@@ -186,7 +187,7 @@ def test_two_processes_stop_together_and_resume(tmp_path):
     stopped = subprocess.run(command + ["--max_minutes=0.00001"], cwd=ROOT, capture_output=True, text=True,
                              timeout=300, env=environment)
     assert stopped.returncode == 0, stopped.stderr[-3000:]
-    assert "stopped after 1e-05 minutes at step 1/6" in stopped.stdout
+    assert "training stopped by --max_minutes at step 1/6" in stopped.stdout
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 1
     finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=environment)
     assert finished.returncode == 0, finished.stderr[-3000:]
@@ -232,13 +233,13 @@ def test_prediction_uses_the_checkpoints_configuration_and_leaves_globals_alone(
     records = make_records(120)
     for r in records:
         r["headline"] = "The " + r["headline"]
-    textcls.train_model(records, str(tmp_path))
+    train(records, str(tmp_path))
     monkeypatch.setattr(textcls, "remove_stop", True)
     monkeypatch.setattr(textcls, "stem", True)
     monkeypatch.setattr(textcls, "max_len", 64)
     test_records = make_records(30, seed=5, labelled=False)
     test_records[0]["headline"] = "the " * 40 + "running senators"          # stop words, stems and length matter
-    predictions = textcls.write_submission(str(tmp_path), write_json(tmp_path / "t.json", test_records),
+    predictions = submit(str(tmp_path), write_json(tmp_path / "t.json", test_records),
                                            str(tmp_path / "s.csv"))
     assert (textcls.remove_stop, textcls.stem, textcls.max_len) == (True, True, 64)   # untouched
     model, vocab, config = textcls.load_trained(str(tmp_path), "cpu")
@@ -252,18 +253,18 @@ def test_prediction_uses_the_checkpoints_configuration_and_leaves_globals_alone(
 
 def test_resumed_run_with_another_configuration_names_the_keys(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(textcls, "epochs", 1)
-    textcls.train_model(make_records(60), str(tmp_path))
+    train(make_records(60), str(tmp_path))
     before = file_hashes(tmp_path)
     monkeypatch.setattr(textcls, "d_model", 32)
     monkeypatch.setattr(textcls, "pooling", "cls")
-    with pytest.raises(SystemExit) as stop:
-        textcls.train_model(make_records(60), str(tmp_path))
+    with pytest.raises(ValueError) as stop:
+        train(make_records(60), str(tmp_path))
     message = str(stop.value)
     assert "was trained with d_model=16, pooling='mean'; this run has d_model=32, pooling='cls'" in message
     monkeypatch.setattr(textcls, "d_model", 16)
     monkeypatch.setattr(textcls, "pooling", "mean")
-    with pytest.raises(SystemExit, match="train_data="):                # other training records
-        textcls.train_model(make_records(61), str(tmp_path))
+    with pytest.raises(ValueError, match="train_data="):                # other training records
+        train(make_records(61), str(tmp_path))
     assert file_hashes(tmp_path) == before
 
 
@@ -300,13 +301,13 @@ def test_a_crafted_pickle_never_runs(tmp_path, tiny, monkeypatch, name):
     out.mkdir()
     torch.save({"model": Payload(marker), "config": {}, "vocab": []}, out / name)
     monkeypatch.setattr(textcls, "pretrain_epochs", 1 if name == "pretrain.pt" else 0)
-    calls = {"best.pt": lambda: textcls.write_submission(str(out), write_json(tmp_path / "t.json", make_records(5)),
+    calls = {"best.pt": lambda: submit(str(out), write_json(tmp_path / "t.json", make_records(5)),
                                                          str(tmp_path / "s.csv")),
-             "ckpt.pt": lambda: textcls.train_model(make_records(60), str(out)),
-             "pretrain.pt": lambda: textcls.train_model(make_records(60), str(out))}
-    with pytest.raises(SystemExit, match=f"{name} holds objects other than tensors"):
+             "ckpt.pt": lambda: train(make_records(60), str(out)),
+             "pretrain.pt": lambda: train(make_records(60), str(out))}
+    with pytest.raises(ValueError, match=f"{name} holds objects other than tensors"):
         calls[name]()
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError):
         textcls.draw_attention("a headline", str(out)) if name == "best.pt" else calls[name]()
     assert not marker.exists()
     torch.load(out / name, weights_only=False)                         # the file is armed: loading it unsafely
@@ -336,19 +337,19 @@ def test_sigterm_or_ctrl_c_saves_a_checkpoint_at_the_step_reached(tmp_path, sign
 @pytest.mark.parametrize("damage", ["truncated", "empty"])
 def test_a_damaged_checkpoint_is_one_line_that_says_what_to_do(tmp_path, tiny, monkeypatch, damage):
     monkeypatch.setattr(textcls, "epochs", 1)
-    textcls.train_model(make_records(60), str(tmp_path))
+    train(make_records(60), str(tmp_path))
     data = (tmp_path / "ckpt.pt").read_bytes()
     (tmp_path / "ckpt.pt").write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
-    with pytest.raises(SystemExit) as stop:
-        textcls.train_model(make_records(60), str(tmp_path))
+    with pytest.raises(ValueError) as stop:
+        train(make_records(60), str(tmp_path))
     message = str(stop.value)
-    assert message.startswith(f"error: {tmp_path / 'ckpt.pt'} is damaged") and "\n" not in message
+    assert message.startswith(f"{tmp_path / 'ckpt.pt'} is damaged") and "\n" not in message
     assert message.endswith("delete it to start again")
     (tmp_path / "ckpt.pt.tmp").write_bytes(data)                  # a save that was cut before its rename
-    with pytest.raises(SystemExit, match=r"the previous state may be in .*ckpt\.pt\.tmp"):
-        textcls.train_model(make_records(60), str(tmp_path))
+    with pytest.raises(ValueError, match=r"the previous state may be in .*ckpt\.pt\.tmp"):
+        train(make_records(60), str(tmp_path))
     (tmp_path / "best.pt").write_bytes(b"")
-    with pytest.raises(SystemExit, match=r"best\.pt is damaged"):
+    with pytest.raises(ValueError, match=r"best\.pt is damaged"):
         textcls.load_trained(str(tmp_path), "cpu")
 
 
@@ -367,12 +368,12 @@ def test_no_validation_split_trains_and_predicts(tmp_path, tiny, monkeypatch, ca
     if case == "val_frac=0":
         monkeypatch.setattr(textcls, "val_frac", 0.0)
     monkeypatch.setattr(textcls, "batch_size", 4)
-    history = textcls.train_model(records, str(tmp_path))
+    history = train(records, str(tmp_path))
     assert "no validation split" in capsys.readouterr().out
     assert [h["epoch"] for h in history] == [1, 2] and "accuracy" not in history[-1]
     assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 2          # the last epoch's model
     assert (tmp_path / "learning_curve.png").exists()
-    predictions = textcls.write_submission(str(tmp_path), write_json(tmp_path / "t.json", records[:10]),
+    predictions = submit(str(tmp_path), write_json(tmp_path / "t.json", records[:10]),
                                            str(tmp_path / "s.csv"))
     assert len(predictions) == 10
 
@@ -380,17 +381,17 @@ def test_no_validation_split_trains_and_predicts(tmp_path, tiny, monkeypatch, ca
 def test_unwritable_outputs_are_found_before_any_work(tmp_path, tiny, monkeypatch):
     (tmp_path / "a_file").write_text("not a folder")
     monkeypatch.setattr(textcls, "record_tokens", lambda *a: pytest.fail("tokenizing started"))
-    with pytest.raises(SystemExit, match=r"^error: cannot write .*a_file/out"):
-        textcls.train_model(make_records(60), str(tmp_path / "a_file" / "out"))
+    with pytest.raises(ValueError, match=r"^cannot write .*a_file/out"):
+        train(make_records(60), str(tmp_path / "a_file" / "out"))
     monkeypatch.setattr(textcls, "load_trained", lambda *a: pytest.fail("prediction started"))
     for target in (tmp_path / "missing" / "s.csv", tmp_path / "a_file" / "s.csv", tmp_path):
-        with pytest.raises(SystemExit, match="^error: cannot write"):
-            textcls.write_submission(str(tmp_path), str(tmp_path / "t.json"), str(target))
+        with pytest.raises(ValueError, match="^cannot write"):
+            submit(str(tmp_path), str(tmp_path / "t.json"), str(target))
 
 
 def test_submission_is_replaced_atomically(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(textcls, "epochs", 1)
-    textcls.train_model(make_records(60), str(tmp_path))
+    train(make_records(60), str(tmp_path))
     (tmp_path / "s.csv").write_text("the old submission\n")
     test_file = write_json(tmp_path / "t.json", make_records(20, labelled=False))
 
@@ -398,9 +399,131 @@ def test_submission_is_replaced_atomically(tmp_path, tiny, monkeypatch):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(textcls.os, "replace", crash)
     with pytest.raises(OSError):
-        textcls.write_submission(str(tmp_path), test_file, str(tmp_path / "s.csv"))
+        submit(str(tmp_path), test_file, str(tmp_path / "s.csv"))
     assert (tmp_path / "s.csv").read_text() == "the old submission\n"     # the old file survives a failed write
     monkeypatch.undo()
     monkeypatch.setattr(textcls, "precision", "fp32")
-    textcls.write_submission(str(tmp_path), test_file, str(tmp_path / "s.csv"))
+    submit(str(tmp_path), test_file, str(tmp_path / "s.csv"))
     assert (tmp_path / "s.csv").read_text().splitlines()[0] == "id,label" and not (tmp_path / "s.csv.tmp").exists()
+
+
+# ----------------------------------------------------------------------------- precisions, GPUs, Macs, processes
+@pytest.mark.parametrize("first", ["bf16", "fp32"])
+def test_a_run_resumes_in_fp16_after_another_precision(tmp_path, first):
+    """Started where auto picks bf16 or fp32 (an A100, an AMX CPU, a plain CPU), resumed where it picks fp16 (a T4):
+    one line says so, the gradient scaler starts fresh (the checkpoint has none), and the run continues to its end."""
+    write_json(tmp_path / "News_train.json", make_records(160))
+    common = ["--train", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}", *TINY_ARGS]
+    started = run_cli(*common, f"--precision={first}", "--max_minutes=1e-9")          # stops after step 1
+    assert started.returncode == 0, started.stderr[-2000:]
+    saved = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert (saved["step"], saved["precision"], saved["scaler"]) == (1, first, {})
+    resumed = run_cli(*common, "--precision=fp16")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (f"resuming from {tmp_path / 'out' / 'ckpt.pt'} at step 1 (saved in {first}, continuing in fp16 with a "
+            f"fresh gradient scaler)") in resumed.stdout
+    finished = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert finished["step"] == 20 and finished["precision"] == "fp16"                # 2 epochs of 10 steps
+    assert finished["scaler"]["scale"] > 0 and "_growth_tracker" in finished["scaler"]
+    assert all(t.isfinite().all() for t in finished["model"].values())
+    assert "epoch 2: train loss" in resumed.stdout
+
+
+@pytest.fixture
+def mocked_gpu(monkeypatch):
+    """torch.cuda as on a GPU of the capability given (a P100 is 6.0, a T4 7.5), with a build for every GPU."""
+    def set_capability(capability, archs=()):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+        monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: list(archs))
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Mocked GPU")
+    return set_capability
+
+
+@pytest.mark.parametrize("capability", [(6, 0), (7, 5)])
+def test_explicit_bf16_below_capability_8_stops_with_one_line_naming_fp16(tiny, mocked_gpu, monkeypatch, capability):
+    mocked_gpu(capability)
+    monkeypatch.setattr(textcls, "load_news", lambda *a, **k: pytest.fail("work started before the check"))
+    for entry in ("--train", "--predict", "--bench"):
+        with pytest.raises(SystemExit) as stop:
+            textcls.main([entry, "--precision=bf16", "--device="])
+        message = str(stop.value)
+        assert message.startswith("error: --precision=bf16 needs CUDA capability 8.0") and "\n" not in message
+        assert f"this GPU has {capability[0]}.{capability[1]}: use --precision=fp16" in message
+    assert textcls.choose_precision("auto", "cuda")[0] == "fp16"        # what auto picks there
+
+
+class NeedsAGpu(Exception):
+    pass
+
+
+@pytest.mark.parametrize("capability", [(6, 0), (7, 5)])
+def test_bench_skips_bf16_below_capability_8_with_a_note(tmp_path, tiny, mocked_gpu, monkeypatch, capsys, capability):
+    mocked_gpu(capability)
+    write_json(tmp_path / "News_train.json", make_records(150))
+    asked = []
+
+    def bench_speed(records, run_device, names=("fp32", "bf16"), **kwargs):
+        asked.append((run_device, tuple(names)))
+        raise NeedsAGpu("the speed runs need a real GPU")       # stop here: the rest is not the point
+    monkeypatch.setattr(textcls, "bench_speed", bench_speed)
+    with pytest.raises(NeedsAGpu):
+        textcls.main(["--bench", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}", "--device=",
+                      "--precision=auto"])
+    out = capsys.readouterr().out
+    assert asked == [("cuda", ("fp32",))]
+    assert "device: cuda (a CUDA GPU is available); precision: fp16 (CUDA capability" in out
+    assert "note: no bf16 speed on this GPU (CUDA capability below 8.0 has no native bfloat16)" in out
+
+
+def test_cuda_build_check_runs_on_every_gpu_entry_point(tmp_path, tiny, mocked_gpu, monkeypatch):
+    """A P100 (6.0) under a build for sm_70 and newer: --train, --predict and --bench all stop with the one line
+    before any work (loading data or checkpoints)."""
+    mocked_gpu((6, 0), ["sm_70", "sm_75", "sm_80", "compute_80"])
+    monkeypatch.setattr(textcls, "load_news", lambda *a, **k: pytest.fail("work started before the check"))
+    monkeypatch.setattr(textcls, "load_checkpoint", lambda *a, **k: pytest.fail("work started before the check"))
+    for entry in ("--train", "--predict", "--bench"):
+        with pytest.raises(SystemExit) as stop:
+            textcls.main([entry, "--device=", f"--out_dir={tmp_path}"])
+        assert str(stop.value).startswith("error: this PyTorch ") and "none for Mocked GPU (sm_60)" in str(stop.value)
+
+
+def test_device_picks_cuda_then_mps_then_cpu_and_says_why(tiny, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert textcls.pick_device("") == ("cpu", "no CUDA GPU or Apple mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert textcls.pick_device("") == ("mps", "no CUDA GPU; Apple's Metal (mps) is available")
+    assert textcls.pick_device("cpu") == ("cpu", "asked for")
+    assert textcls.choose_precision("auto", "mps") == ("fp32", "no native bfloat16 on this mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert textcls.pick_device("") == ("cuda", "a CUDA GPU is available")
+
+
+def test_on_a_mac_the_run_goes_to_mps_in_fp32(tmp_path, tiny, monkeypatch, capsys):
+    """device "" with mps available (mocked): the start line names mps and why, the precision is fp32, and the model
+    goes to mps (where this CPU-only PyTorch build stops: it has no mps kernels)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    write_json(tmp_path / "News_train.json", make_records(60))
+    with pytest.raises(RuntimeError, match="mps"):
+        textcls.main(["--train", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}", "--device=",
+                      "--precision=auto"])
+    assert "device: mps (no CUDA GPU; Apple's Metal (mps) is available); precision: fp32" in capsys.readouterr().out
+
+
+def test_two_processes_train_and_predict_write_one_submission(tmp_path):
+    """torchrun --train --predict with 2 gloo processes: both exit 0, and only rank 0 writes the submission (once)."""
+    write_json(tmp_path / "News_train.json", make_records(200))
+    test_file = write_json(tmp_path / "test.json", make_records(30, seed=4), lines=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+               "textcls.py", "--train", "--predict", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}",
+               f"--test_file={test_file}", f"--submission={tmp_path / 'sub.csv'}", *TINY_ARGS, "--epochs=1"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote 30 predictions") == 1
+    assert result.stdout.count("device: cpu (asked for)") == 1              # the start line, from rank 0
+    rows = (tmp_path / "sub.csv").read_text().splitlines()
+    assert rows[0] == "id,label" and [int(r.split(",")[0]) for r in rows[1:]] == list(range(30))
+    assert sorted(os.listdir(tmp_path)) == ["News_train.json", "out", "sub.csv", "test.json"]   # no .tmp left
