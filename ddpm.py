@@ -133,17 +133,20 @@ def system(distributed=False):
     rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     run_device = device or ("cuda" if cuda else "mps" if mps else "cpu")
+    why_device = "--device" if device else "a CUDA GPU" if cuda else "no CUDA GPU; Apple's mps" if mps else "no GPU"
     if run_device.startswith("cuda"):
         check_cuda_build()
-        run_device = f"cuda:{os.environ['LOCAL_RANK']}" if ddp else run_device
+        if ddp:                                    # one GPU per process
+            run_device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(run_device)
         torch.backends.cudnn.benchmark = True      # fixed input shapes: let cuDNN pick its fastest kernels once
     if ddp:
         dist.init_process_group(backend="nccl" if run_device.startswith("cuda") else "gloo")
-    precision_name, why = choose_precision(precision, run_device.split(":")[0])
+    precision_name, why_precision = choose_precision(precision, run_device.split(":")[0])
     ctx = torch.autocast(run_device.split(":")[0], dtype=torch.float16 if precision_name == "fp16" else torch.bfloat16,
                          enabled=precision_name != "fp32")
     if rank == 0:
-        print(f"device {run_device} ({'asked for' if device else f'cuda {cuda}, mps {mps}'}); {precision_name} ({why})")
+        print(f"device {run_device} ({why_device}); precision {precision_name} ({why_precision})")
     return run_device, precision_name, ctx, rank, world_size
 
 
@@ -225,7 +228,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x):
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)   # (b, hw, c) each
+        # (batch, heads, tokens, dim) with one head, the layout the fused attention kernels take
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, 1, c, h * w).transpose(-1, -2).unbind(1)   # (b, 1, hw, c)
         attended = F.scaled_dot_product_attention(q, k, v)            # softmax(q k^T / sqrt(c)) v
         return x + self.out(attended.transpose(-1, -2).reshape(b, c, h, w))
 
@@ -346,10 +350,10 @@ class Diffusion:
         self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1 - self.alphas_cumprod)
 
     def to(self, device):
-        """Every buffer moved to the device once (they stay float64 there)."""
+        """Every buffer moved to the device once (they stay float64 there, but on mps, which has no float64)."""
         for name, value in vars(self).items():
             if torch.is_tensor(value):
-                setattr(self, name, value.to(device))
+                setattr(self, name, value.to(device, torch.float32 if device == "mps" else value.dtype))
         return self
 
     @staticmethod
@@ -443,7 +447,6 @@ class Diffusion:
         return x, kept
 
 
-
 # ----------------------------------------------------------------------------- training (Algorithm 1)
 def start_or_resume(config, run_device, precision_name, ckpt_path):
     """The model, its EMA copy (eval mode: it only samples), the optimizer and the gradient scaler (fp16 only: see
@@ -466,7 +469,7 @@ def start_or_resume(config, run_device, precision_name, ckpt_path):
     model.load_state_dict(checkpoint["model"])
     ema.load_state_dict(checkpoint["ema"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    if checkpoint["scaler"]:   # {} from a run without the fp16 scaler: this one then starts fresh
+    if checkpoint.get("scaler"):   # {} from a run without the fp16 scaler: this one then starts fresh
         scaler.load_state_dict(checkpoint["scaler"])
     if checkpoint.get("precision", precision_name) != precision_name:
         print(f"note: {ckpt_path} was trained in {checkpoint['precision']}; resuming in {precision_name}")
@@ -486,7 +489,6 @@ def train_model(data_dir, out_dir):
               f" M parameters; {config}; batch {batch_size} x {world_size} process(es) on {run_device}"
               + (f"; resuming from {ckpt_path} at step {step}" if step else ""))
         cut_csv(csv_path, step)   # the steps after the resumed one are trained, and logged, again
-    ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
     loss_sum, finite_steps = torch.zeros((), device=run_device), torch.zeros((), device=run_device)
     start, start_step = time.time(), step
     deadline = start + max_minutes * 60 if max_minutes > 0 else float("inf")
@@ -494,11 +496,9 @@ def train_model(data_dir, out_dir):
         # every random draw of a step comes from (seed, step, rank): a resumed run repeats it exactly
         generator = torch.Generator(run_device).manual_seed(seed + step * world_size + rank)
         torch.manual_seed(seed + step * world_size + rank)                  # dropout masks, too
-        step_lr = lr * min(1.0, (step + 1) / max(1, warmup_steps))       # linear warmup (Ho et al. appendix B)
-        for group in optimizer.param_groups:
-            group["lr"] = step_lr
-        # forward backward update (Algorithm 1); in fp16 the scaler multiplies the loss so that small gradients do
-        # not underflow, and skips the update when a gradient overflowed; the clip sees the true gradient
+        for group in optimizer.param_groups:                              # linear warmup (Ho et al. appendix B)
+            group["lr"] = lr * min(1.0, (step + 1) / max(1, warmup_steps))
+        # forward backward update (Algorithm 1), the gradient scaled in fp16 (see choose_precision), clipped unscaled
         x0 = training_batch(images, batch_size, generator)
         with ctx:
             loss = diffusion.loss(model, x0.contiguous(memory_format=memory_format()), generator, min_snr_gamma)
@@ -508,22 +508,20 @@ def train_model(data_dir, out_dir):
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         scaler.step(optimizer)
         scaler.update()
-        # EMA of the weights, its decay rising from 0.1 to ema_decay as in the TensorFlow EMA of Ho et al.'s code
-        torch._foreach_lerp_(ema_params, model_params, 1 - min(ema_decay, (1 + step) / (10 + step)))
+        # EMA of the weights, its decay rising from 0.1 to ema_decay (TensorFlow's EMA, in Ho et al.'s code)
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1 - decay)
         step += 1
-        # timing and logging: the mean loss since the last line, summed on the device (the host reads it at log
-        # steps only) and without the fp16 scaler's overflowed steps
+        # timing and logging: the mean loss since the last line, summed on the device without fp16's skipped steps
         loss_sum += torch.where(torch.isfinite(loss.detach()), loss.detach(), 0.0)
         finite_steps += torch.isfinite(loss.detach())
         logged = step % log_every == 0 or step == max_steps
         if logged and rank == 0 and finite_steps.item():
-            steps_per_s = (step - start_step) / (time.time() - start)
-            log_progress(csv_path, step, loss_sum.item() / finite_steps.item(), step_lr, steps_per_s * batch_size *
-                         world_size, min((max_steps - step) / steps_per_s, deadline - time.time()))
+            log_progress(csv_path, step, loss_sum.item() / finite_steps.item(), optimizer.param_groups[0]["lr"],
+                         (step - start_step) / (time.time() - start), world_size, deadline)
         if step % sample_every == 0 and rank == 0:   # a grid of EMA samples now and then
             save_grid(diffusion, ema, ctx, os.path.join(out_dir, f"samples_{step:07d}.png"))
-        # stop, every process at the same step: on a loss or weights that are no longer numbers (before a
-        # checkpoint could keep them), on the clock or on a signal; the checkpoint first
+        # stop, all processes at one step: on NaN before a checkpoint keeps it, on the clock or a signal after one
         stopping = any_rank(time.time() > deadline or bool(stop_signal), run_device)
         saving = step % ckpt_every == 0 or step == max_steps or stopping
         if (logged or saving) and any_rank(logged and not finite_steps.item() or not weights_finite(raw_model),
@@ -531,8 +529,7 @@ def train_model(data_dir, out_dir):
             sys.exit(f"error: the loss or the weights stopped being finite numbers (NaN or inf) by step {step}: "
                      f"{ckpt_path} keeps the last good state. Try a lower --lr (now {lr:g}) or --precision=fp32")
         if logged:
-            loss_sum.zero_()
-            finite_steps.zero_()
+            loss_sum, finite_steps = torch.zeros_like(loss_sum), torch.zeros_like(finite_steps)
         if saving and rank == 0:
             save_atomic(dict(model=raw_model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
                              scaler=scaler.state_dict(), step=step, config=config, precision=precision_name), ckpt_path)
@@ -561,10 +558,11 @@ def any_rank(flag, run_device):
     return bool(value.item())
 
 
-def log_progress(csv_path, step, mean_loss, step_lr, images_per_s, seconds_left):
+def log_progress(csv_path, step, mean_loss, step_lr, steps_per_s, world_size, deadline):
     """The progress line (step, loss, speed, time left) and its row of loss.csv."""
-    print(f"step {step}/{max_steps} loss {mean_loss:.4f} lr {step_lr:.1e} {images_per_s:.1f} images/s, "
-          f"about {seconds_left / 60:.1f} min left", flush=True)
+    minutes_left = min((max_steps - step) / steps_per_s, deadline - time.time()) / 60
+    print(f"step {step}/{max_steps} loss {mean_loss:.4f} lr {step_lr:.1e} {steps_per_s * batch_size * world_size:.1f} "
+          f"images/s, about {minutes_left:.1f} min left", flush=True)
     with open(csv_path, "a") as f:
         f.write(f"{step},{mean_loss:.6f}\n")
 
@@ -849,11 +847,8 @@ def run_bench():
     in both memory layouts: forward, backward and Adam, after one warm-up step. No bf16 on CUDA below 8.0."""
     run_device, _, _, _, _ = system()
     device_type = run_device.split(":")[0]
-    precisions = ["fp32", "bf16"] + (["fp16"] if device_type == "cuda" else [])
-    if device_type == "cuda" and torch.cuda.get_device_capability()[0] < 8:
-        precisions.remove("bf16")
-        print("note: no bf16 below CUDA capability 8.0 (it is emulated there, or fails): fp32 and fp16 only")
-    for name, layout in [(p, l) for p in precisions for l in (torch.contiguous_format, torch.channels_last)]:
+    for name, layout in [(p, l) for p in bench_precisions(device_type)
+                         for l in (torch.contiguous_format, torch.channels_last)]:
         torch.manual_seed(seed)
         model, diffusion = build(model_config())
         model.to(run_device, memory_format=layout)
@@ -883,6 +878,16 @@ def run_bench():
               f" M parameters, batch {batch_size}, {name}, {layout_name}: {seconds:.3f} s/step, "
               f"{batch_size / seconds:.1f} images/s on {run_device} ({num_threads} threads)",
               flush=True)
+
+
+def bench_precisions(device_type):
+    """The precisions --bench measures: fp32 and bf16, and fp16 on CUDA; no bf16 below CUDA capability 8.0."""
+    if device_type != "cuda":
+        return ["fp32", "bf16"]
+    if torch.cuda.get_device_capability()[0] >= 8:
+        return ["fp32", "bf16", "fp16"]
+    print("note: no bf16 on a GPU below CUDA capability 8.0 (it has no bfloat16 units): fp32 and fp16 only")
+    return ["fp32", "fp16"]
 
 
 def synchronize(device_type):   # wait for the GPU's queued work before reading the clock
