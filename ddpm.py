@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import fid
+from fid import parse_overrides   # the configurator, shared with fid.py
 
 # -----------------------------------------------------------------------------
 # configuration: every constant below can be overridden as --name=value
@@ -114,11 +115,11 @@ CHECKS = {
 }
 if __name__ == "__main__":  # the configurator: --preset=cpu first (it sets the small model), then every --name=value
     preset_flags = [arg for arg in sys.argv[1:] if arg.partition("=")[0] == "--preset"]
-    fid.parse_overrides(preset_flags, globals(), {"preset": CHECKS["preset"]})
+    parse_overrides(preset_flags, globals(), {"preset": CHECKS["preset"]})
     if preset == "cpu":
         globals().update(CPU_PRESET)
         print("preset cpu: " + ", ".join(f"{name} = {value!r}" for name, value in CPU_PRESET.items()))
-    unexpected = fid.parse_overrides([arg for arg in sys.argv[1:] if arg not in preset_flags], globals(), CHECKS)
+    unexpected = parse_overrides([arg for arg in sys.argv[1:] if arg not in preset_flags], globals(), CHECKS)
     if unexpected:
         sys.exit(f"error: unexpected argument {unexpected[0]!r} (options are --name=value; --help lists them)")
     torch.set_num_threads(num_threads)
