@@ -19,7 +19,6 @@ import copy
 import io
 import math
 import os
-import shutil
 import re
 import signal
 import sys
@@ -29,11 +28,13 @@ import zipfile
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from fid import FIDInputError, list_images, parse_overrides
+import fid
+from fid import parse_overrides   # the configurator, shared with fid.py
 
 # -----------------------------------------------------------------------------
 # configuration: every constant below can be overridden as --name=value
@@ -62,7 +63,7 @@ batch_size = 64
 lr = 2e-4
 warmup_steps = 1000     # linear learning-rate warmup (Ho et al. use 5000)
 grad_clip = 1.0
-min_snr_gamma = 0.0     # > 0: Min-SNR-gamma loss weights (Hang et al. 2023; they use 5); 0 = L_simple, as Ho et al.
+min_snr_gamma = 0.0     # > 0: Min-SNR-gamma loss weights (Hang et al. 2023 use 5); 0 = L_simple, as Ho et al.
 ema_decay = 0.9999      # EMA of the weights, used for sampling (Ho et al.: 0.9999 over 800k steps)
 max_steps = 500000
 max_minutes = 0.0       # stop cleanly (checkpoint saved) after this long; 0 = no limit
@@ -70,9 +71,9 @@ log_every = 50
 sample_every = 5000     # steps between sample grids (DDIM, 50 steps)
 ckpt_every = 500
 seed = 1337
-device = ""             # "" = cuda if available, else cpu
-precision = "auto"      # auto | bf16 | fp16 | fp32: auto = bf16 where native (GPU capability >= 8.0, AMX/AVX512-BF16 CPUs), fp16 + gradient scaler on older GPUs, else fp32
-compile = False         # torch.compile the UNet (CUDA capability >= 7.0, where Triton runs)
+device = ""             # "" = cuda if available, else mps (Apple silicon), else cpu
+precision = "auto"      # auto | bf16 | fp16 | fp32: auto = bf16 where native, fp16 + scaler on older GPUs, else fp32
+compile = False         # torch.compile the UNet (CUDA capability >= 8.0)
 channels_last = False   # NHWC memory layout for the convolutions (--bench measures both)
 num_threads = 2         # CPU threads per process
 # sampling
@@ -96,47 +97,81 @@ CPU_PRESET = dict(channels=32, channel_mults="1,2,2,2", num_res_blocks=1, attn_r
                   norm_groups=8, batch_size=32, lr=1e-3, warmup_steps=200, ema_decay=0.999, min_snr_gamma=5.0,
                   sample_every=1000, ddim_steps=50)
 IMAGE_SIZE = 64
-
-
-def _int_list(text):
-    return [int(part) for part in text.split(",") if part.strip()]
-
-
 # values with a fixed set of choices or a range, checked before any work (see parse_overrides)
 CHECKS = {
     "preset": ("", "cpu"), "schedule": ("linear", "cosine"), "sampler": ("ddpm", "ddim"),
-    "variance": ("beta", "posterior"), "precision": ("auto", "bf16", "fp16", "fp32"),
-    "fid_dims": (2048, 768, 192, 64),
-    "channel_mults": (lambda v: re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", v), "comma-separated integers >= 1, like 1,2,2,2"),
-    "attn_resolutions": (lambda v: re.fullmatch(r"([1-9]\d*(,[1-9]\d*)*)?", v), "comma-separated sizes like 16 (or empty)"),
+    "variance": ("beta", "posterior"), "precision": ("auto", "bf16", "fp16", "fp32"), "fid_dims": (2048, 768, 192, 64),
+    "channel_mults": (lambda v: re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", v),
+                      "comma-separated integers >= 1, like 1,2,2,2"),
+    "attn_resolutions": (lambda v: re.fullmatch(r"([1-9]\d*(,[1-9]\d*)*)?", v),
+                         "comma-separated sizes like 16, or empty"),
     **{name: (lambda v: v >= 1, "an integer >= 1") for name in
        ("timesteps", "channels", "num_res_blocks", "norm_groups", "batch_size", "max_steps", "log_every",
         "sample_every", "ckpt_every", "num_threads", "n_samples", "ddim_steps", "sample_batch")},
-    "warmup_steps": (lambda v: v >= 0, "an integer >= 0"), "max_minutes": (lambda v: v >= 0, "a number >= 0"),
-    "lr": (lambda v: v > 0, "a number > 0"), "grad_clip": (lambda v: v > 0, "a number > 0"),
-    "dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"), "ema_decay": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "eta": (lambda v: v >= 0, "a number >= 0"), "min_snr_gamma": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
-    "beta_start": (lambda v: 0 < v < 1, "a number in (0, 1)"), "beta_end": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    **{name: (lambda v: v >= 0, "a number >= 0") for name in ("warmup_steps", "max_minutes", "eta", "min_snr_gamma")},
+    **{name: (lambda v: v > 0, "a number > 0") for name in ("lr", "grad_clip")},
+    **{name: (lambda v: 0 <= v < 1, "a number in [0, 1)") for name in ("dropout", "ema_decay")},
+    **{name: (lambda v: 0 < v < 1, "a number in (0, 1)") for name in ("beta_start", "beta_end")},
 }
+if __name__ == "__main__":  # the configurator: --preset=cpu first (it sets the small model), then every --name=value
+    preset_flags = [arg for arg in sys.argv[1:] if arg.partition("=")[0] == "--preset"]
+    parse_overrides(preset_flags, globals(), {"preset": CHECKS["preset"]})
+    if preset == "cpu":
+        globals().update(CPU_PRESET)
+        print("preset cpu: " + ", ".join(f"{name} = {value!r}" for name, value in CPU_PRESET.items()))
+    unexpected = parse_overrides([arg for arg in sys.argv[1:] if arg not in preset_flags], globals(), CHECKS)
+    if unexpected:
+        sys.exit(f"error: unexpected argument {unexpected[0]!r} (options are --name=value; --help lists them)")
+    torch.set_num_threads(num_threads)
+
+
+# ----------------------------------------------------------------------------- system
+def system(distributed=False):
+    """nanoGPT's system block, run by every entry point: the device (cuda, then mps, then cpu, unless `device`
+    names one), torchrun's process group when `distributed` (one process per GPU with nccl, or CPU processes with
+    gloo), the precision and its autocast context. -> (run_device, precision name, ctx, rank, world_size)"""
+    ddp = distributed and int(os.environ.get("RANK", -1)) != -1
+    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    run_device = device or ("cuda" if cuda else "mps" if mps else "cpu")
+    why_device = "--device" if device else "a CUDA GPU" if cuda else "no CUDA GPU; Apple's mps" if mps else "no GPU"
+    if run_device.startswith("cuda"):
+        check_cuda_build()
+        if ddp:                                    # one GPU per process
+            run_device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(run_device)
+        torch.backends.cudnn.benchmark = True      # fixed input shapes: let cuDNN pick its fastest kernels once
+    if ddp:
+        dist.init_process_group(backend="nccl" if run_device.startswith("cuda") else "gloo")
+    precision_name, why_precision = choose_precision(precision, run_device.split(":")[0])
+    ctx = torch.autocast(run_device.split(":")[0], dtype=torch.float16 if precision_name == "fp16" else torch.bfloat16,
+                         enabled=precision_name != "fp32")
+    if rank == 0:
+        print(f"device {run_device} ({why_device}); precision {precision_name} ({why_precision})")
+    return run_device, precision_name, ctx, rank, world_size
+
+
+def memory_format():   # for the convolutions: NHWC with --channels_last, else PyTorch's default NCHW
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 # ----------------------------------------------------------------------------- data
 def load_images(path):
-    """All images of a folder, zip or uint8 .npy as a uint8 tensor (N, 3, 64, 64). A non-64x64 image is
-    resized (with a note); an unreadable one is an error naming it (fid.py's reader)."""
-    entries = list_images(path)
-    if not entries:
-        raise FIDInputError(f"{path}: no images found")
+    """All images of a folder, zip or uint8 .npy as a uint8 tensor (N, 3, 64, 64), read by fid.py's reader. A
+    non-64x64 image is resized (with a note); one that cannot be read is an error naming it."""
+    names = fid.list_images(path)
+    if not names:
+        raise ValueError(f"{path}: no images found")
     images, resized = [], 0
-    for name, load in entries:
-        image = load()                                              # float (3, H, W) in [0, 1]
+    for name in names:
+        image = fid.read_image(path, name)                             # float (3, H, W) in [0, 1]
         if image.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
             image = F.interpolate(image[None], size=(IMAGE_SIZE, IMAGE_SIZE), mode="bicubic",
                                   antialias=True, align_corners=False)[0].clamp(0, 1)
             resized += 1
         images.append((image * 255).round().to(torch.uint8))
     if resized:
-        print(f"note: {resized} of {len(entries)} images were not {IMAGE_SIZE}x{IMAGE_SIZE} and were resized")
+        print(f"note: {resized} of {len(names)} images were not {IMAGE_SIZE}x{IMAGE_SIZE} and were resized")
     return torch.stack(images)
 
 
@@ -147,209 +182,6 @@ def training_batch(images, batch, generator):
     x = images[indices].float() / 127.5 - 1
     flip = torch.rand(batch, generator=generator, device=generator.device) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
-
-
-# ----------------------------------------------------------------------------- device and precision
-def default_device():
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def cpu_has_bf16():
-    """True where the CPU computes bfloat16 natively: AMX or AVX512-BF16 in Linux's /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def choose_precision(requested, device_type):
-    """The autocast precision for `precision` on this device, and why: auto is bf16 where the hardware computes it
-    natively (CUDA capability >= 8.0, i.e. Ampere and later; CPUs with AMX or AVX512-BF16), fp16 with a gradient
-    scaler on older GPUs (a T4, 7.5, only emulates bf16: its convolutions then skip cuDNN and the tensor cores),
-    and fp32 elsewhere."""
-    if requested != "auto":
-        return requested, "asked for"
-    if device_type == "cuda":
-        major, minor = torch.cuda.get_device_capability()
-        if major >= 8:
-            return "bf16", f"CUDA capability {major}.{minor} computes bfloat16 natively"
-        return "fp16", f"CUDA capability {major}.{minor} has no native bfloat16: float16 with a gradient scaler"
-    if device_type == "cpu" and cpu_has_bf16():
-        return "bf16", "this CPU computes bfloat16 natively (AMX or AVX512-BF16)"
-    return "fp32", f"no native bfloat16 on this {device_type}"
-
-
-def check_cuda_build():
-    """Stop at once where this PyTorch build has no kernels for the GPU (Kaggle's P100, sm_60, under a build for
-    sm_70 and newer), rather than with a CUDA error from deep inside. A cubin sm_XY runs on capability X.y for
-    y >= Y; PTX compute_XY is compiled for any capability >= X.Y."""
-    major, minor = torch.cuda.get_device_capability()
-    archs = torch.cuda.get_arch_list()
-
-    def version(arch):  # "sm_86" -> (8, 6), "sm_90a" -> (9, 0), "compute_120" -> (12, 0)
-        digits = "".join(char for char in arch.split("_")[-1] if char.isdigit())
-        return int(digits[:-1]), int(digits[-1])
-    runs = any((arch.startswith("sm_") and version(arch)[0] == major and version(arch)[1] <= minor) or
-               (arch.startswith("compute_") and version(arch) <= (major, minor)) for arch in archs)
-    if archs and not runs:
-        raise SystemExit(f"error: this PyTorch {torch.__version__} has GPU kernels for {' '.join(archs)}, none for "
-                         f"{torch.cuda.get_device_name()} (sm_{major}{minor}): install a PyTorch build that lists "
-                         f"sm_{major}{minor} (see the README, 'On a GPU'), or choose another GPU")
-
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-run_precision = "fp32"  # set once by use_precision(); the samplers and the training step read it
-
-
-def use_precision(name):
-    """Set the precision that autocast() and model_eps() use from now on."""
-    global run_precision
-    run_precision = name
-
-
-def autocast(device_type):
-    return torch.autocast(device_type, dtype=AUTOCAST_DTYPES.get(run_precision, torch.bfloat16),
-                          enabled=run_precision in AUTOCAST_DTYPES)
-
-
-def model_eps(model, x, t):
-    """eps_theta(x_t, t) under the run's precision, returned in float32 for the sampler's arithmetic."""
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with autocast(x.device.type):
-        return model(x, t).float()
-
-
-# ----------------------------------------------------------------------------- forward process, loss and samplers
-def make_betas(schedule, timesteps, beta_start=1e-4, beta_end=0.02):
-    if schedule == "linear":                      # Ho et al. section 4: linear from 1e-4 to 0.02
-        return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
-    if schedule == "cosine":                      # Nichol & Dhariwal eq. 17: alpha_bar(t) = f(t) / f(0)
-        s = 0.008
-        t_over_T = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
-        f = torch.cos((t_over_T + s) / (1 + s) * math.pi / 2) ** 2
-        alphas_bar = f / f[0]
-        return (1 - alphas_bar[1:] / alphas_bar[:-1]).clamp(max=0.999)   # beta_t clipped at 0.999 (their 3.2)
-    raise ValueError(f"schedule must be 'linear' or 'cosine', got {schedule!r}")
-
-
-class Diffusion:
-    """The forward process and its posterior, every buffer computed once in float64 (then float32 copies).
-    Time steps are 0-based here: t = 0..T-1 stands for the paper's 1..T."""
-
-    def __init__(self, betas):
-        self.timesteps = len(betas)
-        self.betas = betas                                              # beta_t
-        self.alphas = 1 - betas                                         # alpha_t = 1 - beta_t
-        self.alphas_cumprod = torch.cumprod(self.alphas, 0)             # alpha_bar_t = prod_s alpha_s (eq. 4)
-        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=betas.dtype), self.alphas_cumprod[:-1]])
-        # q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)                        (eq. 4)
-        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
-        self.sqrt_one_minus_alphas_cumprod = (1 - self.alphas_cumprod).sqrt()
-        # x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), eq. 4 solved for x_0  (used in eq. 15)
-        self.sqrt_recip_alphas_cumprod = (1 / self.alphas_cumprod).sqrt()
-        self.sqrt_recipm1_alphas_cumprod = (1 / self.alphas_cumprod - 1).sqrt()
-        # q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I)                                          (eqs. 6-7)
-        # beta~_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t
-        self.posterior_variance = betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
-        # mu~_t = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0 + sqrt(alpha_t)(1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t
-        self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1 - self.alphas_cumprod)
-
-    def to(self, device):
-        """Every buffer moved to the device once (they stay float64 there)."""
-        for name, value in vars(self).items():
-            if torch.is_tensor(value):
-                setattr(self, name, value.to(device))
-        return self
-
-    @staticmethod
-    def gather(buffer, t, x):
-        """buffer[t] for a batch of steps t, shaped to broadcast over images like x, in x's dtype."""
-        return buffer.to(t.device)[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-
-    def q_sample(self, x0, t, noise):
-        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (eq. 4, reparameterised)."""
-        return self.gather(self.sqrt_alphas_cumprod, t, x0) * x0 + self.gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
-
-    def q_posterior(self, x0, xt, t):
-        """Mean and variance of q(x_{t-1} | x_t, x_0) (eqs. 6-7)."""
-        mean = self.gather(self.posterior_mean_coef1, t, xt) * x0 + self.gather(self.posterior_mean_coef2, t, xt) * xt
-        return mean, self.gather(self.posterior_variance, t, xt)
-
-    def predict_x0(self, xt, t, eps):
-        return self.gather(self.sqrt_recip_alphas_cumprod, t, xt) * xt - self.gather(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
-
-    def loss(self, model, x0, generator, min_snr_gamma=0.0):
-        """Algorithm 1: t ~ Uniform, eps ~ N(0, I), || eps - eps_theta(x_t, t) ||^2 (L_simple, eq. 14). t and eps
-        come from the generator, on its device. min_snr_gamma > 0 weights each image's error by
-        min(SNR_t, gamma) / SNR_t, SNR_t = alpha_bar_t / (1 - alpha_bar_t) (Min-SNR-gamma, Hang et al. 2023, 3.4,
-        for eps-prediction): the many nearly clean steps, whose noise is easy to predict but whose gradients
-        fight the others', count less, and a short training reaches the same loss in fewer steps."""
-        t = torch.randint(self.timesteps, (len(x0),), generator=generator, device=generator.device)
-        noise = torch.randn(x0.shape, generator=generator, device=generator.device)
-        error = (model(self.q_sample(x0, t, noise), t).float() - noise).pow(2).mean(dim=(1, 2, 3))   # per image
-        if min_snr_gamma > 0:
-            snr = self.alphas_cumprod[t] / (1 - self.alphas_cumprod[t])
-            error = error * (snr.clamp(max=min_snr_gamma) / snr).float()
-        return error.mean()
-
-    # ------------------------------------------------------------------------- sampling
-    @torch.no_grad()
-    def ddpm_sample(self, model, shape, generator, variance="beta", record=()):
-        """Algorithm 2 (ancestral sampling). Each step predicts x_0 from eps, clips it to [-1, 1] (as Ho et al.'s
-        code does), and draws x_{t-1} from the posterior mean with sigma_t^2 = beta_t or beta~_t (section 3.2).
-        record: steps t at which to keep x_t (for the denoising figure). Returns x_0 and {t: x_t}."""
-        device = next(model.parameters()).device
-        x = torch.randn(shape, generator=generator).to(device)
-        kept = {self.timesteps: x.cpu()} if self.timesteps in record else {}
-        sigma2 = self.betas if variance == "beta" else self.posterior_variance
-        for step in reversed(range(self.timesteps)):
-            t = torch.full((shape[0],), step, device=device, dtype=torch.long)
-            x0 = self.predict_x0(x, t, model_eps(model, x, t)).clamp(-1, 1)
-            mean, _ = self.q_posterior(x0, x, t)
-            noise = torch.randn(shape, generator=generator).to(device)
-            x = mean + (self.gather(sigma2, t, x).sqrt() * noise if step > 0 else 0)   # no noise at the last step
-            if step in record:
-                kept[step] = x.cpu()
-        return x, kept
-
-    def ddim_step(self, xt, t, t_prev, eps, eta):
-        """One DDIM update (Song et al. eq. 12) from step t to t_prev (-1 = the end), with x_0 clipped to [-1, 1].
-        sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev) (eq. 16). Returns (mean, sigma)."""
-        alpha_bar = self.gather(self.alphas_cumprod, t, xt)
-        alpha_bar_prev = self.gather(self.alphas_cumprod, t_prev.clamp(min=0), xt)
-        alpha_bar_prev = torch.where(t_prev.view_as(alpha_bar) >= 0, alpha_bar_prev, torch.ones_like(alpha_bar_prev))
-        x0 = self.predict_x0(xt, t, eps).clamp(-1, 1)
-        eps = (xt - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()     # the eps that goes with the clipped x_0
-        sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
-        mean = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
-        return mean, sigma
-
-    def ddim_sequence(self, steps):
-        """The S time steps DDIM visits: evenly spaced over 0..T-1 (Song et al. 4.2, "linear" tau)."""
-        return np.linspace(0, self.timesteps - 1, steps).round().astype(int).tolist()
-
-    @torch.no_grad()
-    def ddim_sample(self, model, shape, generator, steps=100, eta=0.0, record=()):
-        """DDIM with `steps` evenly spaced steps of the T (eta = 1 and steps = T give Algorithm 2 with beta~_t)."""
-        if not 1 <= steps <= self.timesteps:
-            raise SystemExit(f"DDIM steps must be between 1 and T={self.timesteps}, got {steps}")
-        device = next(model.parameters()).device
-        x = torch.randn(shape, generator=generator).to(device)
-        sequence = self.ddim_sequence(steps)
-        kept = {self.timesteps: x.cpu()} if self.timesteps in record else {}
-        for i in reversed(range(len(sequence))):
-            t = torch.full((shape[0],), sequence[i], device=device, dtype=torch.long)
-            t_prev = torch.full_like(t, sequence[i - 1] if i > 0 else -1)
-            mean, sigma = self.ddim_step(x, t, t_prev, model_eps(model, x, t), eta)
-            noise = torch.randn(shape, generator=generator).to(device)
-            x = mean + sigma * noise if i > 0 else mean
-            if sequence[i] in record:
-                kept[sequence[i]] = x.cpu()
-        return x, kept
 
 
 # ----------------------------------------------------------------------------- UNet (Ho et al. appendix B)
@@ -397,7 +229,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x):
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)   # (b, hw, c) each
+        # (batch, heads, tokens, dim) with one head, the layout the fused attention kernels take
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, 1, c, h * w).transpose(-1, -2).unbind(1)   # (b, 1, hw, c)
         attended = F.scaled_dot_product_attention(q, k, v)            # softmax(q k^T / sqrt(c)) v
         return x + self.out(attended.transpose(-1, -2).reshape(b, c, h, w))
 
@@ -467,8 +300,9 @@ class UNet(nn.Module):
 def model_config():
     """The constants that define the model and its diffusion: saved in every checkpoint, and all that --sample
     and --denoise_figure build from (they never read the constants above for it)."""
-    return dict(channels=channels, channel_mults=_int_list(channel_mults), num_res_blocks=num_res_blocks,
-                attn_resolutions=_int_list(attn_resolutions), dropout=dropout, norm_groups=norm_groups,
+    mults, attention = [int(m) for m in channel_mults.split(",")], [int(r) for r in attn_resolutions.split(",") if r]
+    return dict(channels=channels, channel_mults=mults, num_res_blocks=num_res_blocks,
+                attn_resolutions=attention, dropout=dropout, norm_groups=norm_groups,
                 schedule=schedule, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end)
 
 
@@ -479,269 +313,300 @@ def build(config):
     return model, diffusion
 
 
-# ----------------------------------------------------------------------------- checkpoints and output paths
-def load_checkpoint(path, map_location):
-    """A checkpoint of this script. weights_only=True: tensors, numbers and strings only, so a file from elsewhere
-    cannot run code on loading; a damaged file is a one-line error that says what to do."""
-    try:
-        with warnings.catch_warnings():     # torch warns about a foreign pickle before it refuses it
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:   # truncated, empty, not a checkpoint, or a pickle that asks for code
-        previous = f"the previous state may be in {path}.tmp; " if os.path.exists(path + ".tmp") else ""
-        raise SystemExit(f"error: {path} is damaged or not a ddpm.py checkpoint ({type(e).__name__}: "
-                         f"{(str(e).strip() or 'no data').splitlines()[0][:60]}); {previous}delete it to start again")
+# ----------------------------------------------------------------------------- forward process, loss and samplers
+def make_betas(schedule, timesteps, beta_start=1e-4, beta_end=0.02):
+    if schedule == "linear":                      # Ho et al. section 4: linear from 1e-4 to 0.02
+        return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+    if schedule == "cosine":                      # Nichol & Dhariwal eq. 17: alpha_bar(t) = f(t) / f(0)
+        s = 0.008
+        t_over_T = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+        f = torch.cos((t_over_T + s) / (1 + s) * math.pi / 2) ** 2
+        alphas_bar = f / f[0]
+        return (1 - alphas_bar[1:] / alphas_bar[:-1]).clamp(max=0.999)   # beta_t clipped at 0.999 (their 3.2)
+    raise ValueError(f"schedule must be 'linear' or 'cosine', got {schedule!r}")
 
 
-def check_writable(folder):
-    """Make sure files can be written in folder (creating it) before any long work, not after."""
-    folder = folder or "."
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write_test_{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise SystemExit(f"error: cannot write to {folder}: {e.strerror}")
+class Diffusion:
+    """The forward process and its posterior, every buffer computed once in float64 (then float32 copies).
+    Time steps are 0-based here: t = 0..T-1 stands for the paper's 1..T."""
 
+    def __init__(self, betas):
+        self.timesteps = len(betas)
+        self.betas = betas                                              # beta_t
+        self.alphas = 1 - betas                                         # alpha_t = 1 - beta_t
+        self.alphas_cumprod = torch.cumprod(self.alphas, 0)             # alpha_bar_t = prod_s alpha_s (eq. 4)
+        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=betas.dtype), self.alphas_cumprod[:-1]])
+        # q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)                        (eq. 4)
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1 - self.alphas_cumprod).sqrt()
+        # x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), eq. 4 solved for x_0  (used in eq. 15)
+        self.sqrt_recip_alphas_cumprod = (1 / self.alphas_cumprod).sqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1 / self.alphas_cumprod - 1).sqrt()
+        # q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I)                                          (eqs. 6-7)
+        # beta~_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t
+        self.posterior_variance = betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
+        # mu~_t = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0
+        #         + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t
+        self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1 - self.alphas_cumprod)
 
-def weights_finite(model):
-    return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
+    def to(self, device):
+        """Every buffer moved to the device once (they stay float64 there, but on mps, which has no float64)."""
+        for name, value in vars(self).items():
+            if torch.is_tensor(value):
+                setattr(self, name, value.to(device, torch.float32 if device == "mps" else value.dtype))
+        return self
+
+    @staticmethod
+    def gather(buffer, t, x):
+        """buffer[t] for a batch of steps t, shaped to broadcast over images like x, in x's dtype."""
+        return buffer.to(t.device)[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+    def q_sample(self, x0, t, noise):
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (eq. 4, reparameterised)."""
+        return (self.gather(self.sqrt_alphas_cumprod, t, x0) * x0
+                + self.gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+
+    def q_posterior(self, x0, xt, t):
+        """Mean and variance of q(x_{t-1} | x_t, x_0) (eqs. 6-7)."""
+        mean = self.gather(self.posterior_mean_coef1, t, xt) * x0 + self.gather(self.posterior_mean_coef2, t, xt) * xt
+        return mean, self.gather(self.posterior_variance, t, xt)
+
+    def predict_x0(self, xt, t, eps):
+        return (self.gather(self.sqrt_recip_alphas_cumprod, t, xt) * xt
+                - self.gather(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps)
+
+    def loss(self, model, x0, generator, min_snr_gamma=0.0):
+        """Algorithm 1: t ~ Uniform, eps ~ N(0, I), || eps - eps_theta(x_t, t) ||^2 (L_simple, eq. 14). t and eps
+        come from the generator, on its device. min_snr_gamma > 0 weights each image's error by
+        min(SNR_t, gamma) / SNR_t, SNR_t = alpha_bar_t / (1 - alpha_bar_t) (Min-SNR-gamma, Hang et al. 2023, 3.4,
+        for eps-prediction): the many nearly clean steps, whose noise is easy to predict but whose gradients
+        fight the others', count less, and a short training reaches the same loss in fewer steps."""
+        t = torch.randint(self.timesteps, (len(x0),), generator=generator, device=generator.device)
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device)
+        error = (model(self.q_sample(x0, t, noise), t).float() - noise).pow(2).mean(dim=(1, 2, 3))   # per image
+        if min_snr_gamma > 0:
+            snr = self.alphas_cumprod[t] / (1 - self.alphas_cumprod[t])
+            error = error * (snr.clamp(max=min_snr_gamma) / snr).float()
+        return error.mean()
+
+    # ------------------------------------------------------------------------- sampling
+    # The samplers run inside the caller's `with ctx:` (the run's precision); eps_theta comes back as float32
+    # for the sampler's own arithmetic.
+    @torch.no_grad()
+    def ddpm_sample(self, model, shape, generator, variance="beta", record=()):
+        """Algorithm 2 (ancestral sampling). Each step predicts x_0 from eps, clips it to [-1, 1] (as Ho et al.'s
+        code does), and draws x_{t-1} from the posterior mean with sigma_t^2 = beta_t or beta~_t (section 3.2).
+        record: steps t at which to keep x_t (for the denoising figure). Returns x_0 and {t: x_t}."""
+        device = next(model.parameters()).device
+        x = torch.randn(shape, generator=generator).to(device)
+        kept = {self.timesteps: x.cpu()} if self.timesteps in record else {}
+        sigma2 = self.betas if variance == "beta" else self.posterior_variance
+        for step in reversed(range(self.timesteps)):
+            t = torch.full((shape[0],), step, device=device, dtype=torch.long)
+            x0 = self.predict_x0(x, t, model(x, t).float()).clamp(-1, 1)
+            mean, _ = self.q_posterior(x0, x, t)
+            noise = torch.randn(shape, generator=generator).to(device)
+            x = mean + (self.gather(sigma2, t, x).sqrt() * noise if step > 0 else 0)   # no noise at the last step
+            if step in record:
+                kept[step] = x.cpu()
+        return x, kept
+
+    def ddim_step(self, xt, t, t_prev, eps, eta):
+        """One DDIM update (Song et al. eq. 12) from step t to t_prev (-1 = the end), with x_0 clipped to [-1, 1].
+        sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev) (eq. 16). Returns (mean, sigma)."""
+        alpha_bar = self.gather(self.alphas_cumprod, t, xt)
+        alpha_bar_prev = self.gather(self.alphas_cumprod, t_prev.clamp(min=0), xt)
+        alpha_bar_prev = torch.where(t_prev.view_as(alpha_bar) >= 0, alpha_bar_prev, torch.ones_like(alpha_bar_prev))
+        x0 = self.predict_x0(xt, t, eps).clamp(-1, 1)
+        eps = (xt - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()     # the eps that goes with the clipped x_0
+        sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
+        mean = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+        return mean, sigma
+
+    def ddim_sequence(self, steps):
+        """The S time steps DDIM visits: evenly spaced over 0..T-1 (Song et al. 4.2, "linear" tau)."""
+        return np.linspace(0, self.timesteps - 1, steps).round().astype(int).tolist()
+
+    @torch.no_grad()
+    def ddim_sample(self, model, shape, generator, steps=100, eta=0.0, record=()):
+        """DDIM with `steps` evenly spaced steps of the T (eta = 1 and steps = T give Algorithm 2 with beta~_t)."""
+        if not 1 <= steps <= self.timesteps:
+            raise ValueError(f"--ddim_steps={steps}: DDIM takes 1 to the model's T={self.timesteps} steps")
+        device = next(model.parameters()).device
+        x = torch.randn(shape, generator=generator).to(device)
+        sequence = self.ddim_sequence(steps)
+        kept = {self.timesteps: x.cpu()} if self.timesteps in record else {}
+        for i in reversed(range(len(sequence))):
+            t = torch.full((shape[0],), sequence[i], device=device, dtype=torch.long)
+            t_prev = torch.full_like(t, sequence[i - 1] if i > 0 else -1)
+            mean, sigma = self.ddim_step(x, t, t_prev, model(x, t).float(), eta)
+            noise = torch.randn(shape, generator=generator).to(device)
+            x = mean + sigma * noise if i > 0 else mean
+            if sequence[i] in record:
+                kept[sequence[i]] = x.cpu()
+        return x, kept
 
 
 # ----------------------------------------------------------------------------- training (Algorithm 1)
-def setup_distributed():
-    """-> (ddp, rank, world_size, device). Under torchrun (RANK and WORLD_SIZE set, as in nanoGPT) one process per
-    GPU with nccl, or several CPU processes with gloo; otherwise one process."""
-    run_device = default_device()
-    if int(os.environ.get("RANK", -1)) == -1:
-        return False, 0, 1, run_device
-    import torch.distributed as dist
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if run_device.startswith("cuda"):
-        run_device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(run_device)
-    dist.init_process_group(backend="nccl" if run_device.startswith("cuda") else "gloo")
-    return True, rank, world_size, run_device
-
-
-def any_rank(flag, ddp, run_device):
-    """True if `flag` is True in any process. Every process gets the same answer, so all stop at the same step
-    (one that stopped alone would leave the others waiting for it in the next gradient all-reduce)."""
-    if not ddp:
-        return flag
-    import torch.distributed as dist
-    value = torch.tensor([int(flag)], device=run_device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-class StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM (what Colab and Kaggle send when a runtime ends) asks the training loop to
-    save a checkpoint after the current step and stop; a second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.name = None
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handle(self, signum, frame):
-        if self.name:
-            raise KeyboardInterrupt
-        self.name = signal.Signals(signum).name
-        print(f"\n{self.name}: saving a checkpoint after this step, then stopping", flush=True)
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-class ProgressLog:
-    """The mean loss between log lines (summed on the device: the host reads it at log steps only), the progress
-    line and loss.csv, which is cut back to the resumed step (the steps after it are trained, and logged, again)."""
-
-    def __init__(self, path, step, run_device, master, deadline):
-        self.master, self.deadline, self.start, self.start_step = master, deadline, time.time(), step
-        self.loss_sum, self.finite_steps = torch.zeros((), device=run_device), torch.zeros((), device=run_device)
-        self.csv = None
-        if master:
-            rows = open(path).read().splitlines() if os.path.exists(path) else []
-            with open(path, "w") as f:
-                f.writelines(row + "\n" for row in rows if row and int(row.split(",")[0]) <= step)
-            self.csv = open(path, "a")
-
-    def add(self, loss):
-        finite = torch.isfinite(loss)     # the fp16 scaler's overflowed steps are not counted
-        self.loss_sum += torch.where(finite, loss, 0.0)
-        self.finite_steps += finite
-
-    def report(self, step, step_lr, images_per_step):
-        """Print and record the mean loss since the last report; -> how many of those steps had a finite loss."""
-        count = int(self.finite_steps.item())
-        if self.master and count:
-            mean, elapsed = self.loss_sum.item() / count, time.time() - self.start
-            rate = (step - self.start_step) * images_per_step / elapsed
-            left = min((max_steps - step) * images_per_step / rate, self.deadline - time.time())
-            print(f"step {step}/{max_steps} loss {mean:.4f} lr {step_lr:.1e} {rate:.1f} images/s, "
-                  f"{elapsed / 60:.1f} min so far, about {left / 60:.1f} min left", flush=True)
-            self.csv.write(f"{step},{mean:.6f}\n")
-            self.csv.flush()
-        self.loss_sum.zero_()
-        self.finite_steps.zero_()
-        return count
-
-    def close(self):
-        if self.csv:
-            self.csv.close()
-
-
-def start_or_resume(config, run_device, device_type, ckpt_path):
-    """The model, its EMA copy, the optimizer and the gradient scaler for `precision`, resumed from ckpt_path if
-    it is there. -> (model, diffusion, ema, optimizer, scaler, step)"""
+def start_or_resume(config, run_device, precision_name, ckpt_path):
+    """The model, its EMA copy (eval mode: it only samples), the optimizer and the gradient scaler (fp16 only: see
+    choose_precision), resumed from ckpt_path where it exists. -> (model, diffusion, ema, optimizer, scaler, step)"""
     torch.manual_seed(seed)
     model, diffusion = build(config)
-    model.to(run_device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    model.to(run_device, memory_format=memory_format())
     diffusion.to(run_device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)     # only ever samples: eval mode, no dropout
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device_type == "cuda")
-    scaler = torch.amp.GradScaler(device_type, enabled=run_precision == "fp16")   # fp16 only: see choose_precision
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=run_device.startswith("cuda"))
+    scaler = torch.amp.GradScaler(run_device.split(":")[0], enabled=precision_name == "fp16")
     if not os.path.exists(ckpt_path):
         return model, diffusion, ema, optimizer, scaler, 0
     checkpoint = load_checkpoint(ckpt_path, run_device)
     saved = {"norm_groups": 32, **checkpoint["config"]}
     differing = [f"{k} = {saved.get(k)!r} there, {v!r} now" for k, v in config.items() if saved.get(k) != v]
     if differing:
-        raise SystemExit(f"error: {ckpt_path} was trained with another configuration ({'; '.join(differing)}): "
-                         f"run with its values, or use another --out_dir")
+        raise ValueError(f"{ckpt_path} was trained with another configuration ({'; '.join(differing)}): run with its "
+                         f"values, or use another --out_dir")
     model.load_state_dict(checkpoint["model"])
     ema.load_state_dict(checkpoint["ema"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    scaler.load_state_dict(checkpoint.get("scaler", {}))
+    if checkpoint.get("scaler"):   # {} from a run without the fp16 scaler: this one then starts fresh
+        scaler.load_state_dict(checkpoint["scaler"])
+    if checkpoint.get("precision", precision_name) != precision_name:
+        print(f"note: {ckpt_path} was trained in {checkpoint['precision']}; resuming in {precision_name}")
     return model, diffusion, ema, optimizer, scaler, checkpoint["step"]
 
 
-def wrap_for_training(model, ddp, run_device, device_type, master):
+def train_model(data_dir, out_dir):
+    """Algorithm 1 on the images of data_dir, resumed from out_dir/ckpt.pt where it exists. -> the step reached."""
+    run_device, precision_name, ctx, rank, world_size = system(distributed=True)
+    check_writable(out_dir)
+    images = load_images(data_dir).to(run_device)   # uint8 on the device: each batch is made there
+    config, ckpt_path, csv_path = model_config(), os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "loss.csv")
+    raw_model, diffusion, ema, optimizer, scaler, step = start_or_resume(config, run_device, precision_name, ckpt_path)
+    model = wrap_for_training(raw_model, run_device, rank)
+    if rank == 0:
+        print(f"{len(images)} images from {data_dir}; UNet {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}"
+              f" M parameters; {config}; batch {batch_size} x {world_size} process(es) on {run_device}"
+              + (f"; resuming from {ckpt_path} at step {step}" if step else ""))
+        cut_csv(csv_path, step)   # the steps after the resumed one are trained, and logged, again
+    loss_sum, finite_steps = torch.zeros((), device=run_device), torch.zeros((), device=run_device)
+    start, start_step = time.time(), step
+    deadline = start + max_minutes * 60 if max_minutes > 0 else float("inf")
+    while step < max_steps:
+        # every random draw of a step comes from (seed, step, rank): a resumed run repeats it exactly
+        generator = torch.Generator(run_device).manual_seed(seed + step * world_size + rank)
+        torch.manual_seed(seed + step * world_size + rank)                  # dropout masks, too
+        for group in optimizer.param_groups:                              # linear warmup (Ho et al. appendix B)
+            group["lr"] = lr * min(1.0, (step + 1) / max(1, warmup_steps))
+        # forward backward update (Algorithm 1), the gradient scaled in fp16 (see choose_precision), clipped unscaled
+        x0 = training_batch(images, batch_size, generator)
+        with ctx:
+            loss = diffusion.loss(model, x0.contiguous(memory_format=memory_format()), generator, min_snr_gamma)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        # EMA of the weights, its decay rising from 0.1 to ema_decay (TensorFlow's EMA, in Ho et al.'s code)
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1 - decay)
+        step += 1
+        # timing and logging: the mean loss since the last line, summed on the device without fp16's skipped steps
+        loss_sum += torch.where(torch.isfinite(loss.detach()), loss.detach(), 0.0)
+        finite_steps += torch.isfinite(loss.detach())
+        logged = step % log_every == 0 or step == max_steps
+        if logged and rank == 0 and finite_steps.item():
+            log_progress(csv_path, step, loss_sum.item() / finite_steps.item(), optimizer.param_groups[0]["lr"],
+                         (step - start_step) / (time.time() - start), world_size, deadline)
+        if step % sample_every == 0 and rank == 0:   # a grid of EMA samples now and then
+            save_grid(diffusion, ema, ctx, os.path.join(out_dir, f"samples_{step:07d}.png"))
+        # stop, all processes at one step: on NaN before a checkpoint keeps it, on the clock or a signal after one
+        stopping = any_rank(time.time() > deadline or bool(stop_signal), run_device)
+        saving = step % ckpt_every == 0 or step == max_steps or stopping
+        if (logged or saving) and any_rank(logged and not finite_steps.item() or not weights_finite(raw_model),
+                                           run_device):
+            sys.exit(f"error: the loss or the weights stopped being finite numbers (NaN or inf) by step {step}: "
+                     f"{ckpt_path} keeps the last good state. Try a lower --lr (now {lr:g}) or --precision=fp32")
+        if logged:
+            loss_sum, finite_steps = torch.zeros_like(loss_sum), torch.zeros_like(finite_steps)
+        if saving and rank == 0:
+            save_atomic(dict(model=raw_model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                             scaler=scaler.state_dict(), step=step, config=config, precision=precision_name), ckpt_path)
+        if stopping:
+            break
+    return finish(out_dir, step, deadline, rank)
+
+
+def wrap_for_training(model, run_device, rank):
     """torch.compile and DistributedDataParallel around the model; the EMA and the checkpoints use the bare one."""
-    if compile:
-        if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 7:
-            model = torch.compile(model)
-        elif master:
-            print("note: --compile needs a CUDA GPU of capability >= 7.0 (Triton); training in eager mode")
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel
-        model = DistributedDataParallel(model, device_ids=[run_device] if device_type == "cuda" else None)
+    if compile and run_device.startswith("cuda") and torch.cuda.get_device_capability()[0] >= 8:
+        model = torch.compile(model)
+    elif compile and rank == 0:
+        print("note: --compile needs a CUDA GPU of capability >= 8.0 (Triton, bf16); training in eager mode")
+    if dist.is_initialized():
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[run_device] if run_device != "cpu" else None)
     return model
 
 
-def train_model(data_dir, out_dir):
-    ddp, rank, world_size, run_device = setup_distributed()
-    device_type, master = run_device.split(":")[0], rank == 0
-    check_writable(out_dir)
-    if device_type == "cuda":
-        check_cuda_build()
-        torch.backends.cudnn.benchmark = True       # fixed input shapes: let cuDNN pick its fastest kernels once
-    images = load_images(data_dir).to(run_device)   # uint8 on the device: each batch is made there
-    chosen, why = choose_precision(precision, device_type)
-    use_precision(chosen)
-    config, ckpt_path = model_config(), os.path.join(out_dir, "ckpt.pt")
-    raw_model, diffusion, ema, optimizer, scaler, step = start_or_resume(config, run_device, device_type, ckpt_path)
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    if master:
-        print(f"{len(images)} images from {data_dir}; UNet {n_params / 1e6:.2f} M parameters; {config}; "
-              f"batch {batch_size} x {world_size} process(es) on {run_device}")
-        print(f"precision: {chosen} ({why})" + (f"; resuming from {ckpt_path} at step {step}" if step else ""))
-        if device_type == "cpu" and n_params > 20e6:
-            print(f"note: no GPU: this {n_params / 1e6:.0f} M-parameter UNet trains at about 1 image/s on a 2-core CPU "
-                  f"(README); --preset=cpu is a small model made for CPUs")
-    model = wrap_for_training(raw_model, ddp, run_device, device_type, master)
-    ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
+def any_rank(flag, run_device):
+    """True if `flag` is True in any process: every process gets the same answer, so all stop at the same step."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([int(flag)], device=run_device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
-    def save():   # to a .tmp file, then renamed: an interrupted save never leaves a half-written checkpoint
-        torch.save({"model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "step": step, "config": config}, ckpt_path + ".tmp")
-        os.replace(ckpt_path + ".tmp", ckpt_path)
 
-    deadline = time.time() + max_minutes * 60 if max_minutes > 0 else float("inf")
-    progress = ProgressLog(os.path.join(out_dir, "loss.csv"), step, run_device, master, deadline)
-    stop = StopRequest()
-    try:
-        while step < max_steps:
-            # every random draw of a step comes from (seed, step, rank): a resumed run repeats it exactly
-            generator = torch.Generator(run_device).manual_seed(seed + step * world_size + rank)
-            torch.manual_seed(seed + step * world_size + rank)                  # dropout masks, too
-            # set the learning rate for this step: linear warmup, then constant (Ho et al. appendix B)
-            step_lr = lr * min(1.0, (step + 1) / max(1, warmup_steps))
-            for group in optimizer.param_groups:
-                group["lr"] = step_lr
-            # forward and backward (Algorithm 1); in fp16 the scaler multiplies the loss so that small
-            # gradients do not underflow, and skips the update when a gradient overflowed
-            x0 = training_batch(images, batch_size, generator)
-            if channels_last:
-                x0 = x0.contiguous(memory_format=torch.channels_last)
-            with autocast(device_type):
-                loss = diffusion.loss(model, x0, generator, min_snr_gamma)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            # clip the true (unscaled) gradient, then update
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            # EMA of the weights, its decay rising from 0.1 to ema_decay: min(decay, (1 + n) / (10 + n)), the
-            # warm-up of TensorFlow's ExponentialMovingAverage(num_updates) that Ho et al.'s code uses
-            torch._foreach_lerp_(ema_params, model_params, 1 - min(ema_decay, (1 + step) / (10 + step)))
-            step += 1
-            progress.add(loss.detach())
-            # log, and stop on a loss that is no longer a number (the scaler's skipped fp16 steps aside)
-            if step % log_every == 0 or step == max_steps:
-                finite_count = progress.report(step, step_lr, batch_size * world_size)
-                if any_rank(finite_count == 0 or not weights_finite(raw_model), ddp, run_device):
-                    raise FloatingPointError
-            # a grid of EMA samples now and then (save_grid: with the figures at the end of the file)
-            if master and step % sample_every == 0:
-                grid, _ = diffusion.ddim_sample(ema, (16, 3, IMAGE_SIZE, IMAGE_SIZE),
-                                                torch.Generator().manual_seed(seed), steps=min(50, diffusion.timesteps))
-                save_grid(grid, os.path.join(out_dir, f"samples_{step:07d}.png"), columns=4)
-            # termination conditions, agreed by every process; a checkpoint first
-            stopping = any_rank(time.time() > deadline or stop.name is not None, ddp, run_device)
-            if step % ckpt_every == 0 or step == max_steps or stopping:
-                if not weights_finite(raw_model):    # never overwrite the last good checkpoint with NaN weights
-                    raise FloatingPointError         # (every rank sees the same weights: DDP keeps them equal)
-                if master:
-                    save()
-            if stopping:
-                break
-    except FloatingPointError:
-        raise SystemExit(f"error: the loss or the weights stopped being finite numbers (NaN or inf) by step {step}: "
-                         f"training stopped; {ckpt_path} keeps the last good state. Try a lower --lr (now {lr:g}) "
-                         f"or --precision=fp32")
-    finally:
-        stop.restore()
-        progress.close()
-        if master:
-            plot_loss(os.path.join(out_dir, "loss.csv"), os.path.join(out_dir, "loss.png"))
-        if ddp:
-            import torch.distributed as dist
-            dist.destroy_process_group()
-    if stop.name:
-        raise SystemExit(f"stopped by {stop.name} at step {step}; checkpoint saved, run the same command to resume")
-    if master and time.time() > deadline:
+def log_progress(csv_path, step, mean_loss, step_lr, steps_per_s, world_size, deadline):
+    """The progress line (step, loss, speed, time left) and its row of loss.csv."""
+    minutes_left = min((max_steps - step) / steps_per_s, deadline - time.time()) / 60
+    print(f"step {step}/{max_steps} loss {mean_loss:.4f} lr {step_lr:.1e} {steps_per_s * batch_size * world_size:.1f} "
+          f"images/s, about {minutes_left:.1f} min left", flush=True)
+    with open(csv_path, "a") as f:
+        f.write(f"{step},{mean_loss:.6f}\n")
+
+
+def finish(out_dir, step, deadline, rank):
+    """After the training loop: the process group closed, loss.png drawn, and how the run ended. -> step"""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if rank == 0:
+        plot_loss(os.path.join(out_dir, "loss.csv"), os.path.join(out_dir, "loss.png"))
+    if stop_signal:
+        sys.exit(f"stopped by {stop_signal[0]} at step {step}; checkpoint saved, run the same command to resume")
+    if rank == 0 and time.time() > deadline:
         print(f"stopped after {max_minutes} minutes at step {step}; checkpoint saved, run the same command to resume")
-    return step   # the step reached (the tests compare interrupted and straight runs by it)
+    return step
 
 
-# ----------------------------------------------------------------------------- sampling and outputs
+def cut_csv(path, step):
+    """loss.csv cut back to the rows up to `step`, the step a resumed run starts from."""
+    rows = open(path).read().splitlines() if os.path.exists(path) else []
+    with open(path, "w") as f:
+        f.writelines(row + "\n" for row in rows if row and int(row.split(",")[0]) <= step)
+
+
+# ----------------------------------------------------------------------------- sampling (Algorithm 2, DDIM)
 def load_ema(out_dir, run_device):
-    """The EMA weights of out_dir/ckpt.pt, built from the configuration saved with them (not the constants above),
-    ready to sample in this run's precision."""
+    """The EMA weights of out_dir/ckpt.pt, built from the configuration saved with them (not the constants
+    above)."""
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(path):
-        raise SystemExit(f"error: {path} not found: train first (python ddpm.py --train --out_dir={out_dir})")
+        raise FileNotFoundError(f"{path} not found: train first (python ddpm.py --train --out_dir={out_dir})")
     checkpoint = load_checkpoint(path, "cpu")
     model, diffusion = build(checkpoint["config"])
     model.load_state_dict(checkpoint["ema"])
-    model.to(run_device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    use_precision(choose_precision(precision, run_device.split(":")[0])[0])
+    model.to(run_device, memory_format=memory_format())
     return model.eval(), diffusion.to(run_device)
+
+
+def run_sampler(model, diffusion, shape, generator, record=()):
+    """The sampler chosen above: Algorithm 2 or DDIM. -> (x_0, {t: x_t})."""
+    if sampler == "ddpm":
+        return diffusion.ddpm_sample(model, shape, generator, variance, record)
+    return diffusion.ddim_sample(model, shape, generator, ddim_steps, eta, record)
 
 
 def to_uint8(x):
@@ -749,24 +614,29 @@ def to_uint8(x):
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def run_sampler(model, diffusion, shape, generator, record=()):
-    """The sampler chosen above (`sampler` is one of the two: CHECKS): Algorithm 2 or DDIM. -> (x_0, {t: x_t})."""
-    if sampler == "ddpm":
-        return diffusion.ddpm_sample(model, shape, generator, variance, record)
-    return diffusion.ddim_sample(model, shape, generator, ddim_steps, eta, record)
-
-
-def generate(model, diffusion, count, generator):
-    """count images in batches of sample_batch, with the sampler chosen above."""
-    outputs, start = [], time.time()
-    for first in range(0, count, sample_batch):
-        shape = (min(sample_batch, count - first), 3, IMAGE_SIZE, IMAGE_SIZE)
-        x, _ = run_sampler(model, diffusion, shape, generator)
+def sample_images(out_dir):
+    """n_samples images with the EMA weights, 1.jpg..N.jpg into images_dir and submission.zip (+ FID, KID)."""
+    run_device, precision_name, ctx, _, _ = system()
+    folder = images_dir or os.path.join(out_dir, "images")
+    check_writable(os.path.dirname(os.path.abspath(submission)), create=False)   # every output path, before
+    check_writable(folder)                                                       # the first image
+    if run_fid and not os.path.exists(fid_ref or data_dir):
+        raise FileNotFoundError(f"--fid_ref={fid_ref or data_dir} not found (a folder, zip or statistics .npz)")
+    model, diffusion = load_ema(out_dir, run_device)
+    outputs, start, generator = [], time.time(), torch.Generator().manual_seed(seed)
+    for first in range(0, n_samples, sample_batch):
+        shape = (min(sample_batch, n_samples - first), 3, IMAGE_SIZE, IMAGE_SIZE)
+        with ctx:
+            x, _ = run_sampler(model, diffusion, shape, generator)
         outputs.append(to_uint8(x))
         done = first + shape[0]
-        print(f"generated {done}/{count}, {done / (time.time() - start):.2f} images/s, "
-              f"about {(count - done) / done * (time.time() - start) / 60:.1f} min left", flush=True)
-    return np.concatenate(outputs)
+        print(f"generated {done}/{n_samples}, {done / (time.time() - start):.2f} images/s, "
+              f"about {(n_samples - done) / done * (time.time() - start) / 60:.1f} min left", flush=True)
+    write_submission(np.concatenate(outputs), folder, submission)
+    print(f"{n_samples} images ({sampler}, {ddim_steps if sampler == 'ddim' else diffusion.timesteps} steps, "
+          f"{precision_name}) in {time.time() - start:.0f} s: {folder}/1.jpg..{n_samples}.jpg and {submission}")
+    if run_fid:
+        evaluate_fid(submission, fid_ref or data_dir, run_device)
 
 
 def write_submission(images, folder, zip_path):
@@ -787,62 +657,35 @@ def write_submission(images, folder, zip_path):
     os.replace(zip_path + ".tmp", zip_path)
 
 
-def sample_command(out_dir):
-    run_device = default_device()
-    folder = images_dir or os.path.join(out_dir, "images")
-    # every output path checked before the first image is generated
-    if not os.path.isdir(os.path.dirname(os.path.abspath(submission))):
-        raise SystemExit(f"error: the folder of --submission={submission} does not exist")
-    check_writable(os.path.dirname(os.path.abspath(submission)))
-    check_writable(folder)
-    if run_fid and not os.path.exists(fid_ref or data_dir):
-        raise SystemExit(f"error: --fid_ref={fid_ref or data_dir} not found (a folder, zip or statistics .npz)")
-    model, diffusion = load_ema(out_dir, run_device)
-    if sampler == "ddim" and ddim_steps > diffusion.timesteps:
-        raise SystemExit(f"error: --ddim_steps={ddim_steps} is more than the model's T={diffusion.timesteps}")
-    start = time.time()
-    images = generate(model, diffusion, n_samples, torch.Generator().manual_seed(seed))
-    write_submission(images, folder, submission)
-    print(f"{n_samples} images ({sampler}, {ddim_steps if sampler == 'ddim' else diffusion.timesteps} steps, "
-          f"{run_precision}) in {time.time() - start:.0f} s: {folder}/1.jpg..{n_samples}.jpg and {submission}")
-    if run_fid:
-        evaluate_fid(submission, fid_ref or data_dir, run_device)
-
-
 def evaluate_fid(generated, reference, run_device):
     """FID (and KID, unless the reference is a statistics .npz) of the generated images through fid.py. With
     1,000 images FID is biased upwards (see fid.py); KID is not."""
-    from fid import extract_features, frechet_distance, kernel_inception_distance, load_inception, path_statistics, statistics
-    inception = load_inception(fid_dims, fid_weights, run_device)
-    generated_features = extract_features(inception, generated, 50, run_device)
-    if reference.endswith(".npz"):
-        reference_stats = path_statistics(reference, inception, 50, run_device)
+    inception = fid.load_inception(fid_dims, fid_weights, run_device)
+    generated_features = fid.extract_features(inception, generated, 50, run_device)
+    if fid.is_statistics(reference):
+        reference_stats = fid.load_statistics(reference, fid_dims)
     else:
-        reference_features = extract_features(inception, reference, 50, run_device)
-        reference_stats = statistics(reference_features)
-        kid_mean, kid_std = kernel_inception_distance(generated_features, reference_features, 100, 1000, seed)
+        reference_features = fid.extract_features(inception, reference, 50, run_device)
+        reference_stats = fid.statistics(reference_features, reference)
+        kid_mean, kid_std = fid.kernel_inception_distance(generated_features, reference_features, 100, 1000, seed)
         print(f"KID: {kid_mean:.6f} +- {kid_std:.6f}")
-    fid_value = frechet_distance(*statistics(generated_features), *reference_stats)
-    print(f"FID: {fid_value}")
+    print(f"FID: {fid.frechet_distance(*fid.statistics(generated_features, generated), *reference_stats)}")
 
 
-# =============================================================================================================
-# FIGURES AND THE BENCHMARK: the denoising figure of the homework, the sample grids and loss chart that training
-# draws (save_grid, plot_loss), and --bench. Above, only train_model and main() call into this part.
-# =============================================================================================================
 def denoising_figure(out_dir, columns=10):
-    """5 images (rows) from x_T to x_0 (columns at evenly spaced steps), with the sampler chosen above."""
-    run_device = default_device()
+    """out_dir/denoising.png: 5 images (rows) from x_T to x_0, columns at evenly spaced steps of the sampler."""
+    run_device, _, ctx, _, _ = system()
     model, diffusion = load_ema(out_dir, run_device)
-    generator = torch.Generator().manual_seed(seed)
-    shape = (5, 3, IMAGE_SIZE, IMAGE_SIZE)
     # the steps to show: evenly spaced over the steps the sampler visits, x_T included
     if sampler == "ddpm":
         record = set(np.linspace(0, diffusion.timesteps, columns).round().astype(int).tolist())
     else:
         sequence = diffusion.ddim_sequence(ddim_steps)
-        record = {sequence[i] for i in np.linspace(0, ddim_steps - 1, columns - 1).round().astype(int)} | {diffusion.timesteps}
-    _, kept = run_sampler(model, diffusion, shape, generator, record)
+        record = {sequence[i] for i in np.linspace(0, ddim_steps - 1, columns - 1).round().astype(int)}
+        record.add(diffusion.timesteps)
+    with ctx:
+        _, kept = run_sampler(model, diffusion, (5, 3, IMAGE_SIZE, IMAGE_SIZE), torch.Generator().manual_seed(seed),
+                              record)
     order = sorted(kept, reverse=True)                      # x_T first
     label_height, size = 16, IMAGE_SIZE
     figure = Image.new("RGB", (len(order) * (size + 2), 5 * (size + 2) + label_height), "white")
@@ -856,7 +699,122 @@ def denoising_figure(out_dir, columns=10):
     print(f"denoising figure ({sampler}, columns at t = {order}) in {path}")
 
 
-def save_grid(x, path, columns=4):
+# ----------------------------------------------------------------------------- main
+def main():
+    rank0 = int(os.environ.get("RANK", 0)) == 0   # under torchrun only rank 0 samples and draws
+    if train:
+        train_model(data_dir, out_dir)
+    if sample and rank0:
+        sample_images(out_dir)
+    if denoise_figure and rank0:
+        denoising_figure(out_dir)
+    if bench and rank0:
+        run_bench()
+    if not (train or sample or denoise_figure or bench):
+        print(__doc__)
+
+
+# --- robustness (read last) ---
+stop_signal = []   # the name of the signal (Ctrl-C, SIGTERM) that asked training to save and stop
+
+
+def on_signal(signum, frame):
+    if stop_signal:   # a second Ctrl-C stops at once
+        raise KeyboardInterrupt
+    stop_signal.append(signal.Signals(signum).name)
+    print(f"\n{stop_signal[0]}: saving a checkpoint after this step, then stopping", flush=True)
+
+
+def save_atomic(checkpoint, path):
+    """torch.save to path.tmp, then renamed over path: an interrupted save never leaves a half-written file."""
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, map_location):
+    """A checkpoint of this script. weights_only=True: tensors, numbers and strings only, so a file from elsewhere
+    cannot run code on loading; a damaged file is a one-line error that says what to do."""
+    try:
+        with warnings.catch_warnings():     # torch warns about a foreign pickle before it refuses it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:   # truncated, empty, not a checkpoint, or a pickle that asks for code
+        previous = f"the previous state may be in {path}.tmp; " if os.path.exists(path + ".tmp") else ""
+        raise ValueError(f"{path} is damaged or not a ddpm.py checkpoint ({type(e).__name__}: "
+                         f"{(str(e).strip() or 'no data').splitlines()[0][:60]}); {previous}delete it to start again")
+
+
+def check_writable(folder, create=True):
+    """Files can be written in folder (created first if `create`): checked before any long work, not after."""
+    try:
+        if create:
+            os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, f".write_test_{os.getpid()}"), "w").close()
+        os.remove(os.path.join(folder, f".write_test_{os.getpid()}"))
+    except OSError as e:
+        raise OSError(f"cannot write to {folder}: {e.strerror}") from None
+
+
+def weights_finite(model):
+    return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
+
+
+# --- extras (not the lesson) ---
+# The precision policy and the GPU checks (compatibility with the GPUs students get), the sample grids and the loss
+# chart that training draws, and --bench.
+def choose_precision(requested, device_type):
+    """The autocast precision for `precision` on this device, and why: auto is bf16 where the hardware computes it
+    natively (CUDA capability >= 8.0, i.e. Ampere and later; CPUs with AMX or AVX512-BF16), fp16 with a gradient
+    scaler on older GPUs (a T4, 7.5, only emulates bf16: its convolutions then skip cuDNN and the tensor cores),
+    and fp32 elsewhere (mps included: its autocast is not measured here)."""
+    major, minor = torch.cuda.get_device_capability() if device_type == "cuda" else (0, 0)
+    if device_type == "cuda" and requested == "bf16" and major < 8:
+        sys.exit(f"error: --precision=bf16 needs CUDA capability 8.0 or newer, this GPU has {major}.{minor}: use "
+                 f"--precision=fp16 (with a gradient scaler; --precision=auto picks it)")
+    if requested != "auto":
+        return requested, "asked for"
+    if device_type == "cuda" and major >= 8:
+        return "bf16", f"CUDA capability {major}.{minor} computes bfloat16 natively"
+    if device_type == "cuda":
+        return "fp16", f"CUDA capability {major}.{minor} has no native bfloat16: float16 with a gradient scaler"
+    if device_type == "cpu" and cpu_has_bf16():
+        return "bf16", "this CPU computes bfloat16 natively (AMX or AVX512-BF16)"
+    return "fp32", f"no native bfloat16 on this {device_type}"
+
+
+def cpu_has_bf16():
+    """True where the CPU computes bfloat16 natively: AMX or AVX512-BF16 in Linux's /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def check_cuda_build():
+    """Stop at once where this PyTorch build has no kernels for the GPU (Kaggle's P100, sm_60, under a build for
+    sm_70 and newer), rather than with a CUDA error from deep inside. A cubin sm_XY runs on capability X.y for
+    y >= Y; PTX compute_XY is compiled for any capability >= X.Y."""
+    major, minor = torch.cuda.get_device_capability()
+    archs = torch.cuda.get_arch_list()
+
+    def version(arch):  # "sm_86" -> (8, 6), "sm_90a" -> (9, 0), "compute_120" -> (12, 0)
+        digits = "".join(char for char in arch.split("_")[-1] if char.isdigit())
+        return int(digits[:-1]), int(digits[-1])
+    runs = any((arch.startswith("sm_") and version(arch)[0] == major and version(arch)[1] <= minor) or
+               (arch.startswith("compute_") and version(arch) <= (major, minor)) for arch in archs)
+    if archs and not runs:
+        sys.exit(f"error: this PyTorch {torch.__version__} has GPU kernels for {' '.join(archs)}, none for "
+                 f"{torch.cuda.get_device_name()} (sm_{major}{minor}): install a PyTorch build that lists "
+                 f"sm_{major}{minor} (see the README, 'On a GPU'), or choose another GPU")
+
+
+def save_grid(diffusion, ema, ctx, path, columns=4):
+    """A grid of 16 EMA samples (DDIM, 50 steps, the same seed each time) into path."""
+    with ctx:
+        x, _ = diffusion.ddim_sample(ema, (16, 3, IMAGE_SIZE, IMAGE_SIZE), torch.Generator().manual_seed(seed),
+                                     steps=min(50, diffusion.timesteps))
     arrays = to_uint8(x)
     rows = math.ceil(len(arrays) / columns)
     grid = Image.new("RGB", (columns * IMAGE_SIZE, rows * IMAGE_SIZE))
@@ -887,63 +845,61 @@ def plot_loss(csv_path, png_path, width=640, height=320, margin=50):
 
 def run_bench():
     """Training-step throughput of the configured UNet on random images, in each precision this device offers and
-    in both memory layouts: forward, backward and Adam, after one warm-up step."""
-    run_device = default_device()
+    in both memory layouts: forward, backward and Adam, after one warm-up step. No bf16 on CUDA below 8.0."""
+    run_device, _, _, _, _ = system()
     device_type = run_device.split(":")[0]
-    precisions = ["fp32", "bf16"] + (["fp16"] if device_type == "cuda" else [])
-    for name, layout in [(p, l) for p in precisions for l in (torch.contiguous_format, torch.channels_last)]:
-        use_precision(name)
+    for name, layout in [(p, l) for p in bench_precisions(device_type)
+                         for l in (torch.contiguous_format, torch.channels_last)]:
         torch.manual_seed(seed)
         model, diffusion = build(model_config())
         model.to(run_device, memory_format=layout)
         optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device_type == "cuda")
         scaler = torch.amp.GradScaler(device_type, enabled=name == "fp16")
+        ctx = torch.autocast(device_type, dtype=torch.float16 if name == "fp16" else torch.bfloat16,
+                             enabled=name != "fp32")
         generator = torch.Generator(run_device).manual_seed(seed)
         x0 = (torch.rand(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator, device=run_device) * 2 - 1
               ).contiguous(memory_format=layout)
         timed, start = -1, None
         while timed < 3 or (time.time() - start < 20 and timed < 20):   # >= 3 timed steps, up to 20 s
             if timed == 0:
-                if device_type == "cuda":
-                    torch.cuda.synchronize()
+                synchronize(device_type)
                 start = time.time()
-            with autocast(device_type):
+            with ctx:
                 loss = diffusion.loss(model, x0, generator)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             timed += 1
-        if device_type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device_type)
         seconds = (time.time() - start) / timed
-        print(f"{'preset ' + preset if preset else 'constants'}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} "
-              f"M parameters, batch {batch_size}, {name}, {'channels_last' if layout == torch.channels_last else 'NCHW'}: "
-              f"{seconds:.3f} s/step, {batch_size / seconds:.1f} images/s on {run_device} ({num_threads} threads)",
+        layout_name = "channels_last" if layout == torch.channels_last else "NCHW"
+        print(f"{'preset ' + preset if preset else 'constants'}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}"
+              f" M parameters, batch {batch_size}, {name}, {layout_name}: {seconds:.3f} s/step, "
+              f"{batch_size / seconds:.1f} images/s on {run_device} ({num_threads} threads)",
               flush=True)
 
 
+def bench_precisions(device_type):
+    """The precisions --bench measures: fp32 and bf16, and fp16 on CUDA; no bf16 below CUDA capability 8.0."""
+    if device_type != "cuda":
+        return ["fp32", "bf16"]
+    if torch.cuda.get_device_capability()[0] >= 8:
+        return ["fp32", "bf16", "fp16"]
+    print("note: no bf16 on a GPU below CUDA capability 8.0 (it has no bfloat16 units): fp32 and fp16 only")
+    return ["fp32", "fp16"]
+
+
+def synchronize(device_type):   # wait for the GPU's queued work before reading the clock
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+
+
 if __name__ == "__main__":
-    # --preset=cpu first (it sets the small model's constants), then every other override on top of it
-    preset_flags = [arg for arg in sys.argv[1:] if arg.partition("=")[0] == "--preset"]
-    parse_overrides(preset_flags, globals(), {"preset": CHECKS["preset"]})
-    if preset == "cpu":
-        globals().update(CPU_PRESET)
-        print("preset cpu: " + ", ".join(f"{name} = {value!r}" for name, value in CPU_PRESET.items()))
-    unexpected = parse_overrides([arg for arg in sys.argv[1:] if arg not in preset_flags], globals(), CHECKS)
-    if unexpected:
-        sys.exit(f"error: unexpected argument {unexpected[0]!r} (options are --name=value; --help lists them)")
-    torch.set_num_threads(num_threads)
+    signal.signal(signal.SIGINT, on_signal)    # Ctrl-C, and SIGTERM (what Colab and Kaggle send when a runtime
+    signal.signal(signal.SIGTERM, on_signal)   # ends): a checkpoint after the current step, then stop
     try:
-        if train:
-            train_model(data_dir, out_dir)
-        if sample:
-            sample_command(out_dir)
-        if denoise_figure:
-            denoising_figure(out_dir)
-        if bench:
-            run_bench()
-        if not (train or sample or denoise_figure or bench):
-            print(__doc__)
-    except (FIDInputError, FileNotFoundError) as e:
+        main()
+    except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")

@@ -104,7 +104,9 @@ def test_sampling_to_a_missing_folder_fails_before_the_first_image(faces_npy, tm
     train_tiny(faces_npy, out)
     result = run("--sample", f"--out_dir={out}", "--n_samples=50", "--sample_batch=1",
                  f"--submission={tmp_path / 'no' / 'such' / 'folder' / 's.zip'}")
-    assert "does not exist" in one_line_error(result) and "generated" not in result.stdout
+    line = one_line_error(result)
+    assert f"cannot write to {tmp_path / 'no' / 'such' / 'folder'}: No such file or directory" in line
+    assert "generated" not in result.stdout
     if os.geteuid() != 0:                              # root writes anywhere: the read-only case needs a user
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)

@@ -5,6 +5,7 @@ together."""
 import os
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -187,3 +188,152 @@ def test_bench_measures_each_precision_and_layout(tmp_path):
     assert len(lines) == 4
     for expected in ("fp32, NCHW", "fp32, channels_last", "bf16, NCHW", "bf16, channels_last"):
         assert sum(expected in line for line in lines) == 1
+
+
+# ----------------------------------------------------------------------------- other precisions, GPUs and devices
+@pytest.mark.parametrize("first", ["bf16", "fp32"])
+def test_a_run_resumes_under_fp16_after_another_precision(tiny, faces_npy, tmp_path, monkeypatch, capsys, first):
+    """A run started where auto picks bf16 or fp32 (an A100, a CPU) and resumed where it picks fp16 (a T4): its
+    checkpoint has no scaler state, so the scaler starts fresh, with one line saying so, and training goes on."""
+    out = tmp_path / "out"
+    monkeypatch.setattr(ddpm, "precision", first)
+    monkeypatch.setattr(ddpm, "max_steps", 2)
+    assert ddpm.train_model(faces_npy, str(out)) == 2
+    before = load(out / "ckpt.pt")
+    assert before["scaler"] == {} and before["precision"] == first
+    monkeypatch.setattr(ddpm, "precision", "fp16")
+    monkeypatch.setattr(ddpm, "max_steps", 4)
+    capsys.readouterr()
+    assert ddpm.train_model(faces_npy, str(out)) == 4
+    printed = capsys.readouterr().out
+    assert f"note: {out / 'ckpt.pt'} was trained in {first}; resuming in fp16" in printed
+    assert f"resuming from {out / 'ckpt.pt'} at step 2" in printed
+    after = load(out / "ckpt.pt")
+    assert after["step"] == 4 and after["precision"] == "fp16" and after["scaler"]["scale"] > 0
+    assert all(torch.isfinite(v).all() for v in after["model"].values())
+    assert any(not torch.equal(before["model"][k], after["model"][k]) for k in after["model"])   # it trained on
+    rows = open(out / "loss.csv").read().splitlines()
+    assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3, 4]
+
+
+def test_an_fp16_run_resumes_under_fp32(tiny, faces_npy, tmp_path, monkeypatch, capsys):
+    """The other way: the saved scaler state is not needed (the scaler is off) and does not stop the resume."""
+    out = tmp_path / "out"
+    monkeypatch.setattr(ddpm, "precision", "fp16")
+    monkeypatch.setattr(ddpm, "max_steps", 2)
+    assert ddpm.train_model(faces_npy, str(out)) == 2
+    assert load(out / "ckpt.pt")["scaler"]["scale"] > 0
+    monkeypatch.setattr(ddpm, "precision", "fp32")
+    monkeypatch.setattr(ddpm, "max_steps", 3)
+    assert ddpm.train_model(faces_npy, str(out)) == 3
+    assert "was trained in fp16; resuming in fp32" in capsys.readouterr().out
+    assert load(out / "ckpt.pt")["scaler"] == {}
+
+
+def mock_gpu(monkeypatch, capability, archs=("sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90")):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)          # restored after the test
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: list(archs))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Mock GPU")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: capability[0] >= 8)   # asked by autocast
+
+
+@pytest.mark.parametrize("capability", [(6, 0), (7, 5)])
+def test_bf16_is_never_run_below_capability_8(monkeypatch, capsys, capability):
+    mock_gpu(monkeypatch, capability)
+    # an explicit --precision=bf16 stops at the start, with one line that names fp16
+    monkeypatch.setattr(ddpm, "device", "cuda")
+    monkeypatch.setattr(ddpm, "precision", "bf16")
+    with pytest.raises(SystemExit) as stop:
+        ddpm.system()
+    message = str(stop.value)
+    assert message.startswith("error: --precision=bf16 needs CUDA capability 8.0") and "--precision=fp16" in message
+    assert f"{capability[0]}.{capability[1]}" in message and "\n" not in message
+    # auto picks fp16; --bench measures fp32 and fp16 only, with a note
+    monkeypatch.setattr(ddpm, "precision", "auto")
+    assert ddpm.system()[1] == "fp16"
+    capsys.readouterr()
+    assert ddpm.bench_precisions("cuda") == ["fp32", "fp16"]
+    assert "note: no bf16 on a GPU below CUDA capability 8.0" in capsys.readouterr().out
+    # --compile runs in eager mode, with a note
+    monkeypatch.setattr(ddpm, "compile", True)
+    model = torch.nn.Linear(2, 2)
+    assert ddpm.wrap_for_training(model, "cuda", 0) is model
+    assert "note: --compile needs a CUDA GPU of capability >= 8.0" in capsys.readouterr().out
+
+
+def test_bf16_and_compile_from_capability_8(monkeypatch, capsys):
+    mock_gpu(monkeypatch, (8, 0))
+    assert ddpm.choose_precision("bf16", "cuda") == ("bf16", "asked for")
+    assert ddpm.bench_precisions("cuda") == ["fp32", "bf16", "fp16"]
+    monkeypatch.setattr(ddpm, "compile", True)
+    model = torch.nn.Linear(2, 2)
+    assert ddpm.wrap_for_training(model, "cuda", 0) is not model                  # torch.compile wrapped it
+    assert "eager" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("entry", ["train", "sample", "denoise_figure", "bench"])
+def test_the_cuda_build_check_runs_on_every_gpu_entry_point(monkeypatch, tmp_path, entry):
+    """Kaggle's P100 (6.0) under a PyTorch build for sm_70 and newer: every entry point stops at its start."""
+    mock_gpu(monkeypatch, (6, 0), archs=("sm_70", "sm_75", "sm_80", "sm_86", "sm_90"))
+    monkeypatch.setattr(ddpm, "device", "")
+    call = {"train": lambda: ddpm.train_model(str(tmp_path / "no_data"), str(tmp_path / "out")),
+            "sample": lambda: ddpm.sample_images(str(tmp_path / "out")),
+            "denoise_figure": lambda: ddpm.denoising_figure(str(tmp_path / "out")), "bench": ddpm.run_bench}[entry]
+    with pytest.raises(SystemExit) as stop:
+        call()
+    assert str(stop.value).startswith("error: this PyTorch") and "none for Mock GPU (sm_60)" in str(stop.value)
+    assert not (tmp_path / "out").exists()                                        # before any work
+
+
+def test_device_picks_cuda_then_mps_then_cpu_and_says_why(monkeypatch, capsys):
+    monkeypatch.setattr(ddpm, "device", "")
+    monkeypatch.setattr(ddpm, "precision", "auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    run_device, precision_name, ctx, rank, world_size = ddpm.system()
+    assert (run_device, precision_name, rank, world_size) == ("mps", "fp32", 0, 1)   # fp32 on mps
+    assert capsys.readouterr().out.strip() == "device mps (no CUDA GPU; Apple's mps); precision fp32 (no native " \
+                                               "bfloat16 on this mps)"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert ddpm.system()[0] == "cpu" and "device cpu (no GPU)" in capsys.readouterr().out
+    mock_gpu(monkeypatch, (8, 0), archs=("sm_80",))
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert ddpm.system()[:2] == ("cuda", "bf16") and "device cuda (a CUDA GPU)" in capsys.readouterr().out
+
+
+def test_attention_hands_sdpa_batch_heads_tokens_dim(monkeypatch):
+    """The fused attention kernels take (batch, heads, tokens, dim); the result is single-head attention over the
+    pixels, as written out by hand here."""
+    torch.manual_seed(0)
+    attention = ddpm.SelfAttention(16, 8)
+    torch.nn.init.normal_(attention.out.weight, std=0.1)
+    x = torch.randn(2, 16, 4, 4)
+    shapes, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v: shapes.append(tuple(q.shape)) or sdpa(q, k, v))
+    with torch.no_grad():
+        y = attention(x)
+        q, k, v = attention.qkv(attention.norm(x)).reshape(2, 3, 16, 16).unbind(1)       # (b, c, hw) each
+        weights = torch.softmax(q.transpose(1, 2) @ k / 16 ** 0.5, dim=-1)                # (b, hw, hw)
+        expected = x + attention.out((v @ weights.transpose(1, 2)).reshape(2, 16, 4, 4))
+    assert shapes == [(2, 1, 16, 16)]
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_two_process_train_and_sample_writes_one_submission(faces_npy, tmp_path):
+    """torchrun --train --sample: both ranks train, only rank 0 samples and writes the zip and the images."""
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_port=29543", "ddpm.py", "--train", "--sample", f"--data_dir={faces_npy}",
+                             f"--out_dir={out}", *TINY_FLAGS, "--max_steps=2", "--sample_every=1000", "--n_samples=3",
+                             "--ddim_steps=2", f"--submission={tmp_path / 'submission.zip'}", "--precision=fp32"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("3 images (ddim, 2 steps") == 1 and result.stdout.count("generated 3/3") == 1
+    with zipfile.ZipFile(tmp_path / "submission.zip") as archive:
+        assert sorted(archive.namelist()) == ["1.jpg", "2.jpg", "3.jpg"]
+    assert sorted(os.listdir(out / "images")) == ["1.jpg", "2.jpg", "3.jpg"]
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+    assert load(out / "ckpt.pt")["step"] == 2
