@@ -87,8 +87,8 @@ MODEL_KEYS = ("model_name", "tiny", "instruction", "lora_r", "lora_alpha", "lora
 RESUME_KEYS = MODEL_KEYS + ("batch_size", "grad_accum")
 CONFIG_FILE = "caption_config.json"
 POINTER = "checkpoint.json"   # {"last": "step_<N>", "best": "step_<M>"}, replaced whole (os.replace is atomic)
-# The oldest versions the caption tests pass with (README): transformers 5.17 is the newest that unsloth allows;
-# bitsandbytes before 0.50 cannot quantize on the CPU (--tiny with load_in_4bit).
+# The oldest versions the caption tests pass with (README): transformers 5.17 is also the newest that unsloth
+# allows, peft 0.18 the oldest; bitsandbytes before 0.50 cannot quantize on the CPU (--tiny with load_in_4bit).
 VERSION_FLOORS = {"transformers": "5.17", "peft": "0.18", "bitsandbytes": "0.50"}
 EOT = "<|eot_id|>"      # Llama 3's end of turn: the assistant's caption ends with it, generation stops on it
 IGNORE_INDEX = -100     # cross_entropy skips these label positions
@@ -119,13 +119,11 @@ def choose_precision(requested, device_type):
 
 
 def cpu_has_bf16():
-    """True where the CPU computes bfloat16 natively: AMX or AVX512-BF16 in Linux's /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
+    """True where the CPU computes bfloat16 natively: AMX or AVX512-BF16 among the flags of Linux's /proc/cpuinfo."""
+    if not os.path.exists("/proc/cpuinfo"):   # not Linux
         return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    with open("/proc/cpuinfo") as f:
+        return any(flag in f.read() for flag in ("amx_bf16", "avx512_bf16"))
 
 
 # ----------------------------------------------------------------------------- data
@@ -728,16 +726,12 @@ def check_versions():
 def check_cuda_build():
     """Stop at once where this PyTorch build has no kernels for the GPU (Kaggle's P100, sm_60, under a build for
     sm_70 and newer), rather than with a CUDA error from deep inside. A cubin sm_XY runs on capability X.y for
-    y >= Y; PTX compute_XY is compiled for any capability >= X.Y."""
+    y >= Y; PTX compute_XY is compiled for any capability >= X.Y. Capability 8.6 is the number 86 below."""
     major, minor = torch.cuda.get_device_capability()
-    archs = torch.cuda.get_arch_list()
-
-    def version(arch):  # "sm_86" -> (8, 6), "sm_90a" -> (9, 0), "compute_120" -> (12, 0)
-        digits = "".join(char for char in arch.split("_")[-1] if char.isdigit())
-        return int(digits[:-1]), int(digits[-1])
-    runs = any((arch.startswith("sm_") and version(arch)[0] == major and version(arch)[1] <= minor) or
-               (arch.startswith("compute_") and version(arch) <= (major, minor)) for arch in archs)
-    if archs and not runs:
+    archs = torch.cuda.get_arch_list()   # "sm_75", "sm_90a", "compute_120", ...
+    built = [(arch.split("_")[0], int(re.sub(r"\D", "", arch))) for arch in archs]
+    if archs and not any((kind == "sm" and number // 10 == major and number % 10 <= minor) or
+                         (kind == "compute" and number <= 10 * major + minor) for kind, number in built):
         sys.exit(f"error: this PyTorch {torch.__version__} has GPU kernels for {' '.join(archs)}, none for "
                  f"{torch.cuda.get_device_name()} (sm_{major}{minor}): install a PyTorch build that lists "
                  f"sm_{major}{minor}, or choose another GPU")
