@@ -15,7 +15,6 @@ in sacrebleu's layout (one list per reference set); inside, every function takes
 """
 import ast
 import difflib
-import functools
 import io
 import json
 import math
@@ -40,12 +39,8 @@ data_dir = "data/bleu" # --bench: the IWSLT 2010 reference and two system output
 # -----------------------------------------------------------------------------
 
 # values with a fixed set of choices or a range, checked before any work (see parse_overrides)
-CHECKS = {
-    "max_order": (lambda v: v >= 1, "an integer >= 1"), "smooth": ("exp", "floor", "add-k", "none"),
-    "tokenize": ("13a", "none"), "mode": ("sacrebleu", "nltk"), "nltk_smoothing": tuple(range(8))
-}
-# smooth_value when none is given: sacrebleu's defaults for the two methods that take one
-SMOOTH_DEFAULTS = {"floor": 0.1, "add-k": 1.0}
+CHECKS = {"max_order": (lambda v: v >= 1, "an integer >= 1"), "smooth": ("exp", "floor", "add-k", "none"),
+          "tokenize": ("13a", "none"), "mode": ("sacrebleu", "nltk"), "nltk_smoothing": tuple(range(8))}
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -55,20 +50,14 @@ SMOOTH_DEFAULTS = {"floor": 0.1, "add-k": 1.0}
 #   2. put spaces around every ASCII symbol except . , ' and -  ("(a+b)" -> " ( a + b ) ")
 #   3. split . and , off unless they sit between digits ("3.14" and "5,000" stay whole, "end." splits)
 #   4. split - off after a digit ("1990-2000" -> "1990 - 2000"; "e-mail" stays whole)
-SYMBOLS = re.compile(r"([!-&(-+/:-@\[-`{-~])")  # ASCII ! " # $ % &  ( ) * +  /  : ; < = > ? @  [ \ ] ^ _ `  { | } ~
-PERIOD_COMMA_AFTER_NON_DIGIT = re.compile(r"([^0-9])([.,])")
-PERIOD_COMMA_BEFORE_NON_DIGIT = re.compile(r"([.,])([^0-9])")
-DASH_AFTER_DIGIT = re.compile(r"([0-9])(-)")
-
-
 def tokenize_13a(line):
     line = line.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
-    if "&" in line:
-        line = line.replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
-    line = SYMBOLS.sub(r" \1 ", f" {line} ")  # the padding spaces let rule 3 see a neighbour at both ends
-    line = PERIOD_COMMA_AFTER_NON_DIGIT.sub(r"\1 \2 ", line)
-    line = PERIOD_COMMA_BEFORE_NON_DIGIT.sub(r" \1 \2", line)
-    line = DASH_AFTER_DIGIT.sub(r"\1 \2 ", line)
+    line = line.replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
+    # rule 2: [!-&(-+/:-@\[-`{-~] is ASCII ! " # $ % &  ( ) * +  /  : ; < = > ? @  [ \ ] ^ _ `  { | } ~
+    line = re.sub(r"([!-&(-+/:-@\[-`{-~])", r" \1 ", f" {line} ")  # the padding lets rule 3 see both ends
+    line = re.sub(r"([^0-9])([.,])", r"\1 \2 ", line)   # rule 3: a period or comma after a non-digit,
+    line = re.sub(r"([.,])([^0-9])", r" \1 \2", line)   # or before a non-digit
+    line = re.sub(r"([0-9])(-)", r"\1 \2 ", line)       # rule 4
     return line.split()
 
 
@@ -99,32 +88,28 @@ def segment_stats(hyp_tokens, refs_tokens, max_order=4):
     (section 2.2.2); a tie goes to the shorter reference, as in mteval-v13a and sacrebleu (the paper does not say)."""
     max_ref_counts = ngram_counts(refs_tokens[0], max_order)
     for ref in refs_tokens[1:]:
-        for ngram, count in ngram_counts(ref, max_order).items():
-            if count > max_ref_counts[ngram]:
-                max_ref_counts[ngram] = count
+        max_ref_counts |= ngram_counts(ref, max_order)   # Counter's |: the larger of the two counts of each n-gram
     matches = [0] * max_order
     for ngram, count in ngram_counts(hyp_tokens, max_order).items():
         if ngram in max_ref_counts:
             matches[len(ngram) - 1] += min(count, max_ref_counts[ngram])
-    totals = [max(0, len(hyp_tokens) - n + 1) for n in range(1, max_order + 1)]
     ref_len = min((len(r) for r in refs_tokens), key=lambda length: (abs(length - len(hyp_tokens)), length))
-    return len(hyp_tokens), ref_len, matches, totals
+    # totals: a hypothesis of c tokens holds c - n + 1 n-grams of order n
+    return len(hyp_tokens), ref_len, matches, [max(0, len(hyp_tokens) - n + 1) for n in range(1, max_order + 1)]
 
 
 def corpus_stats(hypotheses, refs_per_segment, max_order=4, tokenize="13a", lowercase=False):
     """The corpus' counts (hyp_len, ref_len, matches, totals): each segment's summed. BLEU pools the counts of all
     segments and divides once (Papineni et al., section 2.1.1); it does not average segment scores. Also nltk's
     denominators: each segment adds max(1, its count) (see the NLTK convention below)."""
-    hyp_len = ref_len = 0
-    matches, totals, nltk_totals = [0] * max_order, [0] * max_order, [0] * max_order
+    hyp_len, ref_len, matches, totals, nltk_totals = 0, 0, [0] * max_order, [0] * max_order, [0] * max_order
     for hypothesis, refs in zip(hypotheses, refs_per_segment):
         refs_tokens = [to_tokens(t, tokenize, lowercase) for t in refs]
-        c, r, segment_matches, segment_totals = segment_stats(to_tokens(hypothesis, tokenize, lowercase),
-                                                              refs_tokens, max_order)
+        c, r, m, t = segment_stats(to_tokens(hypothesis, tokenize, lowercase), refs_tokens, max_order)  # one segment's
         hyp_len, ref_len = hyp_len + c, ref_len + r
-        matches = [a + b for a, b in zip(matches, segment_matches)]
-        totals = [a + b for a, b in zip(totals, segment_totals)]
-        nltk_totals = [a + max(1, b) for a, b in zip(nltk_totals, segment_totals)]
+        matches = [a + b for a, b in zip(matches, m)]
+        totals = [a + b for a, b in zip(totals, t)]
+        nltk_totals = [a + max(1, b) for a, b in zip(nltk_totals, t)]
     return hyp_len, ref_len, matches, totals, nltk_totals
 
 
@@ -141,10 +126,9 @@ class BLEUScore:
     totals: list          # hypothesis n-grams per order, summed over the corpus
 
     def __str__(self):  # sacrebleu's format
-        precisions = "/".join(f"{p:.1f}" for p in self.precisions)
         ratio = self.hyp_len / self.ref_len if self.ref_len else 0.0
-        return (f"BLEU = {self.score:.2f} {precisions} (BP = {self.bp:.3f} ratio = {ratio:.3f} "
-                f"hyp_len = {self.hyp_len:d} ref_len = {self.ref_len:d})")
+        return (f"BLEU = {self.score:.2f} {'/'.join(f'{p:.1f}' for p in self.precisions)} (BP = {self.bp:.3f} "
+                f"ratio = {ratio:.3f} hyp_len = {self.hyp_len:d} ref_len = {self.ref_len:d})")
 
 
 def brevity_penalty(hyp_len, ref_len):
@@ -172,20 +156,15 @@ def bleu_from_stats(stats, smooth="exp", smooth_value=None, effective_order=Fals
     bp = brevity_penalty(hyp_len, ref_len)
     if not any(matches):  # nothing matched at all: BLEU is 0 whatever the smoothing
         return BLEUScore(0.0, [0.0] * len(matches), bp, hyp_len, ref_len, matches, totals)
-    k = SMOOTH_DEFAULTS.get(smooth) if smooth_value is None or smooth_value < 0 else smooth_value
-    if smooth == "add-k":
-        matched = matches[:1] + [m + k for m in matches[1:]]
-        counted = totals[:1] + [t + k for t in totals[1:]]
-    else:
-        matched, counted = matches, totals
+    # smooth_value when none is given: sacrebleu's defaults for the two methods that take one
+    k = {"floor": 0.1, "add-k": 1.0}.get(smooth) if smooth_value is None or smooth_value < 0 else smooth_value
+    matched = matches[:1] + [m + k for m in matches[1:]] if smooth == "add-k" else matches
+    counted = totals[:1] + [t + k for t in totals[1:]] if smooth == "add-k" else totals
     orders_with_ngrams = len([t for t in counted if t > 0])   # totals never grow with the order
-    precisions = [100.0 * m / t if m > 0 else 0.0 for m, t in zip(matched[:orders_with_ngrams], counted)]
-    precisions += [0.0] * (len(matches) - orders_with_ngrams)
+    precisions = [100.0 * m / t if m > 0 else 0.0 for m, t in zip(matched, counted)]   # m > 0 only where t > 0
     for halvings, n in enumerate([n for n in range(orders_with_ngrams) if matched[n] == 0], 1):
-        if smooth == "exp":
-            precisions[n] = 100.0 / (2 ** halvings * counted[n])
-        if smooth == "floor":
-            precisions[n] = 100.0 * k / counted[n]
+        if smooth in ("exp", "floor"):   # exp: the k-th empty order 1 / (2^k * total); floor: smooth_value / total
+            precisions[n] = 100.0 / (2 ** halvings * counted[n]) if smooth == "exp" else 100.0 * k / counted[n]
     orders_used = orders_with_ngrams if effective_order else len(matches)
     # log(0) is -infinity; like mteval, use a huge negative number so that the score is exactly 0.0
     log_mean = sum(math.log(p) if p > 0 else -9999999999 for p in precisions[:orders_used]) / orders_used
@@ -232,72 +211,52 @@ def sentence_bleu(hypothesis, references, max_order=4, smooth="exp", smooth_valu
 NLTK_EPSILON, NLTK_ALPHA, NLTK_K = 0.1, 5, 5  # SmoothingFunction's defaults
 
 
-def nltk_method4(p, matches, denominators, hyp_len):
-    """Method 4: the k-th order with no match gets 1 / (2^k * K / ln(hyp_len)) / denominator (hypotheses longer
-    than one token only): like method 3, larger for longer hypotheses."""
-    zeros = [i for i, m in enumerate(matches) if m == 0] if hyp_len > 1 else []
-    p = list(p)
-    for k, i in enumerate(zeros, 1):
-        p[i] = 1 / (2 ** k * NLTK_K / math.log(hyp_len)) / denominators[i]
-    return p
-
-
-def nltk_method5(p, last_hyp_tokens, last_refs_tokens):
-    """Method 5: each precision averaged with its neighbours, the one before already averaged; the one after
-    the last order is the 5-gram precision of the last segment alone (nltk takes order 5 whatever max_order is)."""
-    _, _, last_matches, last_totals = segment_stats(last_hyp_tokens, last_refs_tokens, 5)
-    neighbours = p + [last_matches[4] / max(1, last_totals[4])]
-    p, previous = list(p), p[0] + 1
-    for i in range(len(p)):
-        p[i] = (previous + p[i] + neighbours[i + 1]) / 3
-        previous = p[i]
-    return p
-
-
-def nltk_smoothed_precisions(method, matches, denominators, hyp_len, last_hyp_tokens, last_refs_tokens):
-    """SmoothingFunction().method0..7 of nltk (Chen & Cherry 2014), on the corpus precisions matches/denominators."""
-    p = [m / d for m, d in zip(matches, denominators)]
-    zeros = [i for i, m in enumerate(matches) if m == 0]   # the orders with no match
-    if method == 0:    # no smoothing: a zero precision becomes the smallest positive float
-        return [sys.float_info.min if i in zeros else p_n for i, p_n in enumerate(p)]
-    if method == 1:    # add epsilon to zero match counts
-        return [NLTK_EPSILON / denominators[i] if i in zeros else p_n for i, p_n in enumerate(p)]
-    if method == 2:    # add 1 to matches and denominators of orders 2..N (Lin & Och 2004)
-        return [p[0]] + [(m + 1) / (d + 1) for m, d in zip(matches[1:], denominators[1:])]
-    if method == 3:    # the k-th order with no match gets 1 / (2^k * denominator), like sacrebleu's exp
-        for k, i in enumerate(zeros, 1):
-            p[i] = 1 / (2 ** k * denominators[i])
-        return p
-    if method == 4:
-        return nltk_method4(p, matches, denominators, hyp_len)
-    if method == 5:
-        return nltk_method5(p, last_hyp_tokens, last_refs_tokens)
-    if method == 6:    # interpolate with a prior p_{n-1}^2 / p_{n-2} (Gao & He 2013); needs p_3 > 0
-        if len(p) < 3 or not matches[2]:
-            raise ValueError("nltk smoothing 6 needs max_order >= 3 and a non-zero trigram precision")
-        for i in range(2, len(p)):
-            prior = 0 if p[i - 2] == 0 else p[i - 1] ** 2 / p[i - 2]
-            length = max(0, len(last_hyp_tokens) - i)  # n-grams of order i+1 in the last hypothesis
-            p[i] = (matches[i] + NLTK_ALPHA * prior) / (length + NLTK_ALPHA)
-        return p
-    # method 7: method 4, then method 5 (Chen & Cherry 2014, section 4)
-    return nltk_method5(nltk_method4(p, matches, denominators, hyp_len), last_hyp_tokens, last_refs_tokens)
-
-
-def nltk_bleu(hypotheses, refs_per_segment, max_order=4, smoothing=0, lowercase=False):
+def nltk_bleu(hypotheses, refs, max_order=4, smoothing=0, lowercase=False):
     """nltk's corpus_bleu(list_of_references, hypotheses, smoothing_function=SmoothingFunction().method<k>)
-    with uniform weights and whitespace tokens, as a BLEUScore in percent, like corpus_bleu."""
+    with uniform weights and whitespace tokens, refs the list of references of each segment, as a BLEUScore in
+    percent, like corpus_bleu. The smoothing methods
+    are Chen & Cherry 2014's, on the corpus precisions p_n = matches / denominators, one block each."""
     if smoothing not in range(8):
         raise ValueError(f"nltk smoothing must be 0..7, got {smoothing}")
-    hyp_len, ref_len, matches, totals, denominators = corpus_stats(hypotheses, refs_per_segment, max_order, "none",
-                                                                   lowercase)
+    hyp_len, ref_len, matches, totals, denominators = corpus_stats(hypotheses, refs, max_order, "none", lowercase)
     bp = brevity_penalty(hyp_len, ref_len)
     if matches[0] == 0:
         return BLEUScore(0.0, [0.0] * max_order, bp, hyp_len, ref_len, matches, totals)
     # what nltk's smoothing functions see as "the hypothesis" and its references: the last segment's tokens
     last_hyp_tokens = to_tokens(hypotheses[-1], "none", lowercase)
-    last_refs_tokens = [to_tokens(r, "none", lowercase) for r in refs_per_segment[-1]]
-    p = nltk_smoothed_precisions(smoothing, matches, denominators, hyp_len, last_hyp_tokens, last_refs_tokens)
+    last_refs_tokens = [to_tokens(r, "none", lowercase) for r in refs[-1]]
+    p = [m / d for m, d in zip(matches, denominators)]
+    zeros = [i for i, m in enumerate(matches) if m == 0]   # the orders with no match
+    if smoothing == 0:    # no smoothing: a zero precision becomes the smallest positive float
+        p = [sys.float_info.min if i in zeros else p_n for i, p_n in enumerate(p)]
+    if smoothing == 1:    # add epsilon to zero match counts
+        p = [NLTK_EPSILON / denominators[i] if i in zeros else p_n for i, p_n in enumerate(p)]
+    if smoothing == 2:    # add 1 to matches and denominators of orders 2..N (Lin & Och 2004)
+        p = [p[0]] + [(m + 1) / (d + 1) for m, d in zip(matches[1:], denominators[1:])]
+    if smoothing == 3:    # the k-th order with no match gets 1 / (2^k * denominator), like sacrebleu's exp
+        for k, i in enumerate(zeros, 1):
+            p[i] = 1 / (2 ** k * denominators[i])
+    # method 4: like method 3, larger for longer hypotheses: the k-th order with no match gets
+    # 1 / (2^k * K / ln(hyp_len)) / denominator (hypotheses longer than one token only)
+    if smoothing in (4, 7):   # method 7 is method 4, then method 5 (Chen & Cherry 2014, section 4)
+        for k, i in enumerate(zeros if hyp_len > 1 else [], 1):
+            p[i] = 1 / (2 ** k * NLTK_K / math.log(hyp_len)) / denominators[i]
+    # method 5: each precision averaged with its neighbours, the one before already averaged; the one after the
+    # last order is the 5-gram precision of the last segment alone (nltk takes order 5 whatever max_order is)
+    if smoothing in (5, 7):
+        _, _, last_matches, last_totals = segment_stats(last_hyp_tokens, last_refs_tokens, 5)
+        neighbours = p + [last_matches[4] / max(1, last_totals[4])]
+        previous = p[0] + 1
+        for i in range(len(p)):
+            p[i] = (previous + p[i] + neighbours[i + 1]) / 3
+            previous = p[i]
+    if smoothing == 6:    # interpolate with a prior p_{n-1}^2 / p_{n-2} (Gao & He 2013); needs p_3 > 0
+        if len(p) < 3 or not matches[2]:
+            raise ValueError("nltk smoothing 6 needs max_order >= 3 and a non-zero trigram precision")
+        for i in range(2, len(p)):
+            prior = 0 if p[i - 2] == 0 else p[i - 1] ** 2 / p[i - 2]
+            # the denominator holds the number of n-grams of order i+1 in the last hypothesis
+            p[i] = (matches[i] + NLTK_ALPHA * prior) / (max(0, len(last_hyp_tokens) - i) + NLTK_ALPHA)
     score = bp * math.exp(math.fsum(math.log(p_n) / max_order for p_n in p))
     return BLEUScore(100 * score, [100 * p_n for p_n in p], bp, hyp_len, ref_len, matches, totals)
 
@@ -310,8 +269,7 @@ def nltk_corpus_bleu(hypotheses, references, max_order=4, smoothing=0, lowercase
 # ----------------------------------------------------------------------------- reading the inputs
 def read_lines(path):
     """The lines of a UTF-8 text file, without their newlines (a final newline does not add an empty line)."""
-    with open(path, "rb") as f:
-        data = f.read()
+    data = open(path, "rb").read()
     try:
         lines = data.decode("utf-8").split("\n")
     except UnicodeDecodeError as e:
@@ -321,22 +279,11 @@ def read_lines(path):
     return lines[:-1] if lines[-1] == "" else lines
 
 
-def read_text_files(hyp_path, ref_paths):
-    """Hypotheses, and the references of each segment, from plain text files of one segment a line."""
-    hypotheses = read_lines(hyp_path)
-    references = [read_lines(p) for p in ref_paths]
-    for path, reference_set in zip(ref_paths, references):
-        if len(reference_set) != len(hypotheses):
-            raise ValueError(f"{path} has {len(reference_set)} lines, {hyp_path} has {len(hypotheses)}")
-    return hypotheses, [list(refs) for refs in zip(*references)]
-
-
 def read_by_idx(path, field, other_field=None):
     """{idx: record[field]} (or record[other_field]) of a JSON array of objects {"idx", field}."""
     try:
-        with open(path, encoding="utf-8") as f:
-            records = json.load(f)
-    except ValueError as e:   # not JSON, or not UTF-8
+        records = json.loads("\n".join(read_lines(path)))   # read_lines: the file is UTF-8 and not empty
+    except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not a readable JSON file ({e})") from None
     by_idx = {}
     for row, record in enumerate(records if isinstance(records, list) and records else [None]):
@@ -351,8 +298,7 @@ def read_by_idx(path, field, other_field=None):
 def read_json_pair(submission_path, references_path):
     """The homework's files: [{"idx", "output"}] against [{"idx", "references": [...]}] or [{"idx", "caption"}].
     Returns hypotheses and the references of each segment, in the references' idx order."""
-    outputs = read_by_idx(submission_path, "output")
-    refs = read_by_idx(references_path, "references", "caption")
+    outputs, refs = read_by_idx(submission_path, "output"), read_by_idx(references_path, "references", "caption")
     missing = [i for i in refs if i not in outputs]
     if missing or len(outputs) != len(refs):
         raise ValueError(f"{submission_path}: idx do not match {references_path}: missing {missing[:5]}, "
@@ -366,21 +312,25 @@ def read_json_pair(submission_path, references_path):
 
 
 def main(paths):
-    """BLEU of the first file against the others, in the configured mode (or --bench); one line on bad input."""
+    """BLEU of the first file against the others, in the configured mode (or --bench); one line on bad input.
+    Plain text files hold one segment a line, the hypotheses in the first, a set of references in each other."""
     if bench:
         return run_bench(data_dir)
     try:
         if len(paths) < 2 or (paths[0].endswith(".json") and len(paths) != 2):
             raise ValueError("usage: python bleu.py HYP REF [REF ...]  or  python bleu.py submission.json refs.json")
         if paths[0].endswith(".json"):
-            hypotheses, refs_per_segment = read_json_pair(paths[0], paths[1])
+            hypotheses, refs = read_json_pair(paths[0], paths[1])
         else:
-            hypotheses, refs_per_segment = read_text_files(paths[0], paths[1:])
+            hypotheses, references = read_lines(paths[0]), [read_lines(path) for path in paths[1:]]
+            for path, reference_set in zip(paths[1:], references):
+                if len(reference_set) != len(hypotheses):
+                    raise ValueError(f"{path} has {len(reference_set)} lines, {paths[0]} has {len(hypotheses)}")
+            refs = [list(segment_refs) for segment_refs in zip(*references)]
         if mode == "nltk":
-            print(nltk_bleu(hypotheses, refs_per_segment, max_order, nltk_smoothing, lowercase))
+            print(nltk_bleu(hypotheses, refs, max_order, nltk_smoothing, lowercase))
         else:
-            stats = corpus_stats(hypotheses, refs_per_segment, max_order, tokenize, lowercase)
-            print(bleu_from_stats(stats, smooth, smooth_value))
+            print(bleu_from_stats(corpus_stats(hypotheses, refs, max_order, tokenize, lowercase), smooth, smooth_value))
     except (ValueError, TypeError, OSError) as e:
         sys.exit(f"error: {e}")
 
@@ -392,14 +342,12 @@ def run_bench(data_dir, repeats=3):
     import sacrebleu  # a test-and-benchmark oracle only (requirements-dev.txt)
     references = [read_lines(f"{data_dir}/refs.test2010.lc.tok.en.0")]
     # force=True: these files are tokenized already; it skips sacrebleu's check for that, and its warning
-    scorers = {"bleu.py": corpus_bleu, "sacrebleu": functools.partial(sacrebleu.corpus_bleu, force=True)}
+    scorers = {"bleu.py": corpus_bleu, "sacrebleu": lambda hyps, refs: sacrebleu.corpus_bleu(hyps, refs, force=True)}
     for system in ("baseline", "sys1"):
         hypotheses = read_lines(f"{data_dir}/hyps.lc.tok.en.{system}.opt0")
-        seconds = {}
         for name, score in scorers.items():
-            seconds[name] = min(timeit.repeat(lambda: score(hypotheses, references), number=1, repeat=repeats))
-            print(f"{system:8s} {name:9s} {seconds[name]:.3f} s  BLEU = {score(hypotheses, references).score:.10f}")
-        print(f"{system:8s} sacrebleu / bleu.py time: {seconds['sacrebleu'] / seconds['bleu.py']:.2f}x")
+            seconds = min(timeit.repeat(lambda: score(hypotheses, references), number=1, repeat=repeats))
+            print(f"{system:8s} {name:9s} {seconds:.3f} s  BLEU = {score(hypotheses, references).score:.10f}")
 
 
 # ----------------------------------------------------------------------------- command line
