@@ -120,10 +120,8 @@ def choose_precision(requested, device_type):
 
 def cpu_has_bf16():
     """True where the CPU computes bfloat16 natively: AMX or AVX512-BF16 among the flags of Linux's /proc/cpuinfo."""
-    if not os.path.exists("/proc/cpuinfo"):   # not Linux
-        return False
-    with open("/proc/cpuinfo") as f:
-        return any(flag in f.read() for flag in ("amx_bf16", "avx512_bf16"))
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""   # no such file: not Linux
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 # ----------------------------------------------------------------------------- data
@@ -249,8 +247,7 @@ def prepare_for_training(base, precision_name):
     one 11B vision layer with LoRA keeps about 300 MiB of activations per image), and store the big frozen 16-bit
     matrices back in the autocast dtype (peft upcasts them all to fp32: +3.9 GB on the 11B)."""
     from transformers.models.mllama.modeling_mllama import MllamaVisionEncoderLayer
-    for p in base.parameters():
-        p.requires_grad_(False)
+    base.requires_grad_(False)
     # non-reentrant: the reentrant default crashes on the cross-attention states in the first backward
     checkpointing_kwargs = {"use_reentrant": False}
     if getattr(base, "is_loaded_in_4bit", False):
@@ -389,13 +386,11 @@ def first_sentence(text):
     after a single letter (an initial) before a capital."""
     for match in re.finditer(r"[.!?][\"'”’)]*(?=\s|$)", text):
         end = match.end()
-        rest = text[end:].lstrip()
+        after = text[end:].lstrip()[:1]   # the character after the spaces that follow
         if match.group()[0] == ".":
             word = re.search(r"([\w.]+)\.$", text[:match.start() + 1])
             word = word.group(1).lower() if word else ""
-            if word in ABBREVIATIONS or (len(word) == 1 and word.isalpha() and rest[:1].isupper()):
-                continue
-            if rest[:1].islower():
+            if word in ABBREVIATIONS or (len(word) == 1 and word.isalpha() and after.isupper()) or after.islower():
                 continue
         return text[:end].strip()
     return text.strip()
@@ -437,10 +432,9 @@ def clean_caption(text):
 def generate_captions(model, processor, images, text, ctx):
     """Greedy captions, cleaned (clean_caption), for a list of PIL images, in order, predict_batch_size at a time."""
     model.eval()
-    device = next(model.parameters()).device
     captions = []
     for s in range(0, len(images), predict_batch_size):
-        inputs = make_batch(processor, images[s:s + predict_batch_size], text=text).to(device)
+        inputs = make_batch(processor, images[s:s + predict_batch_size], text=text).to(next(model.parameters()).device)
         with ctx:
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                     eos_token_id=processor.tokenizer.convert_tokens_to_ids(EOT),
