@@ -102,8 +102,8 @@ def choose_precision(requested, device_type):
     gradient scaler on older GPUs (a T4, 7.5, only emulates bf16: slow, and a P100, 6.0, fails in cuBLAS), and fp32
     elsewhere. Every GPU run comes through here, so the PyTorch build is checked against the GPU here too."""
     if device_type == "cuda":
-        check_cuda_build()
         major, minor = torch.cuda.get_device_capability()
+        check_cuda_build(major, minor)
         if requested == "bf16" and major < 8:
             raise ValueError(f"--precision=bf16 needs CUDA capability 8.0, this GPU has {major}.{minor}: "
                              f"use --precision=fp16 (or auto)")
@@ -717,11 +717,10 @@ def check_versions():
                      f"pip install -U {package}")
 
 
-def check_cuda_build():
-    """Stop at once where this PyTorch build has no kernels for the GPU (Kaggle's P100, sm_60, under a build for
-    sm_70 and newer), rather than with a CUDA error from deep inside. A cubin sm_XY runs on capability X.y for
-    y >= Y; PTX compute_XY is compiled for any capability >= X.Y. Capability 8.6 is the number 86 below."""
-    major, minor = torch.cuda.get_device_capability()
+def check_cuda_build(major, minor):
+    """Stop at once where this PyTorch build has no kernels for the GPU of capability major.minor (Kaggle's P100,
+    sm_60, under a build for sm_70 and newer), rather than with a CUDA error from deep inside. A cubin sm_XY runs on
+    capability X.y for y >= Y; PTX compute_XY is compiled for any capability >= X.Y. Capability 8.6 is 86 below."""
     archs = torch.cuda.get_arch_list()   # "sm_75", "sm_90a", "compute_120", ...
     built = [(arch.split("_")[0], int(re.sub(r"\D", "", arch))) for arch in archs]
     if archs and not any((kind == "sm" and number // 10 == major and number % 10 <= minor) or
@@ -738,8 +737,6 @@ TINY_CHAT_TEMPLATE = (
     "{% for content in message['content'] %}{% if content['type'] == 'image' %}<|image|>"
     "{% else %}{{ content['text'] }}{% endif %}{% endfor %}<|eot_id|>{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
-TINY_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                       EOT, "<|finetune_right_pad_id|>", "<|image|>"]
 
 
 def build_tiny_model(model_seed=None):
@@ -755,7 +752,8 @@ def build_tiny_model(model_seed=None):
     byte_tokenizer = Tokenizer(models.BPE(vocab=bytes_vocab, merges=[]))
     byte_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     byte_tokenizer.decoder = decoders.ByteLevel()
-    byte_tokenizer.add_special_tokens(TINY_SPECIAL_TOKENS)
+    byte_tokenizer.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                                       "<|end_header_id|>", EOT, "<|finetune_right_pad_id|>", "<|image|>"])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=byte_tokenizer, bos_token="<|begin_of_text|>",
                                         eos_token=EOT, pad_token="<|finetune_right_pad_id|>")
     image_processor = MllamaImageProcessorPil(size={"height": 32, "width": 32}, max_image_tiles=1)
