@@ -1,7 +1,7 @@
-"""caption.py against faults (issue 16) and through its command line (issue 13): crafted pickles on every load
-path, a kill inside the resume-point swap, a NaN loss, SIGTERM, a one-row training file, unwritable outputs found
-before the work, a submission written whole or not at all, damaged state files, checked overrides, --help, and the
-adapter's own settings used by --predict without touching the module's globals."""
+"""caption.py against faults and through its command line: crafted pickles on every load path, a kill at every
+moment of a save, a NaN loss, SIGTERM, a one-row training file, unwritable outputs found before the work, a
+submission written whole or not at all, damaged files, torchrun, checked overrides, --help, and the adapter's own
+settings used by --predict without touching the module's globals."""
 import json
 import os
 import pathlib
@@ -17,7 +17,9 @@ import torch
 import caption
 from bleu import config_block
 from conftest import ROOT
-from test_caption import write_parquet
+from test_caption import load, saved_folder, saved_state, write_parquet
+
+NAMES = [name for name, _ in config_block(str(ROOT / "caption.py")) if name]
 
 
 @pytest.fixture
@@ -41,12 +43,19 @@ def data_dir(tmp_path):
 @pytest.fixture
 def restore_globals(monkeypatch):
     """caption.main sets the module's constants from the command line: put them back after the test."""
-    for name, value in caption.settings().items():
-        monkeypatch.setattr(caption, name, value)
+    for name in NAMES:
+        monkeypatch.setattr(caption, name, getattr(caption, name))
 
 
 def step_of(folder):
     return torch.load(os.path.join(folder, "state.pt"), weights_only=True)["step"]
+
+
+def first_run(data_dir, out_dir, steps=1):
+    """A real run stopped after `steps` steps: out_dir holds the pointer and step folders."""
+    caption.max_steps, caption.max_minutes = steps, 0.0
+    caption.train_model(data_dir, str(out_dir))
+    caption.max_steps = 4
 
 
 # ----------------------------------------------------------------------------- untrusted files
@@ -76,194 +85,206 @@ def test_caption_py_loads_every_checkpoint_with_weights_only():
     assert loads and all("weights_only=True" in line for line in loads)
 
 
-def test_a_crafted_resume_state_never_runs(tiny, data_dir, tmp_path, capsys):
+def test_a_crafted_resume_state_never_runs(tiny, data_dir, tmp_path):
     out_dir = tmp_path / "out"
-    (out_dir / "last").mkdir(parents=True)
-    craft(out_dir / "last" / "state.pt", tmp_path / "marker")
-    with pytest.raises(SystemExit) as stop:
+    first_run(data_dir, out_dir)
+    state = pathlib.Path(saved_folder(str(out_dir))) / "state.pt"
+    craft(state, tmp_path / "marker")
+    with pytest.raises(ValueError) as stop:
         caption.train_model(data_dir, str(out_dir))
     assert not (tmp_path / "marker").exists()
-    assert str(stop.value).startswith(f"error: {out_dir / 'last' / 'state.pt'} is damaged or not a caption.py "
-                                      f"resume state (UnpicklingError")
-    assert "\n" not in str(stop.value)
-    assert caption.state_step(str(out_dir / "last")) == "?" and not (tmp_path / "marker").exists()
+    assert str(stop.value).startswith(f"{state} is damaged or not caption.py's; use another --out_dir "
+                                      f"(UnpicklingError")
 
 
 def crafted_adapter(folder, marker):
     """A real adapter folder whose weights are a crafted adapter_model.bin (peft falls back to .bin)."""
-    model, _, _ = caption.load_model(trainable=False)
-    model.save_pretrained(folder)
     os.remove(os.path.join(folder, "adapter_model.safetensors"))
     craft(os.path.join(folder, "adapter_model.bin"), marker)
 
 
 def test_a_crafted_adapter_never_runs_on_predict_or_resume(tiny, data_dir, tmp_path):
     out_dir = tmp_path / "out"
-    crafted_adapter(str(out_dir / "adapter"), tmp_path / "marker")
-    with pytest.raises(SystemExit, match=r"^error: cannot load the adapter in .*adapter \(UnpicklingError"):
+    first_run(data_dir, out_dir)
+    crafted_adapter(saved_folder(str(out_dir), "best"), tmp_path / "marker")
+    with pytest.raises(ValueError, match=r"^cannot load the adapter in .*step_\d \(UnpicklingError"):
         caption.write_submission(data_dir, str(out_dir), str(tmp_path / "s.json"))
     assert not (tmp_path / "marker").exists() and not (tmp_path / "s.json").exists()
-    # a resume point whose state is fine but whose adapter weights are crafted
-    shutil.copytree(out_dir / "adapter", out_dir / "last")
-    torch.save({"step": 1, "best_bleu": 0.0, "optimizer": {"state": {}, "param_groups": []}},
-               out_dir / "last" / "state.pt")
-    with pytest.raises(SystemExit, match=r"^error: cannot load the adapter in .*last \(UnpicklingError"):
+    crafted_adapter(saved_folder(str(out_dir), "last"), tmp_path / "marker")   # the resume point's adapter
+    with pytest.raises(ValueError, match=r"^cannot load the adapter in .*step_1 \(UnpicklingError"):
         caption.train_model(data_dir, str(out_dir))
     assert not (tmp_path / "marker").exists()
 
 
 # ----------------------------------------------------------------------------- damaged files
-@pytest.mark.parametrize("damage", ["empty", "truncated", "text"])
-def test_a_damaged_state_file_is_one_line_naming_it(tiny, data_dir, tmp_path, damage):
+@pytest.mark.parametrize("damage", ["empty", "truncated", "text", "foreign"])
+def test_a_damaged_state_file_is_one_line_naming_it(tiny, data_dir, tmp_path, damage, restore_globals):
     out_dir = tmp_path / "out"
-    last = out_dir / "last"
-    last.mkdir(parents=True)
-    buffer = tmp_path / "good.pt"
-    torch.save({"step": 2, "best_bleu": 1.0, "optimizer": {"state": {0: {"exp_avg": torch.zeros(1000)}}}}, buffer)
-    data = {"empty": b"", "truncated": buffer.read_bytes()[:300], "text": b"step = 2\n"}[damage]
-    (last / "state.pt").write_bytes(data)
+    first_run(data_dir, out_dir)
+    state = pathlib.Path(saved_folder(str(out_dir))) / "state.pt"
+    good = state.read_bytes()
+    torch.save({"step": 2, "best_bleu": 1.0}, tmp_path / "foreign.pt")
+    state.write_bytes({"empty": b"", "truncated": good[:300], "text": b"step = 2\n",
+                       "foreign": (tmp_path / "foreign.pt").read_bytes()}[damage])
     with pytest.raises(SystemExit) as stop:
-        caption.train_model(data_dir, str(out_dir))
+        caption.main(["--train", "--tiny", "--backend=transformers", "--load_in_4bit=False", "--precision=fp32",
+                      f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--val_samples=1", "--max_new_tokens=2"])
     message = str(stop.value)
-    assert message.startswith(f"error: {last / 'state.pt'} is damaged") and "\n" not in message
-    assert f"delete {last} to start again from step 0" in message
+    assert message.startswith(f"error: {state} is damaged or not caption.py's; use another --out_dir (")
+    assert "\n" not in message
 
 
-def test_a_damaged_settings_file_is_one_line_naming_it(tiny, data_dir, tmp_path):
-    adapter = tmp_path / "out" / "adapter"
-    adapter.mkdir(parents=True)
-    (adapter / caption.CONFIG_FILE).write_text('{"model_name": ')
-    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(adapter / caption.CONFIG_FILE))} is damaged"):
-        caption.write_submission(data_dir, str(tmp_path / "out"), str(tmp_path / "s.json"))
+@pytest.mark.parametrize("damage", ["pointer", "settings"])
+def test_a_damaged_pointer_or_settings_file_is_one_line_naming_it(tiny, data_dir, tmp_path, damage):
+    out_dir = tmp_path / "out"
+    first_run(data_dir, out_dir)
+    path = out_dir / "checkpoint.json" if damage == "pointer" else pathlib.Path(saved_folder(str(out_dir), "best"),
+                                                                              caption.CONFIG_FILE)
+    path.write_text('{"model_name": ')
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} is damaged or not caption.py's"):
+        caption.write_submission(data_dir, str(out_dir), str(tmp_path / "s.json"))
 
 
-# ----------------------------------------------------------------------------- the resume point
-def test_recover_keeps_a_complete_resume_point_at_every_moment_of_the_swap(tmp_path):
-    folder = str(tmp_path / "last")
-
-    def make(path, step, complete=True):
-        os.makedirs(path)
-        pathlib.Path(path, "adapter_model.safetensors").write_text(str(step))
-        if complete:
-            torch.save({"step": step}, os.path.join(path, "state.pt"))
-
-    # killed while writing last.tmp: last/ is the good one, the partial last.tmp goes
-    make(folder, 2)
-    make(folder + ".tmp", 4, complete=False)
-    caption.recover(folder)
-    assert step_of(folder) == 2 and not os.path.exists(folder + ".tmp")
-    # killed after last -> last.old, before last.tmp -> last: the new one wins
-    os.replace(folder, folder + ".old")
-    make(folder + ".tmp", 4)
-    caption.recover(folder)
-    assert step_of(folder) == 4 and not os.path.exists(folder + ".tmp") and not os.path.exists(folder + ".old")
-    # killed after the swap, before last.old was deleted
-    make(folder + ".old", 2)
-    caption.recover(folder)
-    assert step_of(folder) == 4 and not os.path.exists(folder + ".old")
-    # killed before last.tmp was complete, with last/ already moved aside (cannot happen with swap_in's order,
-    # but a half-deleted folder can look like it): the old one comes back
-    os.replace(folder, folder + ".old")
-    make(folder + ".tmp", 6, complete=False)
-    caption.recover(folder)
-    assert step_of(folder) == 4
+# ----------------------------------------------------------------------------- saving steps
+class Killed(Exception):
+    """The stand-in for a kill: raised at the n-th file operation of a save."""
 
 
-def test_every_moment_of_the_swap_has_a_complete_resume_point(tmp_path, monkeypatch):
-    """save_adapter's own order of file operations: before and after each one, a kill would leave a complete
-    folder among last/, last.tmp/, last.old/ that recover() picks, and it is the newest complete one written."""
-    folder = str(tmp_path / "last")
-
-    class Model:   # what save_adapter needs of a model
-        def __init__(self, step):
-            self.step = step
-
-        def save_pretrained(self, path):
-            os.makedirs(path)
-            pathlib.Path(path, "adapter_model.safetensors").write_text(str(self.step))
-    c = {key: 0 for key in caption.RESUME_KEYS}
-    caption.save_adapter(Model(2), folder, c, {"step": 2})
-    moments = []
-    real_replace, real_rmtree = os.replace, shutil.rmtree
-
-    def snapshot():
-        copies = [p for p in (folder, folder + ".tmp", folder + ".old") if caption.is_complete(p)]
-        moments.append(max(step_of(p) for p in copies) if copies else None)
-    monkeypatch.setattr(caption.os, "replace", lambda a, b: (snapshot(), real_replace(a, b), snapshot()))
-    monkeypatch.setattr(caption.shutil, "rmtree", lambda p, **k: (snapshot(), real_rmtree(p, **k), snapshot()))
-    caption.save_adapter(Model(4), folder, c, {"step": 4})
-    assert None not in moments and moments[0] == 2 and moments[-1] == 4
-    assert moments == sorted(moments)                     # never back to an older point once the new one is there
-    monkeypatch.undo()
-    assert step_of(folder) == 4 and os.listdir(tmp_path) == ["last"]
-
-
-def test_a_kill_inside_the_swap_resumes_from_the_new_point_and_keeps_the_best_adapter(tiny, data_dir, tmp_path,
-                                                                                     monkeypatch, capsys):
+def test_a_kill_at_any_moment_of_a_save_leaves_a_complete_resume_point(tiny, data_dir, tmp_path, monkeypatch):
+    """Every file operation of save_checkpoint (the adapter's files, the settings, state.pt, the pointer's
+    temporary file and its rename, the deletion of old folders) is interrupted in turn; after each kill the pointer
+    names complete folders (the step before or the new one, never a half-written one), and training resumes."""
+    model, _, _ = load()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
     out_dir = str(tmp_path / "out")
-    real_swap = caption.swap_in
-    swaps = []
+    os.makedirs(out_dir)
+    caption.save_checkpoint(model, out_dir, optimizer, scaler, 2, 1.0, None, "fp32")
+    real = {"save_pretrained": model.save_pretrained, "torch.save": torch.save, "open": open,
+            "os.replace": os.replace, "shutil.rmtree": shutil.rmtree}
+    moments = 0
+    for kill_at in range(1, 40):
+        calls = []
 
-    def killed_in_the_window(folder):
-        swaps.append(os.path.basename(folder))
-        if os.path.basename(folder) == "last" and swaps.count("last") == 2:   # the resume point of step 4
-            os.replace(folder, folder + ".old")
-            raise KeyboardInterrupt("killed between the two renames")
-        real_swap(folder)
-    monkeypatch.setattr(caption, "swap_in", killed_in_the_window)
+        def counted(name):
+            def operation(*args, **kwargs):
+                calls.append(name)
+                if len(calls) == kill_at:
+                    raise Killed(name)
+                return real[name](*args, **kwargs)
+            return operation
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(model, "save_pretrained", counted("save_pretrained"))
+            patch.setattr(caption.torch, "save", counted("torch.save"))
+            patch.setattr(caption, "open", counted("open"), raising=False)
+            patch.setattr(caption.os, "replace", counted("os.replace"))
+            patch.setattr(caption.shutil, "rmtree", counted("shutil.rmtree"))
+            try:
+                caption.save_checkpoint(model, out_dir, optimizer, scaler, 4, 2.0, None, "fp32")
+                finished = True
+            except Killed:
+                finished = False
+        folder, _, state = caption.load_checkpoint(out_dir, "last")
+        assert state["step"] in (2, 4) and os.path.exists(os.path.join(folder, "adapter_model.safetensors"))
+        assert os.path.basename(folder) == f"step_{state['step']}"
+        moments += 1
+        shutil.rmtree(out_dir)           # the next kill starts from the same saved step 2
+        os.makedirs(out_dir)
+        caption.save_checkpoint(model, out_dir, optimizer, scaler, 2, 1.0, None, "fp32")
+        if finished:
+            break
+    assert finished and moments >= 6, moments
+
+
+def test_a_kill_during_a_save_resumes_from_the_step_before_and_keeps_the_best(tiny, data_dir, tmp_path, monkeypatch,
+                                                                            capsys):
+    out_dir = str(tmp_path / "out")
+    real_save = caption.save_checkpoint
+    saves = []
+
+    def killed(text, path):
+        raise KeyboardInterrupt("killed")
+
+    def killed_before_the_pointer(model, out_dir, optimizer, scaler, step, *rest):
+        saves.append(step)
+        if step == 4:   # the folder is written, the pointer not yet
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(caption, "save_atomic", killed)
+                real_save(model, out_dir, optimizer, scaler, step, *rest)
+        return real_save(model, out_dir, optimizer, scaler, step, *rest)
+    monkeypatch.setattr(caption, "save_checkpoint", killed_before_the_pointer)
     with pytest.raises(KeyboardInterrupt):
         caption.train_model(data_dir, out_dir)
-    last = os.path.join(out_dir, "last")
-    assert not os.path.exists(last) and step_of(last + ".tmp") == 4 and step_of(last + ".old") == 2
-    adapter_files = {p.name: p.read_bytes() for p in pathlib.Path(out_dir, "adapter").iterdir()}
-    monkeypatch.setattr(caption, "swap_in", real_swap)
+    assert step_of(saved_folder(out_dir)) == 2 and os.path.exists(os.path.join(out_dir, "step_4"))
+    best = saved_folder(out_dir, "best")
+    best_files = {p.name: p.read_bytes() for p in pathlib.Path(best).iterdir() if p.name != "state.pt"}
+    monkeypatch.setattr(caption, "save_checkpoint", real_save)
     capsys.readouterr()
     caption.train_model(data_dir, out_dir)
     out = capsys.readouterr().out
-    assert f"recovered {last} from {last}.tmp" in out and f"resuming from {last} at step 4" in out
-    assert "step 0: validation" not in out
-    assert step_of(last) == 4 and not os.path.exists(last + ".tmp") and not os.path.exists(last + ".old")
-    assert {p.name: p.read_bytes() for p in pathlib.Path(out_dir, "adapter").iterdir()} == adapter_files
+    assert f"resuming from {os.path.join(out_dir, 'step_2')} at step 2" in out and "step 0: validation" not in out
+    assert step_of(saved_folder(out_dir)) == 4
+    if saved_folder(out_dir, "best") == best:     # no new best since: the best adapter is untouched
+        assert {p.name: p.read_bytes() for p in pathlib.Path(best).iterdir() if p.name != "state.pt"} == best_files
+
+
+def poison_the_loss(monkeypatch, at_call, action):
+    """Run `action` in the forward pass of the at_call-th training batch (a forward hook on the loaded model)."""
+    real_load = caption.load_model
+    calls = []
+
+    def hook(module, args, kwargs, output):
+        if kwargs.get("labels") is not None:
+            calls.append(1)
+            if len(calls) == at_call:
+                return action(output)
+        return output
+
+    def load_and_hook(*args, **kwargs):
+        model, processor, used = real_load(*args, **kwargs)
+        model.register_forward_hook(hook, with_kwargs=True)
+        return model, processor, used
+    monkeypatch.setattr(caption, "load_model", load_and_hook)
+    return calls
 
 
 def test_a_nan_loss_stops_without_touching_the_resume_point(tiny, data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(caption, "save_every", 1)
-    real_loss = caption.training_loss
-    calls = []
 
-    def poisoned(model, batch):
-        calls.append(1)
-        loss = real_loss(model, batch)
-        return loss * float("nan") if len(calls) == 3 else loss
-    monkeypatch.setattr(caption, "training_loss", poisoned)
+    def nan(output):
+        output.loss = output.loss * float("nan")
+        return output
+    poison_the_loss(monkeypatch, 3, nan)
     out_dir = str(tmp_path / "out")
     with pytest.raises(SystemExit) as stop:
         caption.train_model(data_dir, out_dir)
-    last = os.path.join(out_dir, "last")
-    assert str(stop.value).startswith("error: the loss is nan at step 3 (precision fp32); stopped without saving: "
-                                      f"{last} keeps step 2")
-    assert step_of(last) == 2 and not os.path.exists(last + ".tmp")
+    assert str(stop.value) == "error: the loss is nan at step 3 (fp32); stopped, not saved"
+    assert step_of(saved_folder(out_dir)) == 2 and not os.path.exists(os.path.join(out_dir, "step_3"))
     from safetensors.torch import load_file
-    assert all(torch.isfinite(t).all() for t in load_file(os.path.join(last, "adapter_model.safetensors")).values())
+    weights = load_file(os.path.join(saved_folder(out_dir), "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
 
 
-def test_sigterm_saves_a_resume_point_at_the_step_reached(tiny, data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(caption, "save_every", 100)
-    real_loss = caption.training_loss
-    calls = []
-
-    def terminated(model, batch):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_loss(model, batch)
-    monkeypatch.setattr(caption, "training_loss", terminated)
-    handler = signal.getsignal(signal.SIGTERM)
-    out_dir = str(tmp_path / "out")
-    with pytest.raises(SystemExit, match=r"^stopped by SIGTERM at step 2/4: resume point saved"):
-        caption.train_model(data_dir, out_dir)
-    assert step_of(os.path.join(out_dir, "last")) == 2 and len(calls) == 2
-    assert signal.getsignal(signal.SIGTERM) is handler
+def test_sigterm_saves_the_step_reached_then_exits(data_dir, tmp_path):
+    """The real signal, to the real command: it saves after the step it interrupts, then exits with one line."""
+    out_dir = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "caption.py", "--train", "--tiny", "--backend=transformers", "--load_in_4bit=False",
+         "--precision=fp32", f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--max_steps=100000", "--log_every=1",
+         "--save_every=100000", "--eval_every=100000", "--val_samples=1", "--max_new_tokens=2", "--num_threads=1"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("step 2/"):
+            process.send_signal(signal.SIGTERM)
+            break
+    rest, errors = process.communicate(timeout=300)
+    assert process.returncode == 1, errors[-2000:]
+    stopped = re.search(r"stopped by SIGTERM at step (\d+)/100000: saved; run the same command to go on",
+                        errors.strip().splitlines()[-1])
+    assert stopped and "SIGTERM: saving after this step, then exiting" in rest
+    assert step_of(saved_folder(str(out_dir))) == int(stopped.group(1)) >= 2
 
 
 # ----------------------------------------------------------------------------- inputs and outputs
@@ -272,41 +293,49 @@ def test_a_one_row_training_file_trains(tiny, tmp_path):
     write_parquet(tmp_path / "valid_data.parquet", 1)
     caption.max_steps = 0        # one epoch of one image at batch_size 2: one step
     assert caption.train_model(str(tmp_path), str(tmp_path / "out")) >= 0
-    assert step_of(str(tmp_path / "out" / "last")) == 1
+    assert step_of(saved_folder(str(tmp_path / "out"))) == 1
 
 
-def test_an_unwritable_out_dir_stops_before_any_work(tiny, data_dir, tmp_path, monkeypatch):
+def test_an_unwritable_out_dir_stops_before_any_work(tiny, data_dir, tmp_path, monkeypatch, restore_globals):
     (tmp_path / "a_file").write_text("")
     monkeypatch.setattr(caption, "load_split", lambda *a, **k: pytest.fail("data loaded before the check"))
     monkeypatch.setattr(caption, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
     with pytest.raises(SystemExit, match=r"^error: out_dir '.*a_file/out' is not writable \(Not a directory\)$"):
-        caption.train_model(data_dir, str(tmp_path / "a_file" / "out"))
+        caption.main(["--train", "--predict", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'a_file' / 'out'}"])
 
 
-def test_an_unwritable_submission_stops_before_any_work(tiny, data_dir, tmp_path, monkeypatch):
+def test_an_unwritable_submission_stops_before_any_work(tiny, data_dir, tmp_path, monkeypatch, restore_globals):
     (tmp_path / "a_file").write_text("")
-    monkeypatch.setattr(caption, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
+    monkeypatch.setattr(caption, "load_split", lambda *a, **k: pytest.fail("data loaded before the check"))
     with pytest.raises(SystemExit, match=r"^error: the folder of --submission '.*a_file' is not writable"):
-        caption.write_submission(data_dir, str(tmp_path), str(tmp_path / "a_file" / "s.json"))
+        caption.main(["--train", "--predict", f"--out_dir={tmp_path}", f"--submission={tmp_path / 'a_file' / 's.json'}"])
     with pytest.raises(SystemExit, match=r"^error: --submission '.*' is a folder"):
-        caption.write_submission(data_dir, str(tmp_path), str(tmp_path))
+        caption.main(["--predict", f"--out_dir={tmp_path}", f"--submission={tmp_path}"])
 
 
 def test_the_submission_is_written_whole_or_not_at_all(tiny, data_dir, tmp_path, monkeypatch, restore_globals):
     out_dir = tmp_path / "out"
-    model, _, _ = caption.load_model(trainable=False)
-    model.save_pretrained(out_dir / "adapter")
+    first_run(data_dir, out_dir)
     target = tmp_path / "submission.json"
     target.write_text("the previous submission")
+    real_replace = os.replace
 
-    def disk_full(obj, f, **kwargs):
-        f.write('[{"idx": 0, "out')
-        raise OSError(28, "No space left on device", str(target) + ".tmp")
-    monkeypatch.setattr(caption.json, "dump", disk_full)
+    def disk_full(source, destination):
+        if str(destination) == str(target):
+            raise OSError(28, "No space left on device", str(target) + ".tmp")
+        return real_replace(source, destination)
+    monkeypatch.setattr(caption.os, "replace", disk_full)
     with pytest.raises(SystemExit, match=r"^error: .*submission.json.tmp: No space left on device$"):
         caption.main(["--predict", "--tiny", "--backend=transformers", "--load_in_4bit=False", "--precision=fp32",
                       f"--data_dir={data_dir}", f"--out_dir={out_dir}", f"--submission={target}"])
     assert target.read_text() == "the previous submission" and not os.path.exists(str(target) + ".tmp")
+
+
+def test_torchrun_is_refused_with_one_line(restore_globals, monkeypatch):
+    """caption.py has no DDP: under torchrun every rank would train alone and write the same files."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="^error: caption.py trains on one GPU; start it with python, not torchrun$"):
+        caption.main(["--train"])
 
 
 # ----------------------------------------------------------------------------- command line (issue 13)
@@ -326,6 +355,7 @@ def test_the_submission_is_written_whole_or_not_at_all(tiny, data_dir, tmp_path,
     (["--math=1"], "error: unknown option --math"),
     (["--out_dir", "/x"], "error: --out_dir needs a value: --out_dir=VALUE"),
     (["--train", "data/caption"], "error: caption.py takes no positional arguments, got 'data/caption'"),
+    (["--lr=0"], "error: --lr must be a number > 0, got 0"),
 ])
 def test_bad_overrides_stop_with_one_line(restore_globals, argv, message):
     with pytest.raises(SystemExit) as stop:
@@ -345,11 +375,10 @@ def test_help_prints_the_docstring_and_every_constant():
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith(caption.__doc__.strip().splitlines()[0])
-    names = [name for name, _ in config_block(str(ROOT / "caption.py")) if name]
-    assert names == list(caption.settings()) and len(names) > 30
-    for name in names:
+    assert len(NAMES) > 30
+    for name in NAMES:
         assert re.search(rf"^\s+{name} = ", result.stdout, re.MULTILINE), name
-    assert "save_every = 20" in result.stdout and "# steps between resume points" in result.stdout
+    assert "save_every = 20" in result.stdout and "# steps between saved steps" in result.stdout
 
 
 def test_a_bad_override_from_the_shell_is_one_line_and_no_work():
@@ -365,15 +394,15 @@ def test_predict_uses_the_adapters_settings_without_touching_the_globals(tiny, d
     out_dir = str(tmp_path / "out")
     caption.max_steps = 1
     caption.train_model(data_dir, out_dir)
-    saved = json.loads(pathlib.Path(out_dir, "adapter", caption.CONFIG_FILE).read_text())
+    saved = json.loads(pathlib.Path(saved_folder(out_dir, "best"), caption.CONFIG_FILE).read_text())
     assert saved["instruction"] == "Name the colour." and saved["seed"] == 11 and saved["lora_r"] == 8
     # a later session with other constants at the top of the file
     monkeypatch.setattr(caption, "instruction", "Write a poem.")
     monkeypatch.setattr(caption, "seed", 3)
     prompts, seeds = [], []
     real_make_batch, real_build = caption.make_batch, caption.build_tiny_model
-    monkeypatch.setattr(caption, "make_batch", lambda processor, images, captions=None, text_instruction=None: (
-        prompts.append(text_instruction), real_make_batch(processor, images, captions, text_instruction))[1])
+    monkeypatch.setattr(caption, "make_batch", lambda processor, images, captions=None, text=None: (
+        prompts.append(text), real_make_batch(processor, images, captions, text))[1])
     monkeypatch.setattr(caption, "build_tiny_model", lambda model_seed=None: (
         seeds.append(model_seed), real_build(model_seed))[1])
     caption.write_submission(data_dir, out_dir, str(tmp_path / "s.json"))
@@ -388,6 +417,6 @@ def test_resuming_with_other_model_settings_names_the_differing_keys(tiny, data_
     caption.train_model(data_dir, out_dir)
     monkeypatch.setattr(caption, "lora_r", 4)
     monkeypatch.setattr(caption, "batch_size", 1)
-    with pytest.raises(SystemExit, match=r"^error: .*last was trained with other settings: lora_r = 8 there, 4 now, "
+    with pytest.raises(ValueError, match=r"^.*step_1 was trained with other settings: lora_r = 8 there, 4 now, "
                                          r"batch_size = 2 there, 1 now; use the same values, or another --out_dir$"):
         caption.train_model(data_dir, out_dir)
