@@ -87,7 +87,7 @@ MODEL_KEYS = ("model_name", "tiny", "instruction", "lora_r", "lora_alpha", "lora
 RESUME_KEYS = MODEL_KEYS + ("batch_size", "grad_accum")
 CONFIG_FILE = "caption_config.json"
 POINTER = "checkpoint.json"   # {"last": "step_<N>", "best": "step_<M>"}, replaced whole (os.replace is atomic)
-# The oldest versions the caption tests pass with (README): transformers 5.17 is also the newest that unsloth
+# The oldest versions the caption tests pass with (docs/gpu.md): transformers 5.17 is also the newest that unsloth
 # allows, peft 0.18 the oldest; bitsandbytes before 0.50 cannot quantize on the CPU (--tiny with load_in_4bit).
 VERSION_FLOORS = {"transformers": "5.17", "peft": "0.18", "bitsandbytes": "0.50"}
 EOT = "<|eot_id|>"      # Llama 3's end of turn: the assistant's caption ends with it, generation stops on it

@@ -5,7 +5,7 @@ figure of 5 images being denoised, and 1,000 samples 1.jpg..1000.jpg zipped flat
 
     python ddpm.py --train --data_dir=data/celeba --out_dir=out/ddpm          # the model below, for a GPU
     python ddpm.py --train --preset=cpu --max_minutes=60                      # a small model for a 2-core CPU,
-    python ddpm.py --sample --preset=cpu                                      # and its 1,000 samples in ~13 min
+    python ddpm.py --sample --preset=cpu                                      # and its 1,000 samples (13-34 min)
     python ddpm.py --sample --out_dir=out/ddpm --n_samples=1000 --submission=submission.zip
     python ddpm.py --denoise_figure --out_dir=out/ddpm                        # out_dir/denoising.png
     python ddpm.py --sample ... --run_fid --fid_ref=data/celeba               # + FID and KID (fid.py)
@@ -92,7 +92,7 @@ fid_dims = 2048         # Inception feature size: 2048 is the standard FID (64, 
 # -----------------------------------------------------------------------------
 
 # --preset=cpu: a small UNet for a 2-core CPU, and how to train and sample it in an hour; each value chosen by
-# measurement (README, "The cpu preset": images/s and FD-face of every variant at equal minutes)
+# measurement at equal training minutes (its speed and samples: docs/results.md, part 2-2)
 CPU_PRESET = dict(channels=32, channel_mults="1,2,2,2", num_res_blocks=1, attn_resolutions="16", dropout=0.0,
                   norm_groups=8, batch_size=32, lr=1e-3, warmup_steps=200, ema_decay=0.999, min_snr_gamma=5.0,
                   sample_every=1000, ddim_steps=50)

@@ -46,7 +46,7 @@ out_dir = "out/textcls"
 test_file = "data/news/News_test.json"
 submission = "submission.csv"
 # preprocessing (tokenizer.py)
-remove_stop = False     # drop the 179 stop words (kept: the Transformer reads word order, README)
+remove_stop = False     # drop the 179 stop words (kept: the Transformer reads word order)
 stem = True             # Porter stems
 min_freq = 2            # a token seen fewer times in the training split is <unk>
 max_vocab = 50000       # the whole vocabulary, special tokens included
@@ -76,7 +76,7 @@ warmup_steps = 300      # linear warmup to lr over these steps, then cosine deca
 weight_decay = 0.01     # AdamW, on weight matrices only (not biases, norms or embeddings)
 grad_clip = 1.0
 label_smoothing = 0.1   # share of the target spread over all classes (Szegedy et al. 2016, section 7)
-val_frac = 0.0          # stratified validation split, e.g. 0.05; 0 = train on all (best.pt = the last epoch; README)
+val_frac = 0.0          # stratified validation split, e.g. 0.05; 0 = train on all (best.pt = the last epoch)
 bucket = True           # batches of similar length (less padding, faster); False = fully random batches
 max_minutes = 0.0       # stop cleanly (checkpoint saved) after this many minutes of training; 0 = no limit
 ensemble = 4            # models trained one after another (seeds seed, seed+1, ...); --predict averages their logits
@@ -742,8 +742,7 @@ def train_ensemble(records, out_dir, mlm_records, mlm_epochs, system):
     right more often than any one of them (Dietterich 2000, "Ensemble Methods in Machine Learning"). With
     ensemble_alternate_stem, every second model also reads the text with the other `stem` setting (whole words
     instead of Porter stems): models that see the text differently disagree more, and their average gains more
-    (README, on the bench's split: three models that differ only in the seed 78.5 % held-out, two of them with a
-    whole-words model instead 79.0 %; the default command's four 79.5 %, its models alone 77.8-78.3 %).
+    (docs/results.md: the default command's four models score 79.5 % held-out, one model alone 77.9 %).
     --max_minutes is one budget: each model gets an equal share of what is left when it starts. Running the same
     command again skips the finished models and resumes the stopped one."""
     deadline = time.time() + max_minutes * 60

@@ -54,7 +54,7 @@ def clean(text):
     if not isinstance(text, str):  # one clear error for None, a number or bytes (a missing or undecoded field)
         raise TypeError(f"expected a str, got {type(text).__name__}")
     # Each `if` skips a step that cannot change this text (most headlines are plain ASCII without "&", "<" or "'"):
-    # the same tokens, and preprocess() about 1.1x as fast over News_train (README, tokenizer.py --bench).
+    # the same tokens, and preprocess() about 1.1x as fast over News_train (tokenizer.py --bench).
     if "&" in text:
         text = html.unescape(text)         # "&amp;" -> "&", "&#39;" -> "'", "&quot;" -> '"'
     if "<" in text:
