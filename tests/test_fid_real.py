@@ -157,7 +157,7 @@ def test_known_fid_and_kid_of_two_fixed_sets_of_shared_faces(real_weights, faces
         folder = tmp_path / name
         folder.mkdir()
         for p in paths:
-            os.symlink(p, folder / p.name)
+            os.symlink(p.resolve(), folder / p.name)   # DL_DATA may be relative (CI: ../shared/data)
         folders.append(folder)
     result = subprocess.run([sys.executable, "fid.py", str(folders[0]), str(folders[1]), f"--weights={converted}",
                              "--kid", "--kid_subset_size=500"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
