@@ -1,11 +1,12 @@
 """
 Denoising diffusion probabilistic model (Ho, Jain & Abbeel 2020, "DDPM") on 64x64 CelebA faces (homework part
-2-2): noise schedule, UNet, training (Algorithm 1), sampling (Algorithm 2, and DDIM by Song et al. 2021), a
-figure of 5 images being denoised, and 1,000 samples 1.jpg..1000.jpg zipped flat into submission.zip.
+2-2): noise schedule, UNet, training (Algorithm 1), sampling (Algorithm 2, DDIM by Song et al. 2021 and
+DPM-Solver++(2M) by Lu et al. 2022), a figure of 5 images being denoised, and 1,000 samples 1.jpg..1000.jpg
+zipped flat into submission.zip.
 
     python ddpm.py --train --data_dir=data/celeba --out_dir=out/ddpm          # the model below, for a GPU
     python ddpm.py --train --preset=cpu --max_minutes=60                      # a small model for a 2-core CPU,
-    python ddpm.py --sample --preset=cpu                                      # and its 1,000 samples (13-34 min)
+    python ddpm.py --sample --preset=cpu                                      # and its 1,000 samples (6 min)
     python ddpm.py --sample --out_dir=out/ddpm --n_samples=1000 --submission=submission.zip
     python ddpm.py --denoise_figure --out_dir=out/ddpm                        # out_dir/denoising.png
     python ddpm.py --sample ... --run_fid --fid_ref=data/celeba               # + FID and KID (fid.py)
@@ -20,6 +21,7 @@ import io
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -51,6 +53,7 @@ timesteps = 1000        # T
 schedule = "linear"     # "linear" (Ho et al. 4: 1e-4..0.02) or "cosine" (Nichol & Dhariwal 2021, eq. 17)
 beta_start = 1e-4
 beta_end = 0.02
+prediction = "eps"      # the UNet's output: "eps" (Ho et al.) or "v" = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0
 # UNet: the CelebA-64 model of the DDIM paper (Song et al. 2021, appendix D.1), 78.7 M parameters
 channels = 128          # base width
 channel_mults = "1,2,2,2,4"  # width multiplier per resolution level: 64, 32, 16, 8, 4
@@ -58,6 +61,7 @@ num_res_blocks = 2      # residual blocks per level
 attn_resolutions = "16"  # self-attention at these feature-map sizes
 dropout = 0.1
 norm_groups = 32        # GroupNorm groups (fewer where the width is not a multiple)
+patch_size = 1          # 2: the UNet works on 2x2 patches, 32x32x12 (pixel unshuffle; Hoogeboom et al. 2023, 3.2)
 # training
 batch_size = 64
 lr = 2e-4
@@ -73,13 +77,13 @@ ckpt_every = 500
 seed = 1337
 device = ""             # "" = cuda if available, else mps (Apple silicon), else cpu
 precision = "auto"      # auto | bf16 | fp16 | fp32: auto = bf16 where native, fp16 + scaler on older GPUs, else fp32
-compile = False         # torch.compile the UNet (CUDA capability >= 8.0)
+compile = False         # torch.compile the UNet's training (CUDA capability >= 8.0, or a CPU with a C++ compiler)
 channels_last = False   # NHWC memory layout for the convolutions (--bench measures both)
 num_threads = 2         # CPU threads per process
 # sampling
 n_samples = 1000        # images to generate
-sampler = "ddim"        # "ddpm" (Algorithm 2, T steps) or "ddim" (ddim_steps, eta)
-ddim_steps = 100        # DDIM steps S
+sampler = "ddim"        # "ddpm" (Algorithm 2, T steps), "ddim" (sample_steps, eta) or "dpm" (DPM-Solver++(2M))
+sample_steps = 100      # steps S of ddim and dpm
 eta = 0.0               # DDIM: 0 = deterministic, 1 = DDPM's posterior variance
 variance = "beta"       # DDPM sigma_t^2: "beta" (beta_t) or "posterior" (beta~_t); Ho et al. 3.2 found both similar
 sample_batch = 100
@@ -93,13 +97,14 @@ fid_dims = 2048         # Inception feature size: 2048 is the standard FID (64, 
 
 # --preset=cpu: a small UNet for a 2-core CPU, and how to train and sample it in an hour; each value chosen by
 # measurement at equal training minutes (its speed and samples: docs/results.md, part 2-2)
-CPU_PRESET = dict(channels=32, channel_mults="1,2,2,2", num_res_blocks=1, attn_resolutions="16", dropout=0.0,
-                  norm_groups=8, batch_size=32, lr=1e-3, warmup_steps=200, ema_decay=0.999, min_snr_gamma=5.0,
-                  sample_every=1000, ddim_steps=50)
+CPU_PRESET = dict(channels=64, channel_mults="1,2,2", patch_size=2, num_res_blocks=1, attn_resolutions="16",
+                  dropout=0.0, norm_groups=8, prediction="v", batch_size=32, lr=1e-3, warmup_steps=200,
+                  ema_decay=0.999, min_snr_gamma=5.0, sample_every=1000, sampler="dpm", sample_steps=20)
 IMAGE_SIZE = 64
 # values with a fixed set of choices or a range, checked before any work (see parse_overrides)
 CHECKS = {
-    "preset": ("", "cpu"), "schedule": ("linear", "cosine"), "sampler": ("ddpm", "ddim"),
+    "preset": ("", "cpu"), "schedule": ("linear", "cosine"), "sampler": ("ddpm", "ddim", "dpm"), "patch_size": (1, 2),
+    "prediction": ("eps", "v"),
     "variance": ("beta", "posterior"), "precision": ("auto", "bf16", "fp16", "fp32"), "fid_dims": (2048, 768, 192, 64),
     "channel_mults": (lambda v: re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", v),
                       "comma-separated integers >= 1, like 1,2,2,2"),
@@ -107,7 +112,7 @@ CHECKS = {
                          "comma-separated sizes like 16, or empty"),
     **{name: (lambda v: v >= 1, "an integer >= 1") for name in
        ("timesteps", "channels", "num_res_blocks", "norm_groups", "batch_size", "max_steps", "log_every",
-        "sample_every", "ckpt_every", "num_threads", "n_samples", "ddim_steps", "sample_batch")},
+        "sample_every", "ckpt_every", "num_threads", "n_samples", "sample_steps", "sample_batch")},
     **{name: (lambda v: v >= 0, "a number >= 0") for name in ("warmup_steps", "max_minutes", "eta", "min_snr_gamma")},
     **{name: (lambda v: v > 0, "a number > 0") for name in ("lr", "grad_clip")},
     **{name: (lambda v: 0 <= v < 1, "a number in [0, 1)") for name in ("dropout", "ema_decay")},
@@ -237,17 +242,18 @@ class SelfAttention(nn.Module):
 
 class UNet(nn.Module):
     def __init__(self, channels, channel_mults, num_res_blocks, attn_resolutions, dropout, image_size=IMAGE_SIZE,
-                 norm_groups=32):
+                 norm_groups=32, patch_size=1):
         super().__init__()
+        self.patch_size = patch_size   # the UNet sees (3 p^2, 64/p, 64/p): each p x p patch of pixels is one vector
         block = lambda c_in, c_out: ResidualBlock(c_in, c_out, 4 * channels, dropout, norm_groups)
         attention = lambda width: SelfAttention(width, norm_groups)
         time_dim = 4 * channels
         self.channels = channels
         self.time_mlp = nn.Sequential(nn.Linear(channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
-        self.conv_in = nn.Conv2d(3, channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(3 * patch_size ** 2, channels, 3, padding=1)
         # down path: num_res_blocks blocks per level, then a stride-2 conv; every output is kept for a skip
         self.down = nn.ModuleList()
-        skip_channels, width, resolution = [channels], channels, image_size
+        skip_channels, width, resolution = [channels], channels, image_size // patch_size
         for level, mult in enumerate(channel_mults):
             for _ in range(num_res_blocks):
                 self.down.append(nn.ModuleList([block(width, channels * mult)]))
@@ -272,7 +278,8 @@ class UNet(nn.Module):
                 self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"),
                                               nn.Conv2d(width, width, 3, padding=1)]))
                 resolution *= 2
-        self.norm_out, self.conv_out = group_norm(width, norm_groups), nn.Conv2d(width, 3, 3, padding=1)
+        self.norm_out = group_norm(width, norm_groups)
+        self.conv_out = nn.Conv2d(width, 3 * patch_size ** 2, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
 
     def forward(self, x, t):
@@ -284,7 +291,7 @@ class UNet(nn.Module):
             return h
         # the skips are a stack: every down stage pushes its output, every up block pops one (the last pushed
         # first), so each up block meets the down output of its own resolution; up-sampling stages take none
-        h = self.conv_in(x)
+        h = self.conv_in(F.pixel_unshuffle(x, self.patch_size))   # (b, 3, 64, 64) -> (b, 3 p^2, 64/p, 64/p)
         skips = [h]
         for layers in self.down:
             h = run(layers, h)
@@ -294,7 +301,7 @@ class UNet(nn.Module):
             if isinstance(layers[0], ResidualBlock):
                 h = torch.cat([h, skips.pop()], dim=1)
             h = run(layers, h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.patch_size)   # back to pixels
 
 
 def model_config():
@@ -302,14 +309,15 @@ def model_config():
     and --denoise_figure build from (they never read the constants above for it)."""
     mults, attention = [int(m) for m in channel_mults.split(",")], [int(r) for r in attn_resolutions.split(",") if r]
     return dict(channels=channels, channel_mults=mults, num_res_blocks=num_res_blocks,
-                attn_resolutions=attention, dropout=dropout, norm_groups=norm_groups,
-                schedule=schedule, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end)
+                attn_resolutions=attention, dropout=dropout, norm_groups=norm_groups, patch_size=patch_size,
+                schedule=schedule, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end, prediction=prediction)
 
 
 def build(config):
     model = UNet(config["channels"], config["channel_mults"], config["num_res_blocks"], config["attn_resolutions"],
-                 config["dropout"], norm_groups=config.get("norm_groups", 32))
-    diffusion = Diffusion(make_betas(config["schedule"], config["timesteps"], config["beta_start"], config["beta_end"]))
+                 config["dropout"], norm_groups=config.get("norm_groups", 32), patch_size=config.get("patch_size", 1))
+    diffusion = Diffusion(make_betas(config["schedule"], config["timesteps"], config["beta_start"], config["beta_end"]),
+                          config.get("prediction", "eps"))
     return model, diffusion
 
 
@@ -330,8 +338,8 @@ class Diffusion:
     """The forward process and its posterior, every buffer computed once in float64 (then float32 copies).
     Time steps are 0-based here: t = 0..T-1 stands for the paper's 1..T."""
 
-    def __init__(self, betas):
-        self.timesteps = len(betas)
+    def __init__(self, betas, prediction="eps"):
+        self.timesteps, self.prediction = len(betas), prediction
         self.betas = betas                                              # beta_t
         self.alphas = 1 - betas                                         # alpha_t = 1 - beta_t
         self.alphas_cumprod = torch.cumprod(self.alphas, 0)             # alpha_bar_t = prod_s alpha_s (eq. 4)
@@ -349,6 +357,8 @@ class Diffusion:
         #         + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1 - self.alphas_cumprod)
+        # lambda_t = log(alpha_t / sigma_t) = log(alpha_bar_t / (1 - alpha_bar_t)) / 2, the log signal-to-noise ratio
+        self.log_snr = 0.5 * torch.log(self.alphas_cumprod / (1 - self.alphas_cumprod))   # DPM-Solver
 
     def to(self, device):
         """Every buffer moved to the device once (they stay float64 there, but on mps, which has no float64)."""
@@ -376,6 +386,18 @@ class Diffusion:
         return (self.gather(self.sqrt_recip_alphas_cumprod, t, xt) * xt
                 - self.gather(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps)
 
+    def eps(self, model, xt, t):
+        """eps_theta(x_t, t) in float32, whatever the UNet predicts. With v-prediction (Salimans & Ho 2022, 4) the
+        UNet outputs v = alpha eps - sigma x_0 (alpha = sqrt(alpha_bar_t), sigma = sqrt(1 - alpha_bar_t)), and
+        eps = sigma x_t + alpha v. Why v: x_0 = (x_t - sigma eps) / alpha multiplies an eps error by sigma / alpha,
+        about 150 at t = T with the linear schedule, so a young eps model's x_0 guesses at high noise are far off
+        (clipped, they give the colour casts of a short training); x_0 = alpha x_t - sigma v never amplifies."""
+        out = model(xt, t).float()
+        if self.prediction == "eps":
+            return out
+        alpha, sigma = self.gather(self.sqrt_alphas_cumprod, t, xt), self.gather(self.sqrt_one_minus_alphas_cumprod, t, xt)
+        return sigma * xt + alpha * out
+
     def loss(self, model, x0, generator, min_snr_gamma=0.0):
         """Algorithm 1: t ~ Uniform, eps ~ N(0, I), || eps - eps_theta(x_t, t) ||^2 (L_simple, eq. 14). t and eps
         come from the generator, on its device. min_snr_gamma > 0 weights each image's error by
@@ -384,10 +406,12 @@ class Diffusion:
         fight the others', count less, and a short training reaches the same loss in fewer steps."""
         t = torch.randint(self.timesteps, (len(x0),), generator=generator, device=generator.device)
         noise = torch.randn(x0.shape, generator=generator, device=generator.device)
-        error = (model(self.q_sample(x0, t, noise), t).float() - noise).pow(2).mean(dim=(1, 2, 3))   # per image
-        if min_snr_gamma > 0:
+        target = noise if self.prediction == "eps" else (self.gather(self.sqrt_alphas_cumprod, t, x0) * noise
+                                                         - self.gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0)
+        error = (model(self.q_sample(x0, t, noise), t).float() - target).pow(2).mean(dim=(1, 2, 3))   # per image
+        if min_snr_gamma > 0:   # for v: min(SNR_t, gamma) / (SNR_t + 1), the same weights on the x_0 error
             snr = self.alphas_cumprod[t] / (1 - self.alphas_cumprod[t])
-            error = error * (snr.clamp(max=min_snr_gamma) / snr).float()
+            error = error * (snr.clamp(max=min_snr_gamma) / (snr if self.prediction == "eps" else snr + 1)).float()
         return error.mean()
 
     # ------------------------------------------------------------------------- sampling
@@ -404,7 +428,7 @@ class Diffusion:
         sigma2 = self.betas if variance == "beta" else self.posterior_variance
         for step in reversed(range(self.timesteps)):
             t = torch.full((shape[0],), step, device=device, dtype=torch.long)
-            x0 = self.predict_x0(x, t, model(x, t).float()).clamp(-1, 1)
+            x0 = self.predict_x0(x, t, self.eps(model, x, t)).clamp(-1, 1)
             mean, _ = self.q_posterior(x0, x, t)
             noise = torch.randn(shape, generator=generator).to(device)
             x = mean + (self.gather(sigma2, t, x).sqrt() * noise if step > 0 else 0)   # no noise at the last step
@@ -426,13 +450,13 @@ class Diffusion:
 
     def ddim_sequence(self, steps):
         """The S time steps DDIM visits: evenly spaced over 0..T-1 (Song et al. 4.2, "linear" tau)."""
+        if not 1 <= steps <= self.timesteps:
+            raise ValueError(f"--sample_steps={steps}: DDIM takes 1 to the model's T={self.timesteps} steps")
         return np.linspace(0, self.timesteps - 1, steps).round().astype(int).tolist()
 
     @torch.no_grad()
     def ddim_sample(self, model, shape, generator, steps=100, eta=0.0, record=()):
         """DDIM with `steps` evenly spaced steps of the T (eta = 1 and steps = T give Algorithm 2 with beta~_t)."""
-        if not 1 <= steps <= self.timesteps:
-            raise ValueError(f"--ddim_steps={steps}: DDIM takes 1 to the model's T={self.timesteps} steps")
         device = next(model.parameters()).device
         x = torch.randn(shape, generator=generator).to(device)
         sequence = self.ddim_sequence(steps)
@@ -440,13 +464,51 @@ class Diffusion:
         for i in reversed(range(len(sequence))):
             t = torch.full((shape[0],), sequence[i], device=device, dtype=torch.long)
             t_prev = torch.full_like(t, sequence[i - 1] if i > 0 else -1)
-            mean, sigma = self.ddim_step(x, t, t_prev, model(x, t).float(), eta)
+            mean, sigma = self.ddim_step(x, t, t_prev, self.eps(model, x, t), eta)
             noise = torch.randn(shape, generator=generator).to(device)
             x = mean + sigma * noise if i > 0 else mean
             if sequence[i] in record:
                 kept[sequence[i]] = x.cpu()
         return x, kept
 
+    def dpm_sequence(self, steps):
+        """The steps DPM-Solver visits: evenly spaced in lambda_t ("logSNR" spacing, which Lu et al. recommend for
+        low-resolution images), so every step has the same h and the second-order correction stays small. Steps
+        that round to the same t are visited once."""
+        if not 1 <= steps <= self.timesteps:
+            raise ValueError(f"--sample_steps={steps}: dpm takes 1 to the model's T={self.timesteps} steps")
+        lambdas = self.log_snr.cpu().numpy()                                  # falling with t
+        targets = np.linspace(lambdas[-1], lambdas[0], steps)
+        ts = np.interp(targets, lambdas[::-1], np.arange(self.timesteps)[::-1]).round().astype(int)
+        return sorted(set(ts.tolist()))
+
+    @torch.no_grad()
+    def dpm_solver_sample(self, model, shape, generator, steps=20, record=()):
+        """DPM-Solver++(2M) (Lu et al. 2022, algorithm 2): DDIM's update (DPM-Solver++'s first order) made second
+        order by reusing the previous step's x_0 prediction, so fewer steps reach the same images. With
+        alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t), h = lambda_next - lambda_t, r = h_previous / h:
+            x_next = sigma_next / sigma_t x_t - alpha_next (e^-h - 1) D,   D = (1 + 1/2r) x0_t - 1/2r x0_previous
+        D = x0_t at the first step; the last step (to t = -1, sigma = 0) gives x0_t itself."""
+        device = next(model.parameters()).device
+        x = torch.randn(shape, generator=generator).to(device)
+        sequence = self.dpm_sequence(steps)[::-1] + [-1]                  # T-1 ... 0, then the clean image
+        alpha_bar = lambda s: self.alphas_cumprod[s].item() if s >= 0 else 1.0
+        kept = {self.timesteps: x.cpu()} if self.timesteps in record else {}
+        previous = None                                                   # (x_0 prediction, h) of the last step
+        for s, s_next in zip(sequence[:-1], sequence[1:]):
+            t = torch.full((shape[0],), s, device=device, dtype=torch.long)
+            x0 = self.predict_x0(x, t, self.eps(model, x, t)).clamp(-1, 1)
+            if s_next < 0:
+                x = x0
+            else:
+                h = (self.log_snr[s_next] - self.log_snr[s]).item()
+                d = x0 if previous is None else x0 + (x0 - previous[0]) * h / (2 * previous[1])   # 1/2r = h/2h_prev
+                x = (math.sqrt((1 - alpha_bar(s_next)) / (1 - alpha_bar(s))) * x
+                     - math.sqrt(alpha_bar(s_next)) * math.expm1(-h) * d)
+                previous = (x0, h)
+            if s in record:                                               # as DDIM: x after the step from s
+                kept[s] = x.cpu()
+        return x, kept
 
 # ----------------------------------------------------------------------------- training (Algorithm 1)
 def start_or_resume(config, run_device, precision_name, ckpt_path):
@@ -462,7 +524,7 @@ def start_or_resume(config, run_device, precision_name, ckpt_path):
     if not os.path.exists(ckpt_path):
         return model, diffusion, ema, optimizer, scaler, 0
     checkpoint = load_checkpoint(ckpt_path, run_device)
-    saved = {"norm_groups": 32, **checkpoint["config"]}
+    saved = {"norm_groups": 32, "patch_size": 1, "prediction": "eps", **checkpoint["config"]}
     differing = [f"{k} = {saved.get(k)!r} there, {v!r} now" for k, v in config.items() if saved.get(k) != v]
     if differing:
         raise ValueError(f"{ckpt_path} was trained with another configuration ({'; '.join(differing)}): run with its "
@@ -541,10 +603,11 @@ def train_model(data_dir, out_dir):
 
 def wrap_for_training(model, run_device, rank):
     """torch.compile and DistributedDataParallel around the model; the EMA and the checkpoints use the bare one."""
-    if compile and run_device.startswith("cuda") and torch.cuda.get_device_capability()[0] >= 8:
+    why_not = compile_blocker(run_device) if compile else ""
+    if compile and not why_not:
         model = torch.compile(model)
     elif compile and rank == 0:
-        print("note: --compile needs a CUDA GPU of capability >= 8.0 (Triton, bf16); training in eager mode")
+        print(f"note: --compile {why_not}; training in eager mode")
     if dist.is_initialized():
         model = nn.parallel.DistributedDataParallel(model, device_ids=[run_device] if run_device != "cpu" else None)
     return model
@@ -603,10 +666,12 @@ def load_ema(out_dir, run_device):
 
 
 def run_sampler(model, diffusion, shape, generator, record=()):
-    """The sampler chosen above: Algorithm 2 or DDIM. -> (x_0, {t: x_t})."""
+    """The sampler chosen above: Algorithm 2, DDIM or DPM-Solver++(2M). -> (x_0, {t: x_t})."""
     if sampler == "ddpm":
         return diffusion.ddpm_sample(model, shape, generator, variance, record)
-    return diffusion.ddim_sample(model, shape, generator, ddim_steps, eta, record)
+    if sampler == "dpm":
+        return diffusion.dpm_solver_sample(model, shape, generator, sample_steps, record)
+    return diffusion.ddim_sample(model, shape, generator, sample_steps, eta, record)
 
 
 def to_uint8(x):
@@ -633,7 +698,7 @@ def sample_images(out_dir):
         print(f"generated {done}/{n_samples}, {done / (time.time() - start):.2f} images/s, "
               f"about {(n_samples - done) / done * (time.time() - start) / 60:.1f} min left", flush=True)
     write_submission(np.concatenate(outputs), folder, submission)
-    print(f"{n_samples} images ({sampler}, {ddim_steps if sampler == 'ddim' else diffusion.timesteps} steps, "
+    print(f"{n_samples} images ({sampler}, {diffusion.timesteps if sampler == 'ddpm' else sample_steps} steps, "
           f"{precision_name}) in {time.time() - start:.0f} s: {folder}/1.jpg..{n_samples}.jpg and {submission}")
     if run_fid:
         evaluate_fid(submission, fid_ref or data_dir, run_device)
@@ -680,8 +745,8 @@ def denoising_figure(out_dir, columns=10):
     if sampler == "ddpm":
         record = set(np.linspace(0, diffusion.timesteps, columns).round().astype(int).tolist())
     else:
-        sequence = diffusion.ddim_sequence(ddim_steps)
-        record = {sequence[i] for i in np.linspace(0, ddim_steps - 1, columns - 1).round().astype(int)}
+        sequence = (diffusion.dpm_sequence if sampler == "dpm" else diffusion.ddim_sequence)(sample_steps)
+        record = {sequence[i] for i in np.linspace(0, len(sequence) - 1, columns - 1).round().astype(int)}
         record.add(diffusion.timesteps)
     with ctx:
         _, kept = run_sampler(model, diffusion, (5, 3, IMAGE_SIZE, IMAGE_SIZE), torch.Generator().manual_seed(seed),
@@ -790,6 +855,19 @@ def cpu_has_bf16():
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def compile_blocker(run_device):
+    """Why torch.compile cannot run on run_device ("" where it can): its inductor writes Triton kernels for a GPU
+    (this script asks capability >= 8.0, its bf16 path) and C++ for a CPU, which needs a compiler (g++ on Linux,
+    clang++ with Apple's command-line tools; Windows rarely has one)."""
+    if run_device.startswith("cuda"):
+        major = torch.cuda.get_device_capability()[0]
+        return "" if major >= 8 else "needs a CUDA GPU of capability >= 8.0 (Triton, bf16)"
+    if run_device == "cpu":
+        compilers = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+        return "" if any(shutil.which(c) for c in compilers if c) else "needs a C++ compiler on a CPU (g++ or clang++)"
+    return f"is not used on {run_device}"
 
 
 def check_cuda_build():

@@ -53,7 +53,7 @@ class WritesAMarker:
         return (open, (self.path, "w"))
 
 
-@pytest.mark.parametrize("command", [["--train"], ["--sample", "--n_samples=1", "--ddim_steps=2"], ["--denoise_figure"]])
+@pytest.mark.parametrize("command", [["--train"], ["--sample", "--n_samples=1", "--sample_steps=2"], ["--denoise_figure"]])
 def test_a_crafted_checkpoint_never_runs_code(faces_npy, tmp_path, command):
     out, marker = tmp_path / "out", tmp_path / "marker"
     out.mkdir()
@@ -167,7 +167,7 @@ def test_the_cpu_preset_applies_only_when_named_and_overrides_win(faces_npy, tmp
     plain = run("--bench", "--help")
     assert "channels = 128" in plain.stdout                                # the constants as written
     named = run("--preset=cpu", "--help")
-    assert "preset cpu: channels = 32" in named.stdout and "channels = 32" in named.stdout
+    assert "preset cpu: channels = 64" in named.stdout and "\n  channels = 64 " in named.stdout
     both = run("--preset=cpu", "--channels=16", "--help")                 # the preset first, then the flags
     assert "overriding: channels = 16" in both.stdout and "\n  channels = 16 " in both.stdout
 

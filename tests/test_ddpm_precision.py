@@ -273,6 +273,22 @@ def test_bf16_and_compile_from_capability_8(monkeypatch, capsys):
     assert "eager" not in capsys.readouterr().out
 
 
+def test_compile_on_a_cpu_needs_a_cpp_compiler(monkeypatch, capsys):
+    """Inductor writes C++ for a CPU: with a compiler on PATH the model is compiled, without one training runs
+    eagerly with a note (Windows without Visual Studio's tools, a Mac without Xcode's)."""
+    monkeypatch.setattr(ddpm, "compile", True)
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(ddpm.shutil, "which", lambda name: "/usr/bin/" + name if name == "clang++" else None)
+    assert ddpm.wrap_for_training(model, "cpu", 0) is not model
+    assert "eager" not in capsys.readouterr().out
+    monkeypatch.setattr(ddpm.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    assert ddpm.wrap_for_training(model, "cpu", 0) is model
+    assert "note: --compile needs a C++ compiler on a CPU" in capsys.readouterr().out
+    assert ddpm.wrap_for_training(model, "mps", 0) is model
+    assert "note: --compile is not used on mps" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("entry", ["train", "sample", "denoise_figure", "bench"])
 def test_the_cuda_build_check_runs_on_every_gpu_entry_point(monkeypatch, tmp_path, entry):
     """Kaggle's P100 (6.0) under a PyTorch build for sm_70 and newer: every entry point stops at its start."""
@@ -328,7 +344,7 @@ def test_two_process_train_and_sample_writes_one_submission(faces_npy, tmp_path)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                              "--master_port=29543", "ddpm.py", "--train", "--sample", f"--data_dir={faces_npy}",
                              f"--out_dir={out}", *TINY_FLAGS, "--max_steps=2", "--sample_every=1000", "--n_samples=3",
-                             "--ddim_steps=2", f"--submission={tmp_path / 'submission.zip'}", "--precision=fp32"],
+                             "--sample_steps=2", f"--submission={tmp_path / 'submission.zip'}", "--precision=fp32"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("3 images (ddim, 2 steps") == 1 and result.stdout.count("generated 3/3") == 1
