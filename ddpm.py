@@ -6,7 +6,7 @@ zipped flat into submission.zip.
 
     python ddpm.py --train --data_dir=data/celeba --out_dir=out/ddpm          # the model below, for a GPU
     python ddpm.py --train --preset=cpu --max_minutes=60                      # a small model for a 2-core CPU,
-    python ddpm.py --sample --preset=cpu                                      # and its 1,000 samples (6 min)
+    python ddpm.py --sample --preset=cpu                                      # and its 1,000 samples (13-34 min)
     python ddpm.py --sample --out_dir=out/ddpm --n_samples=1000 --submission=submission.zip
     python ddpm.py --denoise_figure --out_dir=out/ddpm                        # out_dir/denoising.png
     python ddpm.py --sample ... --run_fid --fid_ref=data/celeba               # + FID and KID (fid.py)
@@ -97,9 +97,9 @@ fid_dims = 2048         # Inception feature size: 2048 is the standard FID (64, 
 
 # --preset=cpu: a small UNet for a 2-core CPU, and how to train and sample it in an hour; each value chosen by
 # measurement at equal training minutes (its speed and samples: docs/results.md, part 2-2)
-CPU_PRESET = dict(channels=64, channel_mults="1,2,2", patch_size=2, num_res_blocks=1, attn_resolutions="16",
-                  dropout=0.0, norm_groups=8, prediction="v", batch_size=32, lr=1e-3, warmup_steps=200,
-                  ema_decay=0.999, min_snr_gamma=5.0, sample_every=1000, sampler="dpm", sample_steps=20)
+CPU_PRESET = dict(channels=32, channel_mults="1,2,2,2", num_res_blocks=1, attn_resolutions="16", dropout=0.0,
+                  norm_groups=8, batch_size=32, lr=1e-3, warmup_steps=200, ema_decay=0.999, min_snr_gamma=5.0,
+                  sample_every=1000, sample_steps=50)
 IMAGE_SIZE = 64
 # values with a fixed set of choices or a range, checked before any work (see parse_overrides)
 CHECKS = {
@@ -395,8 +395,8 @@ class Diffusion:
         out = model(xt, t).float()
         if self.prediction == "eps":
             return out
-        alpha, sigma = self.gather(self.sqrt_alphas_cumprod, t, xt), self.gather(self.sqrt_one_minus_alphas_cumprod, t, xt)
-        return sigma * xt + alpha * out
+        alpha = self.gather(self.sqrt_alphas_cumprod, t, xt)
+        return self.gather(self.sqrt_one_minus_alphas_cumprod, t, xt) * xt + alpha * out
 
     def loss(self, model, x0, generator, min_snr_gamma=0.0):
         """Algorithm 1: t ~ Uniform, eps ~ N(0, I), || eps - eps_theta(x_t, t) ||^2 (L_simple, eq. 14). t and eps

@@ -139,7 +139,7 @@ def test_presets_build_a_unet_of_the_right_shape(preset):
     """gpu: the constants as written at the top of ddpm.py; cpu: CPU_PRESET."""
     config = dict(ddpm.CPU_PRESET) if preset == "cpu" else {k: getattr(ddpm, k) for k in ddpm.CPU_PRESET}
     model = ddpm.UNet(config["channels"], [int(m) for m in config["channel_mults"].split(",")],
-                      config["num_res_blocks"], [16], config["dropout"], patch_size=config["patch_size"])
+                      config["num_res_blocks"], [16], config["dropout"], patch_size=config.get("patch_size", 1))
     attention = sum(isinstance(m, ddpm.SelfAttention) for m in model.modules())
     levels = len(config["channel_mults"].split(","))
     # attention at 16x16 only: one per block there going down and up, plus the middle one
@@ -150,6 +150,19 @@ def test_presets_build_a_unet_of_the_right_shape(preset):
         assert model(x, torch.tensor([10])).shape == (1, 3, 64, 64)
     if preset == "gpu":
         assert 30e6 < sum(p.numel() for p in model.parameters()) < 120e6
+
+
+def test_patch_unet_works_at_32x32_and_gives_back_64x64():
+    """--patch_size=2 (Hoogeboom et al. 2023): pixel unshuffle to 32x32x12, so the levels are 32, 16, 8 and the
+    attention at 16 sits one level down; the output is shuffled back to 64x64 pixels."""
+    model = ddpm.UNet(16, [1, 2, 2], 1, [16], 0.0, norm_groups=8, patch_size=2)
+    assert model.conv_in.in_channels == 12 and model.conv_out.out_channels == 12
+    sizes = []
+    model.down[0][0].register_forward_hook(lambda module, inputs, output: sizes.append(output.shape[-1]))
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64), torch.tensor([3, 700]))
+    assert out.shape == (2, 3, 64, 64) and sizes == [32]                   # the first level is 32x32
+    assert sum(isinstance(m, ddpm.SelfAttention) for m in model.modules()) == 1 + 2 + 1   # down, up, middle at 16
 
 
 def test_tiny_unet_overfits_a_handful_of_images():
