@@ -75,12 +75,12 @@ num_threads = 2         # CPU threads for torch (torch.set_num_threads)
 
 CHECKS = {"backend": ("auto", "unsloth", "transformers"), "precision": ("auto", "bf16", "fp16", "fp32"),
           "optimizer_name": ("adamw", "adamw_8bit"), "lora_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-          "lr": (lambda v: v > 0, "a number > 0"), "grad_clip": (lambda v: v > 0, "a number > 0")}
-CHECKS.update({name: (lambda v: v >= 1, "an integer >= 1") for name in (
-    "lora_r", "lora_alpha", "epochs", "batch_size", "grad_accum", "eval_every", "save_every", "max_new_tokens",
-    "predict_batch_size", "log_every", "num_threads")})
-CHECKS.update({name: (lambda v: v >= 0, "a number >= 0") for name in (
-    "max_steps", "warmup_steps", "weight_decay", "val_samples", "max_minutes")})
+          **{name: (lambda v: v > 0, "a number > 0") for name in ("lr", "grad_clip")},
+          **{name: (lambda v: v >= 1, "an integer >= 1") for name in (
+              "lora_r", "lora_alpha", "epochs", "batch_size", "grad_accum", "eval_every", "save_every",
+              "max_new_tokens", "predict_batch_size", "log_every", "num_threads")},
+          **{name: (lambda v: v >= 0, "a number >= 0") for name in (
+              "max_steps", "warmup_steps", "weight_decay", "val_samples", "max_minutes")}}
 # Settings saved beside every adapter. --predict rebuilds the adapter's base and prompt from MODEL_KEYS; a resumed
 # run must match all of RESUME_KEYS (batch_size and grad_accum fix the examples of each step).
 MODEL_KEYS = ("model_name", "tiny", "instruction", "lora_r", "lora_alpha", "lora_dropout", "finetune_vision", "seed")
@@ -101,15 +101,15 @@ def choose_precision(requested, device_type):
     computes it natively (CUDA capability >= 8.0, i.e. Ampere and later; CPUs with AMX or AVX512-BF16), fp16 with a
     gradient scaler on older GPUs (a T4, 7.5, only emulates bf16: slow, and a P100, 6.0, fails in cuBLAS), and fp32
     elsewhere. Every GPU run comes through here, so the PyTorch build is checked against the GPU here too."""
+    major, minor = torch.cuda.get_device_capability() if device_type == "cuda" else (0, 0)
     if device_type == "cuda":
-        major, minor = torch.cuda.get_device_capability()
         check_cuda_build(major, minor)
-        if requested == "bf16" and major < 8:
-            raise ValueError(f"--precision=bf16 needs CUDA capability 8.0, this GPU has {major}.{minor}: "
-                             f"use --precision=fp16 (or auto)")
+    if device_type == "cuda" and requested == "bf16" and major < 8:
+        raise ValueError(f"--precision=bf16 needs CUDA capability 8.0, this GPU has {major}.{minor}: "
+                         f"use --precision=fp16 (or auto)")
     if requested != "auto":
         return requested, "asked for"
-    if device_type == "cuda" and major >= 8:
+    if major >= 8:
         return "bf16", f"CUDA capability {major}.{minor} computes bfloat16 natively"
     if device_type == "cuda":
         return "fp16", f"CUDA capability {major}.{minor} has no native bfloat16: float16 with a gradient scaler"
@@ -140,32 +140,32 @@ def load_split(path, need_caption):
             raise ValueError(f"{name}: missing column {column!r} (has {table.column_names})")
     rows, row_of_image = [], {}
     for number, row in enumerate(table.to_pylist()):
+        where = f"{name}: row {number}"
         data = row["image"].get("bytes") if isinstance(row["image"], dict) else row["image"]
-        if not data:
-            raise ValueError(f"{name}: row {number}: field 'image' has no bytes")
-        if not isinstance(row.get("idx", 0), int):
-            raise ValueError(f"{name}: row {number}: field 'idx' must be an integer, got {row['idx']!r}")
         references = row.get("references") or []
         captions = [row["caption"]] if "caption" in row else []
         captions += references if isinstance(references, list) else [None]   # not a list: an error below
+        if not data:
+            raise ValueError(f"{where}: field 'image' has no bytes")
+        if not isinstance(row.get("idx", 0), int):
+            raise ValueError(f"{where}: field 'idx' must be an integer, got {row['idx']!r}")
         if need_caption and not (captions and all(isinstance(text, str) and text.strip() for text in captions)):
-            raise ValueError(f"{name}: row {number}: field 'caption' or 'references' is empty or not text")
+            raise ValueError(f"{where}: field 'caption' or 'references' is empty or not text")
         if need_caption and data in row_of_image:   # another caption of an image seen before
-            known = row_of_image[data]["references"]
-            known += [text for text in captions if text not in known]
+            row_of_image[data]["references"] += captions
             continue
         try:
             with Image.open(io.BytesIO(data)) as opened:
                 row["image"] = opened.convert("RGB")
         except Exception as e:
-            raise ValueError(f"{name}: row {number}: cannot decode image ({type(e).__name__}: {e})") from None
-        if need_caption:
-            row["references"] = list(dict.fromkeys(captions))   # unique, in order; the `caption` first
-            row["caption"] = row["references"][0]
-            row_of_image[data] = row
-        rows.append(row)
+            raise ValueError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from None
+        row_of_image[data] = row | {"references": captions}
+        rows.append(row_of_image[data])
     if not rows:
         raise ValueError(f"{name}: no rows")
+    for row in rows if need_caption else []:
+        row["references"] = list(dict.fromkeys(row["references"]))   # unique, in order; the `caption` first
+        row["caption"] = row["references"][0]
     return rows
 
 
@@ -234,45 +234,39 @@ def load_base(name, is_tiny, model_seed, precision_name, use_cuda):
 
 
 def checkpointed_forward(module, *args, **kwargs):
-    """The forward that prepare_for_training gives a vision layer: its own, checkpointed while training (Chen et al.
+    """The forward that load_transformers gives a vision layer: its own, checkpointed while training (Chen et al.
     2016, "Training Deep Nets with Sublinear Memory Cost": activations recomputed in backward)."""
     if module.training and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(module._unchecked_forward, *args, use_reentrant=False, **kwargs)
     return module._unchecked_forward(*args, **kwargs)
 
 
-def prepare_for_training(base, precision_name):
-    """Freeze the base, prepare a 4-bit one with peft (norms in fp32), turn on non-reentrant gradient checkpointing
-    of the language layers (transformers) and of every MllamaVisionEncoderLayer (here: transformers does not, and
-    one 11B vision layer with LoRA keeps about 300 MiB of activations per image), and store the big frozen 16-bit
-    matrices back in the autocast dtype (peft upcasts them all to fp32: +3.9 GB on the 11B)."""
+def load_transformers(name, is_tiny, model_seed, adapter_dir, trainable, precision_name, use_cuda):
+    """The base through transformers with new LoRA on LANGUAGE_TARGETS (and VISION_TARGETS) or the saved adapter in
+    adapter_dir. Where trainable, the frozen base is prepared for training: a 4-bit one by peft (norms in fp32; the
+    big frozen 16-bit matrices, which peft upcasts to fp32, +3.9 GB on the 11B, stored back in the autocast dtype),
+    with non-reentrant gradient checkpointing of the language layers (transformers) and of every
+    MllamaVisionEncoderLayer (here: transformers does not, and one 11B vision layer with LoRA keeps about 300 MiB of
+    activations per image)."""
+    import peft
     from transformers.models.mllama.modeling_mllama import MllamaVisionEncoderLayer
+    check_versions()
+    base, processor = load_base(name, is_tiny, model_seed, precision_name, use_cuda)
     base.requires_grad_(False)
-    # non-reentrant: the reentrant default crashes on the cross-attention states in the first backward
-    checkpointing_kwargs = {"use_reentrant": False}
-    if getattr(base, "is_loaded_in_4bit", False):
-        import peft
-        peft.prepare_model_for_kbit_training(base, use_gradient_checkpointing=gradient_checkpointing,
-                                             gradient_checkpointing_kwargs=checkpointing_kwargs)
+    checkpointing = trainable and gradient_checkpointing
+    reentrant = {"use_reentrant": False}   # the reentrant default crashes on the cross-attention states in backward
+    if trainable and getattr(base, "is_loaded_in_4bit", False):
+        peft.prepare_model_for_kbit_training(base, use_gradient_checkpointing=checkpointing,
+                                             gradient_checkpointing_kwargs=reentrant)
         for module in base.modules():
             if type(module) in (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d):
                 module.to(DTYPES[precision_name])
-    elif gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
-    for module in base.modules() if gradient_checkpointing else []:
-        if isinstance(module, MllamaVisionEncoderLayer) and "_unchecked_forward" not in module.__dict__:
+    elif checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=reentrant)
+    for module in base.modules() if checkpointing else []:
+        if isinstance(module, MllamaVisionEncoderLayer):
             module._unchecked_forward = module.forward
             module.forward = functools.partial(checkpointed_forward, module)
-
-
-def load_transformers(name, is_tiny, model_seed, adapter_dir, trainable, precision_name, use_cuda):
-    """The base through transformers, prepared for training where trainable, with new LoRA on LANGUAGE_TARGETS (and
-    VISION_TARGETS) or the saved adapter in adapter_dir."""
-    check_versions()
-    import peft
-    base, processor = load_base(name, is_tiny, model_seed, precision_name, use_cuda)
-    if trainable:
-        prepare_for_training(base, precision_name)
     if adapter_dir:
         try:
             model = peft.PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)
@@ -292,23 +286,6 @@ def load_transformers(name, is_tiny, model_seed, adapter_dir, trainable, precisi
     return model, processor
 
 
-def load_unsloth(name, adapter_dir, trainable, precision_name):
-    """The same model through unsloth (GPU only): the base in 4-bit where load_in_4bit, its LoRA on the same
-    projections, its gradient checkpointing (vision layers included; always on). An adapter folder loads through
-    from_pretrained, as in unsloth's notebooks."""
-    from unsloth import FastVisionModel
-    model, processor = FastVisionModel.from_pretrained(adapter_dir or name, load_in_4bit=load_in_4bit,
-                                                       dtype=DTYPES[precision_name],
-                                                       use_gradient_checkpointing="unsloth")
-    if adapter_dir is None:
-        model = FastVisionModel.get_peft_model(
-            model, finetune_vision_layers=finetune_vision, finetune_language_layers=True,
-            finetune_attention_modules=True, finetune_mlp_modules=True, r=lora_r, lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout, bias="none", random_state=seed)
-    set_mode(model, "unsloth", training=trainable)
-    return model, processor
-
-
 def set_mode(model, used_backend, training):
     """unsloth patches its model for training or for fast generation; switch between them around validation."""
     if used_backend == "unsloth":
@@ -319,15 +296,27 @@ def set_mode(model, used_backend, training):
 def load_model(name, is_tiny, model_seed, adapter_dir=None, trainable=True, precision_name="fp32", why="asked for"):
     """(model with LoRA, processor, backend used): the base `name` (or the tiny model of model_seed) with new LoRA,
     or with the saved adapter in adapter_dir; trainable: prepared for training, the LoRA matrices in fp32 (the
-    gradient scaler refuses fp16 gradients). Prints the start line: backend, device, precision and why."""
+    gradient scaler refuses fp16 gradients). Prints the start line: backend, device, precision and why. unsloth
+    (GPU only) loads the base in 4-bit where load_in_4bit, its LoRA on the same projections, with its gradient
+    checkpointing (vision layers included; always on); an adapter folder loads through from_pretrained."""
     use_cuda = torch.cuda.is_available()
     used_backend = choose_backend(use_cuda, is_tiny)
     if used_backend == "unsloth":
+        from unsloth import FastVisionModel
         try:
-            model, processor = load_unsloth(name, adapter_dir, trainable, precision_name)
+            model, processor = FastVisionModel.from_pretrained(adapter_dir or name, load_in_4bit=load_in_4bit,
+                                                               dtype=DTYPES[precision_name],
+                                                               use_gradient_checkpointing="unsloth")
         except Exception as e:
             used_backend = fall_back(f"failed to load {adapter_dir or name}", e)
-    if used_backend == "transformers":
+    if used_backend == "unsloth" and adapter_dir is None:
+        model = FastVisionModel.get_peft_model(
+            model, finetune_vision_layers=finetune_vision, finetune_language_layers=True,
+            finetune_attention_modules=True, finetune_mlp_modules=True, r=lora_r, lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout, bias="none", random_state=seed)
+    if used_backend == "unsloth":
+        set_mode(model, used_backend, training=trainable)
+    else:
         model, processor = load_transformers(name, is_tiny, model_seed, adapter_dir, trainable, precision_name,
                                              use_cuda)
     for p in model.parameters() if trainable else []:
@@ -588,8 +577,7 @@ def write_submission(data_dir, out_dir, submission):
     precision_name, why = choose_precision(precision, "cuda" if torch.cuda.is_available() else "cpu")
     model, processor, _ = load_model(saved["model_name"], saved["tiny"], saved["seed"], best, trainable=False,
                                      precision_name=precision_name, why=why)
-    device = next(model.parameters()).device
-    ctx = torch.autocast(device.type, dtype=DTYPES[precision_name], enabled=precision_name != "fp32")
+    ctx = torch.autocast(model.device.type, dtype=DTYPES[precision_name], enabled=precision_name != "fp32")
     captions = generate_captions(model, processor, [r["image"] for r in rows], saved["instruction"], ctx)
     save_atomic(json.dumps([{"idx": r["idx"], "output": text} for r, text in zip(rows, captions)], indent=1),
                 submission)
