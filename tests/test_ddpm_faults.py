@@ -167,7 +167,7 @@ def test_the_cpu_preset_applies_only_when_named_and_overrides_win(faces_npy, tmp
     plain = run("--bench", "--help")
     assert "channels = 128" in plain.stdout                                # the constants as written
     named = run("--preset=cpu", "--help")
-    assert "preset cpu: channels = 32" in named.stdout and "\n  channels = 32 " in named.stdout
+    assert "preset cpu: channels = 64" in named.stdout and "\n  channels = 64 " in named.stdout
     both = run("--preset=cpu", "--channels=16", "--help")                 # the preset first, then the flags
     assert "overriding: channels = 16" in both.stdout and "\n  channels = 16 " in both.stdout
 

