@@ -101,15 +101,15 @@ def choose_precision(requested, device_type):
     computes it natively (CUDA capability >= 8.0, i.e. Ampere and later; CPUs with AMX or AVX512-BF16), fp16 with a
     gradient scaler on older GPUs (a T4, 7.5, only emulates bf16: slow, and a P100, 6.0, fails in cuBLAS), and fp32
     elsewhere. Every GPU run comes through here, so the PyTorch build is checked against the GPU here too."""
-    major, minor = torch.cuda.get_device_capability() if device_type == "cuda" else (0, 0)
     if device_type == "cuda":
+        major, minor = torch.cuda.get_device_capability()
         check_cuda_build(major, minor)
-    if device_type == "cuda" and requested == "bf16" and major < 8:
-        raise ValueError(f"--precision=bf16 needs CUDA capability 8.0, this GPU has {major}.{minor}: "
-                         f"use --precision=fp16 (or auto)")
+        if requested == "bf16" and major < 8:
+            raise ValueError(f"--precision=bf16 needs CUDA capability 8.0, this GPU has {major}.{minor}: "
+                             f"use --precision=fp16 (or auto)")
     if requested != "auto":
         return requested, "asked for"
-    if major >= 8:
+    if device_type == "cuda" and major >= 8:
         return "bf16", f"CUDA capability {major}.{minor} computes bfloat16 natively"
     if device_type == "cuda":
         return "fp16", f"CUDA capability {major}.{minor} has no native bfloat16: float16 with a gradient scaler"
@@ -142,30 +142,31 @@ def load_split(path, need_caption):
     for number, row in enumerate(table.to_pylist()):
         where = f"{name}: row {number}"
         data = row["image"].get("bytes") if isinstance(row["image"], dict) else row["image"]
-        references = row.get("references") or []
-        captions = [row["caption"]] if "caption" in row else []
-        captions += references if isinstance(references, list) else [None]   # not a list: an error below
         if not data:
             raise ValueError(f"{where}: field 'image' has no bytes")
         if not isinstance(row.get("idx", 0), int):
             raise ValueError(f"{where}: field 'idx' must be an integer, got {row['idx']!r}")
+        references = row.get("references") or []
+        captions = [row["caption"]] if "caption" in row else []
+        captions += references if isinstance(references, list) else [None]   # not a list: an error below
         if need_caption and not (captions and all(isinstance(text, str) and text.strip() for text in captions)):
             raise ValueError(f"{where}: field 'caption' or 'references' is empty or not text")
         if need_caption and data in row_of_image:   # another caption of an image seen before
-            row_of_image[data]["references"] += captions
+            known = row_of_image[data]["references"]
+            known += [text for text in captions if text not in known]
             continue
         try:
             with Image.open(io.BytesIO(data)) as opened:
                 row["image"] = opened.convert("RGB")
         except Exception as e:
             raise ValueError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from None
-        row_of_image[data] = row | {"references": captions}
-        rows.append(row_of_image[data])
+        if need_caption:
+            row["references"] = list(dict.fromkeys(captions))   # unique, in order; the `caption` first
+            row["caption"] = row["references"][0]
+            row_of_image[data] = row
+        rows.append(row)
     if not rows:
         raise ValueError(f"{name}: no rows")
-    for row in rows if need_caption else []:
-        row["references"] = list(dict.fromkeys(row["references"]))   # unique, in order; the `caption` first
-        row["caption"] = row["references"][0]
     return rows
 
 
@@ -286,6 +287,23 @@ def load_transformers(name, is_tiny, model_seed, adapter_dir, trainable, precisi
     return model, processor
 
 
+def load_unsloth(name, adapter_dir, trainable, precision_name):
+    """The same model through unsloth (GPU only): the base in 4-bit where load_in_4bit, its LoRA on the same
+    projections, its gradient checkpointing (vision layers included; always on). An adapter folder loads through
+    from_pretrained, as in unsloth's notebooks."""
+    from unsloth import FastVisionModel
+    model, processor = FastVisionModel.from_pretrained(adapter_dir or name, load_in_4bit=load_in_4bit,
+                                                       dtype=DTYPES[precision_name],
+                                                       use_gradient_checkpointing="unsloth")
+    if adapter_dir is None:
+        model = FastVisionModel.get_peft_model(
+            model, finetune_vision_layers=finetune_vision, finetune_language_layers=True,
+            finetune_attention_modules=True, finetune_mlp_modules=True, r=lora_r, lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout, bias="none", random_state=seed)
+    set_mode(model, "unsloth", training=trainable)
+    return model, processor
+
+
 def set_mode(model, used_backend, training):
     """unsloth patches its model for training or for fast generation; switch between them around validation."""
     if used_backend == "unsloth":
@@ -296,27 +314,15 @@ def set_mode(model, used_backend, training):
 def load_model(name, is_tiny, model_seed, adapter_dir=None, trainable=True, precision_name="fp32", why="asked for"):
     """(model with LoRA, processor, backend used): the base `name` (or the tiny model of model_seed) with new LoRA,
     or with the saved adapter in adapter_dir; trainable: prepared for training, the LoRA matrices in fp32 (the
-    gradient scaler refuses fp16 gradients). Prints the start line: backend, device, precision and why. unsloth
-    (GPU only) loads the base in 4-bit where load_in_4bit, its LoRA on the same projections, with its gradient
-    checkpointing (vision layers included; always on); an adapter folder loads through from_pretrained."""
+    gradient scaler refuses fp16 gradients). Prints the start line: backend, device, precision and why."""
     use_cuda = torch.cuda.is_available()
     used_backend = choose_backend(use_cuda, is_tiny)
     if used_backend == "unsloth":
-        from unsloth import FastVisionModel
         try:
-            model, processor = FastVisionModel.from_pretrained(adapter_dir or name, load_in_4bit=load_in_4bit,
-                                                               dtype=DTYPES[precision_name],
-                                                               use_gradient_checkpointing="unsloth")
+            model, processor = load_unsloth(name, adapter_dir, trainable, precision_name)
         except Exception as e:
             used_backend = fall_back(f"failed to load {adapter_dir or name}", e)
-    if used_backend == "unsloth" and adapter_dir is None:
-        model = FastVisionModel.get_peft_model(
-            model, finetune_vision_layers=finetune_vision, finetune_language_layers=True,
-            finetune_attention_modules=True, finetune_mlp_modules=True, r=lora_r, lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout, bias="none", random_state=seed)
-    if used_backend == "unsloth":
-        set_mode(model, used_backend, training=trainable)
-    else:
+    if used_backend == "transformers":
         model, processor = load_transformers(name, is_tiny, model_seed, adapter_dir, trainable, precision_name,
                                              use_cuda)
     for p in model.parameters() if trainable else []:

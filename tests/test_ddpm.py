@@ -139,7 +139,7 @@ def test_presets_build_a_unet_of_the_right_shape(preset):
     """gpu: the constants as written at the top of ddpm.py; cpu: CPU_PRESET."""
     config = dict(ddpm.CPU_PRESET) if preset == "cpu" else {k: getattr(ddpm, k) for k in ddpm.CPU_PRESET}
     model = ddpm.UNet(config["channels"], [int(m) for m in config["channel_mults"].split(",")],
-                      config["num_res_blocks"], [16], config["dropout"], patch_size=config.get("patch_size", 1))
+                      config["num_res_blocks"], [16], config["dropout"], patch_size=config["patch_size"])
     attention = sum(isinstance(m, ddpm.SelfAttention) for m in model.modules())
     levels = len(config["channel_mults"].split(","))
     # attention at 16x16 only: one per block there going down and up, plus the middle one
