@@ -11,7 +11,7 @@ autocast, in a plain loop. CUDA or the CPU: a Mac's mps is not used (bitsandbyte
 Training validates at step 0 (the zero-shot BLEU) and every eval_every steps, and saves numbered folders
 out_dir/step_<N>/ (adapter, settings, optimizer and scaler state) every save_every steps and at each new best
 validation BLEU; out_dir/checkpoint.json names the last and the best. Run the same command again to resume;
---predict uses the best adapter and the settings it was trained with. Ctrl-C or SIGTERM saves, then exits.
+--predict uses the best adapter (with the model and prompt it was trained with). Ctrl-C or SIGTERM saves, then exits.
 """
 import functools
 import gc
@@ -41,7 +41,7 @@ tiny = False            # a tiny randomly initialised Mllama and processor built
 data_dir = "data/caption"  # holds train_data.parquet, valid_data.parquet, test_data.parquet
 out_dir = "out/caption"    # out_dir/step_<N>/: the saved steps; out_dir/checkpoint.json: which is last and best
 submission = "submission.json"  # --predict writes [{"idx": ..., "output": caption}] here
-model_name = "unsloth/Llama-3.2-11B-Vision-Instruct"  # a Hub id or a local folder (also --model=...)
+model_name = "unsloth/Llama-3.2-11B-Vision-Instruct"  # a Hub id or a local folder
 backend = "auto"        # auto | unsloth | transformers (auto: unsloth on CUDA capability >= 7.0 where it imports)
 load_in_4bit = True     # 4-bit NF4 base weights (QLoRA); vision encoder, projector and lm_head stay 16-bit
 precision = "auto"      # auto | bf16 | fp16 | fp32 autocast (auto: bf16 where native, fp16 + scaler on older GPUs)
@@ -81,15 +81,11 @@ CHECKS = {"backend": ("auto", "unsloth", "transformers"), "precision": ("auto", 
               "max_new_tokens", "predict_batch_size", "log_every", "num_threads")},
           **{name: (lambda v: v >= 0, "a number >= 0") for name in (
               "max_steps", "warmup_steps", "weight_decay", "val_samples", "max_minutes")}}
-# Settings saved beside every adapter. --predict rebuilds the adapter's base and prompt from MODEL_KEYS; a resumed
-# run must match all of RESUME_KEYS (batch_size and grad_accum fix the examples of each step).
+# Settings saved with the steps: a resumed run must match all of RESUME_KEYS (batch_size and grad_accum fix the
+# examples of each step), --predict those of MODEL_KEYS (the adapter fits one base and was trained on one prompt).
 MODEL_KEYS = ("model_name", "tiny", "instruction", "lora_r", "lora_alpha", "lora_dropout", "finetune_vision", "seed")
 RESUME_KEYS = MODEL_KEYS + ("batch_size", "grad_accum")
-CONFIG_FILE = "caption_config.json"
-POINTER = "checkpoint.json"   # {"last": "step_<N>", "best": "step_<M>"}, replaced whole (os.replace is atomic)
-# The oldest versions the caption tests pass with (docs/gpu.md): transformers 5.17 is also the newest that unsloth
-# allows, peft 0.18 the oldest; bitsandbytes before 0.50 cannot quantize on the CPU (--tiny with load_in_4bit).
-VERSION_FLOORS = {"transformers": "5.17", "peft": "0.18", "bitsandbytes": "0.50"}
+POINTER = "checkpoint.json"   # {"last": "step_<N>", "best": "step_<M>", the RESUME_KEYS}, replaced whole (atomic)
 EOT = "<|eot_id|>"      # Llama 3's end of turn: the assistant's caption ends with it, generation stops on it
 IGNORE_INDEX = -100     # cross_entropy skips these label positions
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -97,39 +93,30 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # ----------------------------------------------------------------------------- system: device and precision
 def choose_precision(requested, device_type):
-    """The autocast precision for `requested` (--precision) on this device, and why: auto is bf16 where the hardware
-    computes it natively (CUDA capability >= 8.0, i.e. Ampere and later; CPUs with AMX or AVX512-BF16), fp16 with a
-    gradient scaler on older GPUs (a T4, 7.5, only emulates bf16: slow, and a P100, 6.0, fails in cuBLAS), and fp32
-    elsewhere. Every GPU run comes through here, so the PyTorch build is checked against the GPU here too."""
+    """The autocast precision for `requested` (--precision) on this device: auto is bf16 where the hardware computes
+    it natively (CUDA capability >= 8.0, i.e. Ampere and later; CPUs with AMX or AVX512-BF16, among the flags of
+    Linux's /proc/cpuinfo), fp16 with a gradient scaler on older GPUs (a T4, 7.5, only emulates bf16: slow, and a
+    P100, 6.0, fails in cuBLAS), and fp32 elsewhere."""
     if device_type == "cuda":
         major, minor = torch.cuda.get_device_capability()
-        check_cuda_build(major, minor)
         if requested == "bf16" and major < 8:
             raise ValueError(f"--precision=bf16 needs CUDA capability 8.0, this GPU has {major}.{minor}: "
                              f"use --precision=fp16 (or auto)")
     if requested != "auto":
-        return requested, "asked for"
-    if device_type == "cuda" and major >= 8:
-        return "bf16", f"CUDA capability {major}.{minor} computes bfloat16 natively"
+        return requested
     if device_type == "cuda":
-        return "fp16", f"CUDA capability {major}.{minor} has no native bfloat16: float16 with a gradient scaler"
-    if cpu_has_bf16():
-        return "bf16", "this CPU computes bfloat16 natively (AMX or AVX512-BF16)"
-    return "fp32", f"no native bfloat16 on this {device_type}"
-
-
-def cpu_has_bf16():
-    """True where the CPU computes bfloat16 natively: AMX or AVX512-BF16 among the flags of Linux's /proc/cpuinfo."""
+        return "bf16" if major >= 8 else "fp16"
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""   # no such file: not Linux
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return "bf16" if "amx_bf16" in flags or "avx512_bf16" in flags else "fp32"
 
 
 # ----------------------------------------------------------------------------- data
 def load_split(path, need_caption):
     """Rows of a homework parquet as dicts of its columns, `image` decoded to PIL RGB (a struct {bytes, path} or
     plain binary). Training files carry `caption` and/or `references` (a list of captions); rows with the same image
-    bytes (a file with one row per caption) become one row whose `references` holds all their captions, `caption`
-    the first. Test files carry an integer `idx`. Anything missing or unreadable is a ValueError (file, row, field)."""
+    bytes (a file with one row per caption) become one row whose `references` holds all their captions, the
+    `caption` first. Test files carry an integer `idx`. Anything missing or unreadable is a ValueError (file, row,
+    field)."""
     name = os.path.basename(path)
     try:
         table = pq.read_table(path)
@@ -138,36 +125,30 @@ def load_split(path, need_caption):
     for column in ("image", "caption" if need_caption else "idx"):
         if column not in table.column_names and not (column == "caption" and "references" in table.column_names):
             raise ValueError(f"{name}: missing column {column!r} (has {table.column_names})")
-    rows, row_of_image = [], {}
+    rows = {}   # training: one row per image (its bytes as the key); test: one per row of the file
     for number, row in enumerate(table.to_pylist()):
         where = f"{name}: row {number}"
         data = row["image"].get("bytes") if isinstance(row["image"], dict) else row["image"]
+        references = row.get("references") or []
+        captions = [row["caption"]] if "caption" in row else []
+        captions += references if isinstance(references, list) else [None]   # not a list: an error below
         if not data:
             raise ValueError(f"{where}: field 'image' has no bytes")
         if not isinstance(row.get("idx", 0), int):
             raise ValueError(f"{where}: field 'idx' must be an integer, got {row['idx']!r}")
-        references = row.get("references") or []
-        captions = [row["caption"]] if "caption" in row else []
-        captions += references if isinstance(references, list) else [None]   # not a list: an error below
         if need_caption and not (captions and all(isinstance(text, str) and text.strip() for text in captions)):
             raise ValueError(f"{where}: field 'caption' or 'references' is empty or not text")
-        if need_caption and data in row_of_image:   # another caption of an image seen before
-            known = row_of_image[data]["references"]
-            known += [text for text in captions if text not in known]
-            continue
-        try:
-            with Image.open(io.BytesIO(data)) as opened:
-                row["image"] = opened.convert("RGB")
-        except Exception as e:
-            raise ValueError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from None
-        if need_caption:
-            row["references"] = list(dict.fromkeys(captions))   # unique, in order; the `caption` first
-            row["caption"] = row["references"][0]
-            row_of_image[data] = row
-        rows.append(row)
+        key = data if need_caption else number
+        if key not in rows:
+            try:
+                with Image.open(io.BytesIO(data)) as opened:
+                    rows[key] = dict(row, image=opened.convert("RGB"), references=[])
+            except Exception as e:
+                raise ValueError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from None
+        rows[key]["references"] = list(dict.fromkeys(rows[key]["references"] + captions))   # each caption once
     if not rows:
         raise ValueError(f"{name}: no rows")
-    return rows
+    return list(rows.values())
 
 
 # ----------------------------------------------------------------------------- the model
@@ -181,10 +162,11 @@ VISION_TARGETS = r".*vision_model.*\.(q_proj|k_proj|v_proj|o_proj|fc1|fc2)"
 SKIP_4BIT = ["vision_model", "model.vision_model", "multi_modal_projector", "lm_head"]
 
 
-def choose_backend(use_cuda, is_tiny):
+def choose_backend(use_cuda):
     """unsloth where asked (--backend), or under auto on a CUDA GPU where it can run: capability >= 7.0 (its Triton
-    kernels; Kaggle's P100 is 6.0) and it imports. Otherwise transformers + peft."""
-    if backend == "transformers" or (backend == "auto" and (not use_cuda or is_tiny)):
+    kernels; Kaggle's P100 is 6.0) and it imports. Otherwise transformers + peft, with one line saying why; asked for
+    by name, an unsloth that cannot run is an error."""
+    if backend == "transformers" or (backend == "auto" and (not use_cuda or tiny)):
         return "transformers"
     try:
         major, minor = torch.cuda.get_device_capability() if use_cuda else (7, 0)   # asked for on a CPU: it says
@@ -192,20 +174,15 @@ def choose_backend(use_cuda, is_tiny):
             raise RuntimeError(f"it needs CUDA capability 7.0, this GPU has {major}.{minor}")
         import unsloth  # noqa: F401  (it patches transformers on import: import it before loading the model)
     except Exception as e:  # a missing or broken install: ImportError, or anything its import raises
-        return fall_back("cannot run", e)
+        reason = f"unsloth cannot run ({type(e).__name__}: {e}".splitlines()[0] + ")"
+        if backend == "unsloth":
+            raise ValueError(f"--backend=unsloth but {reason}") from None
+        print(f"note: {reason}; using transformers + peft")
+        return "transformers"
     return "unsloth"
 
 
-def fall_back(what, error):
-    """unsloth failed: under --backend=auto one line, and transformers + peft; asked for by name, stop with one line."""
-    reason = f"unsloth {what} ({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''})"
-    if backend == "unsloth":
-        sys.exit(f"error: --backend=unsloth but {reason}")
-    print(f"note: {reason}; using transformers + peft")
-    return "transformers"
-
-
-def load_base(name, is_tiny, model_seed, precision_name, use_cuda):
+def load_base(precision_name, use_cuda):
     """The frozen base and its processor. 16-bit weights are stored in the autocast dtype (fp16 on a T4), fp32 when
     precision is fp32. With load_in_4bit, the language layers are QLoRA's (Dettmers et al. 2023, "QLoRA: Efficient
     Finetuning of Quantized LLMs") 4-bit NormalFloat (NF4) with double quantization (the per-block scales quantized
@@ -216,17 +193,14 @@ def load_base(name, is_tiny, model_seed, precision_name, use_cuda):
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
         llm_int8_skip_modules=SKIP_4BIT) if load_in_4bit else None
     with tempfile.TemporaryDirectory() as folder:
-        if is_tiny:   # the tiny model (at the end of the file) is saved and loaded back as the 11B is loaded
-            tiny_model, processor = build_tiny_model(model_seed)
+        if tiny:   # the tiny model (at the end of the file) is saved and loaded back as the 11B is loaded
+            tiny_model, processor = build_tiny_model()
             tiny_model.save_pretrained(folder)
-        try:
-            base = MllamaForConditionalGeneration.from_pretrained(folder if is_tiny else name, dtype=dtype,
-                                                                  quantization_config=quantization,
-                                                                  device_map={"": 0} if use_cuda else None)
-            processor = processor if is_tiny else AutoProcessor.from_pretrained(name)
-        except OSError as e:
-            raise ValueError(f"cannot load model {name!r} ({type(e).__name__}: {e})") from None
-    if is_tiny:   # built in code: no folder or Hub id where peft should look for the base's vocabulary
+        base = MllamaForConditionalGeneration.from_pretrained(folder if tiny else model_name, dtype=dtype,
+                                                              quantization_config=quantization,
+                                                              device_map={"": 0} if use_cuda else None)
+    processor = processor if tiny else AutoProcessor.from_pretrained(model_name)
+    if tiny:   # built in code: no folder or Hub id where peft should look for the base's vocabulary
         base.name_or_path = ""
     if processor.tokenizer.pad_token is None:   # Llama 3's reserved padding token, as unsloth uses it
         processor.tokenizer.pad_token = "<|finetune_right_pad_id|>"
@@ -242,7 +216,7 @@ def checkpointed_forward(module, *args, **kwargs):
     return module._unchecked_forward(*args, **kwargs)
 
 
-def load_transformers(name, is_tiny, model_seed, adapter_dir, trainable, precision_name, use_cuda):
+def load_transformers(adapter_dir, trainable, precision_name, use_cuda):
     """The base through transformers with new LoRA on LANGUAGE_TARGETS (and VISION_TARGETS) or the saved adapter in
     adapter_dir. Where trainable, the frozen base is prepared for training: a 4-bit one by peft (norms in fp32; the
     big frozen 16-bit matrices, which peft upcasts to fp32, +3.9 GB on the 11B, stored back in the autocast dtype),
@@ -251,8 +225,7 @@ def load_transformers(name, is_tiny, model_seed, adapter_dir, trainable, precisi
     activations per image)."""
     import peft
     from transformers.models.mllama.modeling_mllama import MllamaVisionEncoderLayer
-    check_versions()
-    base, processor = load_base(name, is_tiny, model_seed, precision_name, use_cuda)
+    base, processor = load_base(precision_name, use_cuda)
     base.requires_grad_(False)
     checkpointing = trainable and gradient_checkpointing
     reentrant = {"use_reentrant": False}   # the reentrant default crashes on the cross-attention states in backward
@@ -287,14 +260,17 @@ def load_transformers(name, is_tiny, model_seed, adapter_dir, trainable, precisi
     return model, processor
 
 
-def load_unsloth(name, adapter_dir, trainable, precision_name):
+def load_unsloth(adapter_dir, trainable, precision_name):
     """The same model through unsloth (GPU only): the base in 4-bit where load_in_4bit, its LoRA on the same
     projections, its gradient checkpointing (vision layers included; always on). An adapter folder loads through
     from_pretrained, as in unsloth's notebooks."""
     from unsloth import FastVisionModel
-    model, processor = FastVisionModel.from_pretrained(adapter_dir or name, load_in_4bit=load_in_4bit,
-                                                       dtype=DTYPES[precision_name],
-                                                       use_gradient_checkpointing="unsloth")
+    try:   # a failure deep inside unsloth (Triton, a download) as one line: --backend=transformers goes around it
+        model, processor = FastVisionModel.from_pretrained(adapter_dir or model_name, load_in_4bit=load_in_4bit,
+                                                           dtype=DTYPES[precision_name],
+                                                           use_gradient_checkpointing="unsloth")
+    except Exception as e:
+        raise ValueError(f"unsloth failed to load {adapter_dir or model_name} ({type(e).__name__}: {e})") from None
     if adapter_dir is None:
         model = FastVisionModel.get_peft_model(
             model, finetune_vision_layers=finetune_vision, finetune_language_layers=True,
@@ -311,40 +287,38 @@ def set_mode(model, used_backend, training):
         (FastVisionModel.for_training if training else FastVisionModel.for_inference)(model)
 
 
-def load_model(name, is_tiny, model_seed, adapter_dir=None, trainable=True, precision_name="fp32", why="asked for"):
-    """(model with LoRA, processor, backend used): the base `name` (or the tiny model of model_seed) with new LoRA,
+def load_model(adapter_dir=None, trainable=True):
+    """(model with LoRA, processor, backend used, precision): the base model_name (or the tiny model) with new LoRA,
     or with the saved adapter in adapter_dir; trainable: prepared for training, the LoRA matrices in fp32 (the
-    gradient scaler refuses fp16 gradients). Prints the start line: backend, device, precision and why."""
+    gradient scaler refuses fp16 gradients). Prints the start line: backend, device, precision."""
     use_cuda = torch.cuda.is_available()
-    used_backend = choose_backend(use_cuda, is_tiny)
+    precision_name = choose_precision(precision, "cuda" if use_cuda else "cpu")
+    used_backend = choose_backend(use_cuda)
     if used_backend == "unsloth":
-        try:
-            model, processor = load_unsloth(name, adapter_dir, trainable, precision_name)
-        except Exception as e:
-            used_backend = fall_back(f"failed to load {adapter_dir or name}", e)
-    if used_backend == "transformers":
-        model, processor = load_transformers(name, is_tiny, model_seed, adapter_dir, trainable, precision_name,
-                                             use_cuda)
+        model, processor = load_unsloth(adapter_dir, trainable, precision_name)
+    else:
+        model, processor = load_transformers(adapter_dir, trainable, precision_name, use_cuda)
     for p in model.parameters() if trainable else []:
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    print(f"backend {used_backend} on {next(model.parameters()).device}, precision {precision_name} ({why}), "
-          f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable LoRA parameters")
-    return model, processor, used_backend
+    print(f"backend {used_backend} on {next(model.parameters()).device}, precision {precision_name} "
+          f"(--precision={precision}), {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable "
+          f"LoRA parameters")
+    return model, processor, used_backend, precision_name
 
 
 # ----------------------------------------------------------------------------- prompts and batches
-def chat_prompt(processor, text=None):
+def chat_prompt(processor):
     """The user turn (image + instruction) and the assistant header, in the model's own chat template."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text or instruction}]}]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def make_batch(processor, images, captions=None, text=None):
+def make_batch(processor, images, captions=None):
     """Processor outputs for images with the prompt; with captions, the caption and <|eot_id|> follow the prompt
     and `labels` keeps only those tokens: prompt, image token and padding are IGNORE_INDEX (-100)."""
     tokenizer = processor.tokenizer
-    prompt = chat_prompt(processor, text)
+    prompt = chat_prompt(processor)
     texts = [prompt] * len(images) if captions is None else [prompt + caption.strip() + EOT for caption in captions]
     # training pads on the right; generation pads on the left so every prompt ends where generation begins
     tokenizer.padding_side = "right" if captions is not None else "left"
@@ -362,74 +336,54 @@ def make_batch(processor, images, captions=None, text=None):
 
 
 # ----------------------------------------------------------------------------- captions and validation BLEU
-# Lines that introduce a caption rather than being one: "Here is a one-sentence caption for this image:".
-PREAMBLE = re.compile(r"^(here\s+is|here's|sure|certainly|of course|okay|ok)\b.*|.*:\s*$", re.IGNORECASE)
-# A label in front of the caption: "Caption:", "**Answer:**", "Image description -".
-CAPTION_PREFIX = re.compile(r"^\s*(?:[*_#>\-\s]*)(?:one[- ]sentence\s+)?(?:image\s+)?(?:caption|answer|description)"
-                            r"\s*(?:[*_]*\s*:\s*[*_]*|[*_]*\s*-\s+)", re.IGNORECASE)
-# List-item markers at the start of an answer written as a list: "1. " "2) " "- " "* " "• " "a) ".
-LIST_MARKERS = re.compile(r"^(?:(?:\d+[.)]|[A-Za-z]\)|[-*•])\s+)+")
+# What stands before the caption on its line: list markers ("1. ", "a) ", "- ", "• "), markdown ("#", ">"), and a
+# label or preamble ending in a colon ("Caption:", "Here is a caption:", "Answer:"), one after another.
+LABEL = re.compile(r"^(\d+[.)]\s+|[a-z]\)\s+|[-*•#>]+\s*|[^:]*:(\s+|$))+", re.IGNORECASE)
+PREAMBLE = re.compile(r"(sure|certainly|of course|okay)\W*$", re.IGNORECASE)   # a line that is only a reply
 WORD = re.compile(r"[^\W\d_]")   # a letter, of any script: what a caption must hold to score anything
-# Words ending in '.' that do not end a sentence: titles, 'St.', initials, 'etc.' before a lower-case word.
-ABBREVIATIONS = {"st", "mr", "mrs", "ms", "dr", "jr", "sr", "mt", "ft", "ave", "vs", "no", "etc", "approx", "inc",
-                 "co", "jan", "feb", "aug", "sept", "oct", "nov", "dec", "u.s", "e.g", "i.e", "a.m", "p.m"}
-
-
-def first_sentence(text):
-    """text up to and including the first '.', '!' or '?' (and a closing quote after it) that ends a sentence:
-    followed by a space or the end. A '.' does not end one before a lower-case word, after an ABBREVIATIONS word, or
-    after a single letter (an initial) before a capital."""
-    for match in re.finditer(r"[.!?][\"'”’)]*(?=\s|$)", text):
-        end = match.end()
-        after = text[end:].lstrip()[:1]   # the character after the spaces that follow
-        if match.group()[0] == ".":
-            word = re.search(r"([\w.]+)\.$", text[:match.start() + 1])
-            word = word.group(1).lower() if word else ""
-            if word in ABBREVIATIONS or (len(word) == 1 and word.isalpha() and after.isupper()) or after.islower():
-                continue
-        return text[:end].strip()
-    return text.strip()
+# A sentence ends at '.', '!' or '?' (and closing quotes) before the end or a word that is not lower-case, unless
+# the word before it is an abbreviation or a single letter (an initial): "Mr. Smith", "St. Louis", "J. Edgar".
+SENTENCE_END = re.compile(r"[.!?][\"'”’)]*(?= [^a-z]|$)")
+ABBREVIATIONS = {"st", "mr", "mrs", "ms", "dr", "jr", "mt", "vs", "etc", "u.s", "e.g", "i.e"}
 
 
 def clean_caption(text):
-    """A generated caption as one clean sentence: the first line that is not a preamble ('Here is a caption:'),
-    without list markers ('1.', '-', 'a)'), a 'Caption:' label, markdown emphasis or enclosing quotes, cut after its
-    first sentence (an abbreviation such as 'St.' or an initial does not end it), single spaces, and ' .' at the end
-    where it has no end punctuation. Where that leaves no word, the first line with a word, markers stripped. Why
-    ' .' with a space: the homework's Flickr8k captions were tokenized before release, with a space before the final
-    period ('... in a big city .'; 90 % of the training captions end so, the rest have none), and a model fine-tuned
-    on them learns to end that way. Under sacrebleu's 13a tokenization (bleu.py's default, the validation BLEU here)
-    'city.' and 'city .' are the same tokens; under whitespace tokens (bleu.py --mode=nltk, as course scoring
-    scripts often do) only the references' form ' .' matches."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    fallback = next((line for line in lines if WORD.search(line)), "")
-    while len(lines) > 1 and PREAMBLE.match(lines[0]) and not CAPTION_PREFIX.match(lines[0] + " "):
-        lines.pop(0)
-    text = lines[0] if lines else ""
-    # a preamble on the caption's own line: "Here is a caption: A dog runs."
-    text = re.sub(r"^(here\s+is|here's|sure|certainly)\b[^:]*:\s+(?=\S)", "", text, flags=re.IGNORECASE)
-    text = LIST_MARKERS.sub("", text)
-    if CAPTION_PREFIX.match(text) and not CAPTION_PREFIX.sub("", text, count=1).strip(" *_\"'") and len(lines) > 1:
-        text = lines[1]                                 # "**Caption:**" alone on its line, the caption below
-    text = LIST_MARKERS.sub("", CAPTION_PREFIX.sub("", text, count=1).strip())
-    text = re.sub(r"(\*\*|__|\*|_)(.+?)\1", r"\2", text)        # markdown bold / italics
-    text = text.strip(" *_#>\t")
-    text = first_sentence(re.sub(r"\s+", " ", text))
-    text = text.strip(" \"'“”‘’")                    # enclosing quotes
-    if fallback and not WORD.search(text):   # every rule left no word: the first line that has one, without its markers
-        text = LIST_MARKERS.sub("", fallback) if WORD.search(LIST_MARKERS.sub("", fallback)) else fallback
+    """A generated caption as one clean sentence: the first line with a letter once labels and list markers are
+    gone and that is no reply ("Sure!"), without markdown emphasis or enclosing quotes, cut after its first
+    sentence, single spaces, and ' .' at the end where it has no end punctuation. A text with a letter gives a
+    caption with a letter. Why ' .' with a space: the homework's Flickr8k captions were tokenized before release,
+    with a space before the final period ('... in a big city .'; 90 % of the training captions end so, the rest
+    have none), and a model fine-tuned on them learns to end that way. Under sacrebleu's 13a tokenization (bleu.py's
+    default, the validation BLEU here) 'city.' and 'city .' are the same tokens; under whitespace tokens (bleu.py
+    --mode=nltk, as course scoring scripts often do) only the references' form ' .' matches."""
+    text = re.sub(r"(\*\*|__|\*|_)(.+?)\1", r"\2", text)   # markdown bold and italics
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [""]
+    text = next((line for line in lines if WORD.search(line)), lines[0])   # where no line passes below
+    for line in lines:
+        line = LABEL.sub("", line)
+        if WORD.search(line) and not PREAMBLE.match(line):
+            text = line
+            break
+    text = re.sub(r"\s+", " ", text)
+    letter = WORD.search(text)   # no sentence ends before the first letter: ". A dog runs." stays whole
+    for end in SENTENCE_END.finditer(text, letter.start() if letter else 0):
+        word = text[:end.start()].split(" ")[-1].lower()
+        if word not in ABBREVIATIONS and len(word) != 1:
+            text = text[:end.end()]
+            break
+    text = text.strip(" \"'“”‘’")   # enclosing quotes
     if text and text[-1] not in ".!?":
         text += " ."
     return text
 
 
 @torch.no_grad()
-def generate_captions(model, processor, images, text, ctx):
+def generate_captions(model, processor, images, ctx):
     """Greedy captions, cleaned (clean_caption), for a list of PIL images, in order, predict_batch_size at a time."""
     model.eval()
     captions = []
     for s in range(0, len(images), predict_batch_size):
-        inputs = make_batch(processor, images[s:s + predict_batch_size], text=text).to(next(model.parameters()).device)
+        inputs = make_batch(processor, images[s:s + predict_batch_size]).to(next(model.parameters()).device)
         with ctx:
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                     eos_token_id=processor.tokenizer.convert_tokens_to_ids(EOT),
@@ -443,7 +397,7 @@ def validate(model, processor, used_backend, rows, ctx, step):
     """Corpus BLEU (bleu.py, sacrebleu's defaults) of greedy captions of rows against all references of each image,
     printed with one caption; leaves the model in training mode."""
     set_mode(model, used_backend, training=False)
-    hypotheses = generate_captions(model, processor, [r["image"] for r in rows], instruction, ctx)
+    hypotheses = generate_captions(model, processor, [r["image"] for r in rows], ctx)
     set_mode(model, used_backend, training=True)
     model.train()
     n_refs = max(len(r["references"]) for r in rows)
@@ -488,7 +442,7 @@ def training_batch(processor, rows, micro_batch_number):
     """The run's micro_batch_number-th batch of batch_size training examples, with labels (make_batch)."""
     first = micro_batch_number * batch_size
     pairs = [training_example(rows, first + i, seed) for i in range(batch_size)]
-    return make_batch(processor, [image for image, _ in pairs], [caption for _, caption in pairs], instruction)
+    return make_batch(processor, [image for image, _ in pairs], [caption for _, caption in pairs])
 
 
 def resume(state, optimizer, scaler, precision_name, folder):
@@ -507,9 +461,8 @@ def train_model(data_dir, out_dir):
     torch.manual_seed(seed)
     train_rows = load_split(os.path.join(data_dir, "train_data.parquet"), need_caption=True)
     val_rows = load_split(os.path.join(data_dir, "valid_data.parquet"), need_caption=True)[:val_samples or None]
-    last, _, state = load_checkpoint(out_dir, "last")
-    precision_name, why = choose_precision(precision, "cuda" if torch.cuda.is_available() else "cpu")
-    model, processor, used_backend = load_model(model_name, tiny, seed, last, True, precision_name, why)
+    last, state = load_checkpoint(out_dir, "last")
+    model, processor, used_backend, precision_name = load_model(last, trainable=True)
     device = next(model.parameters()).device
     ctx = torch.autocast(device.type, dtype=DTYPES[precision_name], enabled=precision_name != "fp32")
     lora = [p for p in model.parameters() if p.requires_grad]
@@ -567,33 +520,24 @@ def train_model(data_dir, out_dir):
 # ----------------------------------------------------------------------------- prediction
 def write_submission(data_dir, out_dir, submission):
     """Write submission: [{"idx": int, "output": str}] for every test image, in idx order, each idx exactly once,
-    written whole or not at all. The base model and prompt are those the best adapter was trained with (its
-    caption_config.json), whatever the configuration block says now; the module's globals are not changed."""
+    written whole or not at all, with the best adapter (which needs the model and prompt it was trained with)."""
     rows = sorted(load_split(os.path.join(data_dir, "test_data.parquet"), need_caption=False), key=lambda r: r["idx"])
     duplicates = [a["idx"] for a, b in zip(rows, rows[1:]) if a["idx"] == b["idx"]]
     if duplicates:
         raise ValueError(f"test_data.parquet: idx {duplicates[0]} appears more than once")
-    best, saved, _ = load_checkpoint(out_dir, "best")
+    best, _ = load_checkpoint(out_dir, "best")
     if best is None:
         raise ValueError(f"{out_dir}: no trained adapter: train first (python caption.py --train --out_dir={out_dir})")
-    saved = {key: saved.get(key, globals()[key]) for key in MODEL_KEYS}
-    differing = [f"{k} = {v!r}" for k, v in saved.items() if globals()[k] != v]
-    if differing:
-        print("using the adapter's settings: " + ", ".join(differing))
-    precision_name, why = choose_precision(precision, "cuda" if torch.cuda.is_available() else "cpu")
-    model, processor, _ = load_model(saved["model_name"], saved["tiny"], saved["seed"], best, trainable=False,
-                                     precision_name=precision_name, why=why)
+    model, processor, _, precision_name = load_model(best, trainable=False)
     ctx = torch.autocast(model.device.type, dtype=DTYPES[precision_name], enabled=precision_name != "fp32")
-    captions = generate_captions(model, processor, [r["image"] for r in rows], saved["instruction"], ctx)
+    captions = generate_captions(model, processor, [r["image"] for r in rows], ctx)
     save_atomic(json.dumps([{"idx": r["idx"], "output": text} for r, text in zip(rows, captions)], indent=1),
                 submission)
     print(f"wrote {len(rows)} captions to {submission}; e.g. {captions[0]!r}")
 
 
 def main(argv):
-    # --model=... is the short name of model_name (a variable called `model` holds the network)
-    arguments = ["--model_name" + a[len("--model"):] if a.startswith("--model=") else a for a in argv]
-    positional = parse_overrides(arguments, globals(), CHECKS)
+    positional = parse_overrides(argv, globals(), CHECKS)
     if positional:
         sys.exit(f"error: caption.py takes no positional arguments, got {positional[0]!r} (--help lists the options)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # no DDP here: every rank would write the same files
@@ -653,18 +597,17 @@ def save_atomic(text, path):
 
 
 def save_checkpoint(model, out_dir, optimizer, scaler, step, best_bleu, best, precision_name):
-    """Save step `step` as out_dir/step_<step>/ (adapter, settings, resume state), then point out_dir/checkpoint.json
-    at it as the last (and as the best where best is None), then delete the step folders it no longer names. A kill
-    at any moment leaves the pointer naming complete folders. Returns the best folder's name."""
+    """Save step `step` as out_dir/step_<step>/ (adapter, resume state), then point out_dir/checkpoint.json at it as
+    the last (and as the best where best is None), with the settings, then delete the step folders it no longer
+    names. A kill at any moment leaves the pointer naming complete folders. Returns the best folder's name."""
     folder = f"step_{step}"
     shutil.rmtree(os.path.join(out_dir, folder), ignore_errors=True)   # a folder a killed run left half written
     model.save_pretrained(os.path.join(out_dir, folder))
-    with open(os.path.join(out_dir, folder, CONFIG_FILE), "w") as f:
-        json.dump({key: globals()[key] for key in RESUME_KEYS}, f, indent=1)
     torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
                 "best_bleu": best_bleu, "best": best or folder, "precision": precision_name},
                os.path.join(out_dir, folder, "state.pt"))
-    save_atomic(json.dumps({"last": folder, "best": best or folder}), os.path.join(out_dir, POINTER))
+    pointer = {"last": folder, "best": best or folder, **{key: globals()[key] for key in RESUME_KEYS}}
+    save_atomic(json.dumps(pointer, indent=1), os.path.join(out_dir, POINTER))
     for name in os.listdir(out_dir):
         if name.startswith("step_") and name not in (folder, best):
             shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
@@ -672,19 +615,18 @@ def save_checkpoint(model, out_dir, optimizer, scaler, step, best_bleu, best, pr
 
 
 def load_checkpoint(out_dir, which):
-    """(folder, its settings, its resume state) of the step folder that out_dir/checkpoint.json names as `which`
-    (last or best; the state for the last only), or (None, None, None) where nothing was saved. The last must have
-    been trained with the same RESUME_KEYS. A damaged file stops with one line naming it; state.pt loads with
-    weights_only (a crafted pickle in it never runs)."""
+    """(folder, resume state) of the step folder that out_dir/checkpoint.json names as `which` (last, with its
+    state, or best, without), or (None, None) where nothing was saved. The settings must be those the steps were
+    saved with: all RESUME_KEYS to resume, the MODEL_KEYS to predict. A damaged file stops with one line naming it;
+    state.pt loads with weights_only (a crafted pickle in it never runs)."""
     path = os.path.join(out_dir, POINTER)
     if not os.path.exists(path):
-        return None, None, None
+        return None, None
     try:
         with open(path) as f:
-            folder = os.path.join(out_dir, json.load(f)[which])
-        path = os.path.join(folder, CONFIG_FILE)
-        with open(path) as f:
-            saved = dict(json.load(f))
+            pointer = json.load(f)
+        folder = os.path.join(out_dir, pointer[which])
+        saved = {key: pointer[key] for key in RESUME_KEYS}
         path = os.path.join(folder, "state.pt")
         state = torch.load(path, map_location="cpu", weights_only=True) if which == "last" else None
         for key in ("optimizer", "scaler", "step", "best_bleu", "best", "precision") if state is not None else ():
@@ -692,38 +634,15 @@ def load_checkpoint(out_dir, which):
     except Exception as e:
         raise ValueError(f"{path} is damaged or not caption.py's; use another --out_dir ({type(e).__name__}: {e})") \
             from None
-    differing = [f"{k} = {saved[k]!r} there, {globals()[k]!r} now" for k in RESUME_KEYS
-                 if k in saved and saved[k] != globals()[k]]
-    if which == "last" and differing:
+    keys = RESUME_KEYS if which == "last" else MODEL_KEYS
+    differing = [f"{k} = {saved[k]!r} there, {globals()[k]!r} now" for k in keys if saved[k] != globals()[k]]
+    if differing:
         raise ValueError(f"{folder} was trained with other settings: {', '.join(differing)}; use the same values, "
                          f"or another --out_dir")
-    return folder, saved, state
+    return folder, state
 
 
 # --- extras (not the lesson) ---
-def check_versions():
-    """Stop with one line below the versions the caption tests pass with (VERSION_FLOORS)."""
-    from importlib.metadata import version
-    from packaging.version import Version
-    for package, floor in VERSION_FLOORS.items():
-        if Version(version(package)) < Version(floor):
-            sys.exit(f"error: caption.py needs {package} >= {floor}, found {version(package)}: "
-                     f"pip install -U {package}")
-
-
-def check_cuda_build(major, minor):
-    """Stop at once where this PyTorch build has no kernels for the GPU of capability major.minor (Kaggle's P100,
-    sm_60, under a build for sm_70 and newer), rather than with a CUDA error from deep inside. A cubin sm_XY runs on
-    capability X.y for y >= Y; PTX compute_XY is compiled for any capability >= X.Y. Capability 8.6 is 86 below."""
-    archs = torch.cuda.get_arch_list()   # "sm_75", "sm_90a", "compute_120", ...
-    built = [(arch.split("_")[0], int(re.sub(r"\D", "", arch))) for arch in archs]
-    if archs and not any((kind == "sm" and number // 10 == major and number % 10 <= minor) or
-                         (kind == "compute" and number <= 10 * major + minor) for kind, number in built):
-        sys.exit(f"error: this PyTorch {torch.__version__} has GPU kernels for {' '.join(archs)}, none for "
-                 f"{torch.cuda.get_device_name()} (sm_{major}{minor}): install a PyTorch build that lists "
-                 f"sm_{major}{minor}, or choose another GPU")
-
-
 # A Jinja chat template with Llama 3.2 Vision's format for an image and one user turn (the real processor
 # brings its own): no system message when an image is present, the image token before the instruction.
 TINY_CHAT_TEMPLATE = (
@@ -733,10 +652,10 @@ TINY_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 
 
-def build_tiny_model(model_seed=None):
+def build_tiny_model():
     """A randomly initialised Mllama (220k parameters) with a byte-level tokenizer and a 32x32 one-tile image
-    processor: the same classes and code paths as the 11B model, at a size a CPU runs in seconds. model_seed
-    (default: seed) fixes its weights, so that a saved adapter fits the base it is loaded on."""
+    processor: the same classes and code paths as the 11B model, at a size a CPU runs in seconds. seed fixes its
+    weights, so that a saved adapter fits the base it is loaded on."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor, PreTrainedTokenizerFast
     from transformers.models.mllama.configuration_mllama import MllamaTextConfig, MllamaVisionConfig
@@ -763,7 +682,7 @@ def build_tiny_model(model_seed=None):
                             max_position_embeddings=1024, bos_token_id=token_id("<|begin_of_text|>"),
                             eos_token_id=token_id(EOT), pad_token_id=token_id("<|finetune_right_pad_id|>"))
     config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=token_id("<|image|>"))
-    torch.manual_seed(seed if model_seed is None else model_seed)
+    torch.manual_seed(seed)
     model = MllamaForConditionalGeneration(config)
     # The language model sees the image only through its cross-attention layers, and each one's output is
     # scaled by tanh(gate) with the gates initialised to 0: a fresh random Mllama ignores the image entirely
@@ -776,7 +695,6 @@ def build_tiny_model(model_seed=None):
         # = 1.3 after the final RMSNorm (|h| = sqrt(64)), so no adapter could bring the loss below about 3
         # (log(vocab) is 5.6); give it a usable scale.
         model.lm_head.weight.normal_(std=0.3)
-    model.generation_config.pad_token_id = text.pad_token_id
     return model, processor
 
 
