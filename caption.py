@@ -122,20 +122,17 @@ def load_split(path, need_caption):
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several kinds for a file that is missing or not parquet
         raise ValueError(f"{name}: cannot read parquet ({type(e).__name__}: {e})") from None
-    for column in ("image", "caption" if need_caption else "idx"):
-        if column not in table.column_names and not (column == "caption" and "references" in table.column_names):
-            raise ValueError(f"{name}: missing column {column!r} (has {table.column_names})")
     rows = {}   # training: one row per image (its bytes as the key); test: one per row of the file
     for number, row in enumerate(table.to_pylist()):
         where = f"{name}: row {number}"
-        data = row["image"].get("bytes") if isinstance(row["image"], dict) else row["image"]
+        data = row["image"].get("bytes") if isinstance(row.get("image"), dict) else row.get("image")
         references = row.get("references") or []
         captions = [row["caption"]] if "caption" in row else []
         captions += references if isinstance(references, list) else [None]   # not a list: an error below
         if not data:
-            raise ValueError(f"{where}: field 'image' has no bytes")
-        if not isinstance(row.get("idx", 0), int):
-            raise ValueError(f"{where}: field 'idx' must be an integer, got {row['idx']!r}")
+            raise ValueError(f"{where}: field 'image' is missing or has no bytes")
+        if not need_caption and not isinstance(row.get("idx"), int):
+            raise ValueError(f"{where}: field 'idx' must be an integer, got {row.get('idx')!r}")
         if need_caption and not (captions and all(isinstance(text, str) and text.strip() for text in captions)):
             raise ValueError(f"{where}: field 'caption' or 'references' is empty or not text")
         key = data if need_caption else number
@@ -226,7 +223,6 @@ def load_transformers(adapter_dir, trainable, precision_name, use_cuda):
     import peft
     from transformers.models.mllama.modeling_mllama import MllamaVisionEncoderLayer
     base, processor = load_base(precision_name, use_cuda)
-    base.requires_grad_(False)
     checkpointing = trainable and gradient_checkpointing
     reentrant = {"use_reentrant": False}   # the reentrant default crashes on the cross-attention states in backward
     if trainable and getattr(base, "is_loaded_in_4bit", False):
@@ -317,19 +313,17 @@ def chat_prompt(processor):
 def make_batch(processor, images, captions=None):
     """Processor outputs for images with the prompt; with captions, the caption and <|eot_id|> follow the prompt
     and `labels` keeps only those tokens: prompt, image token and padding are IGNORE_INDEX (-100)."""
-    tokenizer = processor.tokenizer
     prompt = chat_prompt(processor)
     texts = [prompt] * len(images) if captions is None else [prompt + caption.strip() + EOT for caption in captions]
     # training pads on the right; generation pads on the left so every prompt ends where generation begins
-    tokenizer.padding_side = "right" if captions is not None else "left"
+    processor.tokenizer.padding_side = "right" if captions is not None else "left"
     batch = processor(text=texts, images=[[image] for image in images], padding=True, return_tensors="pt",
                       add_special_tokens=False)  # the chat template already starts with <|begin_of_text|>
     if captions is not None:
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if batch["input_ids"][0, :len(prompt_ids)].tolist() != prompt_ids:
-            raise RuntimeError("the prompt does not tokenize to the same ids inside prompt + caption")
+        # the prompt ends in a special token and a line break, so it tokenizes alike alone and before a caption
+        prompt_length = len(processor.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         labels = batch["input_ids"].clone()
-        labels[:, :len(prompt_ids)] = IGNORE_INDEX
+        labels[:, :prompt_length] = IGNORE_INDEX
         labels[batch["attention_mask"] == 0] = IGNORE_INDEX
         batch["labels"] = labels
     return batch
@@ -341,15 +335,14 @@ def make_batch(processor, images, captions=None):
 LABEL = re.compile(r"^(\d+[.)]\s+|[a-z]\)\s+|[-*•#>]+\s*|[^:]*:(\s+|$))+", re.IGNORECASE)
 PREAMBLE = re.compile(r"(sure|certainly|of course|okay)\W*$", re.IGNORECASE)   # a line that is only a reply
 WORD = re.compile(r"[^\W\d_]")   # a letter, of any script: what a caption must hold to score anything
-# A sentence ends at '.', '!' or '?' (and closing quotes) before the end or a word that is not lower-case, unless
-# the word before it is an abbreviation or a single letter (an initial): "Mr. Smith", "St. Louis", "J. Edgar".
-SENTENCE_END = re.compile(r"[.!?][\"'”’)]*(?= [^a-z]|$)")
-ABBREVIATIONS = {"st", "mr", "mrs", "ms", "dr", "jr", "mt", "vs", "etc", "u.s", "e.g", "i.e"}
+# A sentence ends at '.', '!' or '?' (and closing quotes) before the end or a word that is not lower-case, but not
+# after a single letter or a short title: "J. Edgar", "U.S. Capitol", "Mr. Smith", "St. Louis".
+SENTENCE_END = re.compile(r"(?<!\b[A-Za-z])(?<!\b(?:Mr|Ms|Dr|St|Mt|Jr|vs))(?<!\bMrs)[.!?][\"'”’)]*(?= [^a-z]|$)")
 
 
 def clean_caption(text):
     """A generated caption as one clean sentence: the first line with a letter once labels and list markers are
-    gone and that is no reply ("Sure!"), without markdown emphasis or enclosing quotes, cut after its first
+    gone and that is no mere reply ("Sure!"), without markdown emphasis or enclosing quotes, cut after its first
     sentence, single spaces, and ' .' at the end where it has no end punctuation. A text with a letter gives a
     caption with a letter. Why ' .' with a space: the homework's Flickr8k captions were tokenized before release,
     with a space before the final period ('... in a big city .'; 90 % of the training captions end so, the rest
@@ -358,20 +351,13 @@ def clean_caption(text):
     --mode=nltk, as course scoring scripts often do) only the references' form ' .' matches."""
     text = re.sub(r"(\*\*|__|\*|_)(.+?)\1", r"\2", text)   # markdown bold and italics
     lines = [line.strip() for line in text.splitlines() if line.strip()] or [""]
-    text = next((line for line in lines if WORD.search(line)), lines[0])   # where no line passes below
-    for line in lines:
-        line = LABEL.sub("", line)
-        if WORD.search(line) and not PREAMBLE.match(line):
-            text = line
-            break
+    captions = [LABEL.sub("", line) for line in lines]
+    text = next((line for line in captions if WORD.search(line) and not PREAMBLE.match(line)), None)
+    text = text or next((line for line in lines if WORD.search(line)), lines[0])   # no line passes: the first
     text = re.sub(r"\s+", " ", text)
     letter = WORD.search(text)   # no sentence ends before the first letter: ". A dog runs." stays whole
-    for end in SENTENCE_END.finditer(text, letter.start() if letter else 0):
-        word = text[:end.start()].split(" ")[-1].lower()
-        if word not in ABBREVIATIONS and len(word) != 1:
-            text = text[:end.end()]
-            break
-    text = text.strip(" \"'“”‘’")   # enclosing quotes
+    end = SENTENCE_END.search(text, letter.start() if letter else 0)
+    text = (text[:end.end()] if end else text).strip(" \"'“”‘’")   # and enclosing quotes go
     if text and text[-1] not in ".!?":
         text += " ."
     return text
@@ -383,11 +369,10 @@ def generate_captions(model, processor, images, ctx):
     model.eval()
     captions = []
     for s in range(0, len(images), predict_batch_size):
-        inputs = make_batch(processor, images[s:s + predict_batch_size]).to(next(model.parameters()).device)
+        inputs = make_batch(processor, images[s:s + predict_batch_size]).to(model.device)
         with ctx:
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                    eos_token_id=processor.tokenizer.convert_tokens_to_ids(EOT),
-                                    pad_token_id=processor.tokenizer.pad_token_id)
+                                    eos_token_id=processor.tokenizer.convert_tokens_to_ids(EOT))
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         captions += [clean_caption(t) for t in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     return captions
@@ -418,17 +403,6 @@ def learning_rate(step, total_steps):
     return lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-def training_example(rows, item, seed_value):
-    """The (image, caption) of the run's item-th training example: epoch e visits the images in a shuffle that
-    depends only on (seed, e), and each visit draws one of the image's captions with its own seeded choice, so a
-    resumed run sees what it would have seen and every caption is trained on."""
-    epoch, position = divmod(item, len(rows))
-    order = list(range(len(rows)))
-    random.Random(seed_value + epoch).shuffle(order)
-    row = rows[order[position]]
-    return row["image"], random.Random(f"{seed_value}:{item}").choice(row["references"])
-
-
 def make_optimizer(parameters):
     """AdamW (Loshchilov & Hutter 2019), or its 8-bit-state version (Dettmers et al. 2022, "8-bit Optimizers via
     Block-wise Quantization")."""
@@ -438,11 +412,18 @@ def make_optimizer(parameters):
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
 
 
-def training_batch(processor, rows, micro_batch_number):
-    """The run's micro_batch_number-th batch of batch_size training examples, with labels (make_batch)."""
-    first = micro_batch_number * batch_size
-    pairs = [training_example(rows, first + i, seed) for i in range(batch_size)]
-    return make_batch(processor, [image for image, _ in pairs], [caption for _, caption in pairs])
+def training_batch(processor, rows, number):
+    """The run's number-th batch of batch_size training examples, with labels (make_batch). Epoch e visits the
+    images in a shuffle that depends only on (seed, e), and each visit draws one of the image's captions with its
+    own seeded choice, so a resumed run sees what it would have seen and every caption is trained on."""
+    images, captions = [], []
+    for item in range(number * batch_size, (number + 1) * batch_size):
+        epoch, position = divmod(item, len(rows))
+        order = list(range(len(rows)))
+        random.Random(seed + epoch).shuffle(order)
+        images.append(rows[order[position]]["image"])
+        captions.append(random.Random(f"{seed}:{item}").choice(rows[order[position]]["references"]))
+    return make_batch(processor, images, captions)
 
 
 def resume(state, optimizer, scaler, precision_name, folder):
@@ -555,7 +536,6 @@ def main(argv):
             signal.signal(signal.SIGINT, request_stop)
             train_model(data_dir, out_dir)
             gc.collect()   # let the trained model go before --predict loads the adapter (two 11B do not fit a T4)
-            torch.cuda.empty_cache()
         if predict:
             write_submission(data_dir, out_dir, submission)
         if not (train or predict):
@@ -587,13 +567,9 @@ def check_writable(folder, what):
 
 def save_atomic(text, path):
     """Write text to path whole or not at all: into path.tmp, then renamed over path (a rename is atomic)."""
-    try:
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
-    finally:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def save_checkpoint(model, out_dir, optimizer, scaler, step, best_bleu, best, precision_name):
@@ -601,7 +577,6 @@ def save_checkpoint(model, out_dir, optimizer, scaler, step, best_bleu, best, pr
     the last (and as the best where best is None), with the settings, then delete the step folders it no longer
     names. A kill at any moment leaves the pointer naming complete folders. Returns the best folder's name."""
     folder = f"step_{step}"
-    shutil.rmtree(os.path.join(out_dir, folder), ignore_errors=True)   # a folder a killed run left half written
     model.save_pretrained(os.path.join(out_dir, folder))
     torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
                 "best_bleu": best_bleu, "best": best or folder, "precision": precision_name},
@@ -643,13 +618,12 @@ def load_checkpoint(out_dir, which):
 
 
 # --- extras (not the lesson) ---
-# A Jinja chat template with Llama 3.2 Vision's format for an image and one user turn (the real processor
-# brings its own): no system message when an image is present, the image token before the instruction.
-TINY_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
-    "{% for content in message['content'] %}{% if content['type'] == 'image' %}<|image|>"
-    "{% else %}{{ content['text'] }}{% endif %}{% endfor %}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+# A Jinja chat template with Llama 3.2 Vision's format for the one user turn chat_prompt makes, an image and the
+# instruction (the real processor brings its own): no system message when an image is present, the image token
+# before the instruction, then the assistant's header (inside the if: Jinja drops a template's final line break).
+TINY_CHAT_TEMPLATE = ("{{ bos_token }}<|start_header_id|>user<|end_header_id|>\n\n<|image|>"
+                      "{{ messages[0]['content'][1]['text'] }}<|eot_id|>{% if add_generation_prompt %}"
+                      "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 
 
 def build_tiny_model():
@@ -658,7 +632,6 @@ def build_tiny_model():
     weights, so that a saved adapter fits the base it is loaded on."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor, PreTrainedTokenizerFast
-    from transformers.models.mllama.configuration_mllama import MllamaTextConfig, MllamaVisionConfig
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
     bytes_vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}  # 256 tokens
@@ -673,14 +646,14 @@ def build_tiny_model():
     processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=TINY_CHAT_TEMPLATE)
 
     token_id = tokenizer.convert_tokens_to_ids
-    vision = MllamaVisionConfig(hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
-                                intermediate_size=64, vision_output_dim=64, image_size=32, patch_size=8,
-                                max_num_tiles=1, intermediate_layers_indices=[0], supported_aspect_ratios=[[1, 1]])
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+                  intermediate_size=64, vision_output_dim=64, image_size=32, patch_size=8, max_num_tiles=1,
+                  intermediate_layers_indices=[0], supported_aspect_ratios=[[1, 1]])
     # language widths are multiples of 64: bitsandbytes' CPU kernels for 4-bit inference need whole 64-blocks
-    text = MllamaTextConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
-                            num_key_value_heads=1, intermediate_size=128, cross_attention_layers=[1, 3],
-                            max_position_embeddings=1024, bos_token_id=token_id("<|begin_of_text|>"),
-                            eos_token_id=token_id(EOT), pad_token_id=token_id("<|finetune_right_pad_id|>"))
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
+                num_key_value_heads=1, intermediate_size=128, cross_attention_layers=[1, 3],
+                max_position_embeddings=1024, bos_token_id=token_id("<|begin_of_text|>"), eos_token_id=token_id(EOT),
+                pad_token_id=token_id("<|finetune_right_pad_id|>"))
     config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=token_id("<|image|>"))
     torch.manual_seed(seed)
     model = MllamaForConditionalGeneration(config)
