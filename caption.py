@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from bleu import corpus_bleu, parse_overrides
+from bleu import bleu_from_stats, corpus_stats, parse_overrides
 
 # -----------------------------------------------------------------------------
 # configuration: every constant below can be overridden as --name=value
@@ -223,20 +223,18 @@ def load_transformers(adapter_dir, trainable, precision_name, use_cuda):
     import peft
     from transformers.models.mllama.modeling_mllama import MllamaVisionEncoderLayer
     base, processor = load_base(precision_name, use_cuda)
-    checkpointing = trainable and gradient_checkpointing
-    reentrant = {"use_reentrant": False}   # the reentrant default crashes on the cross-attention states in backward
-    if trainable and getattr(base, "is_loaded_in_4bit", False):
-        peft.prepare_model_for_kbit_training(base, use_gradient_checkpointing=checkpointing,
-                                             gradient_checkpointing_kwargs=reentrant)
+    if trainable and load_in_4bit:
+        peft.prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)   # checkpointing is below
         for module in base.modules():
             if type(module) in (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d):
                 module.to(DTYPES[precision_name])
-    elif checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=reentrant)
-    for module in base.modules() if checkpointing else []:
-        if isinstance(module, MllamaVisionEncoderLayer):
-            module._unchecked_forward = module.forward
-            module.forward = functools.partial(checkpointed_forward, module)
+    if trainable and gradient_checkpointing:
+        # non-reentrant: the reentrant default crashes on the cross-attention states in backward
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for module in base.modules():
+            if isinstance(module, MllamaVisionEncoderLayer):
+                module._unchecked_forward = module.forward
+                module.forward = functools.partial(checkpointed_forward, module)
     if adapter_dir:
         try:
             model = peft.PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)
@@ -246,13 +244,10 @@ def load_transformers(adapter_dir, trainable, precision_name, use_cuda):
         targets = f"({LANGUAGE_TARGETS}|{VISION_TARGETS})" if finetune_vision else LANGUAGE_TARGETS
         model = peft.get_peft_model(base, peft.LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                                           target_modules=targets, bias="none"))
-    # Drop the hooks that make embedding outputs require grad (transformers and peft add them for reentrant
-    # checkpointing, transformers 5 on the vision patch embedding too): with non-reentrant checkpointing they only
-    # make backward run through the frozen vision tower, and storing its graph costs gigabytes.
-    for module in model.modules() if trainable else []:
-        for key, hook in list(module._forward_hooks.items()):
-            if getattr(hook, "__name__", "") in ("make_inputs_require_grads", "make_inputs_require_grad"):
-                del module._forward_hooks[key]
+    # Drop the hooks that make embedding outputs require grad (peft adds them for reentrant checkpointing, and
+    # transformers 5 puts them on the vision patch embedding too): with non-reentrant checkpointing they only make
+    # backward run through the frozen vision tower, and storing its graph costs gigabytes.
+    base.disable_input_require_grads()
     return model, processor
 
 
@@ -268,10 +263,9 @@ def load_unsloth(adapter_dir, trainable, precision_name):
     except Exception as e:
         raise ValueError(f"unsloth failed to load {adapter_dir or model_name} ({type(e).__name__}: {e})") from None
     if adapter_dir is None:
-        model = FastVisionModel.get_peft_model(
-            model, finetune_vision_layers=finetune_vision, finetune_language_layers=True,
-            finetune_attention_modules=True, finetune_mlp_modules=True, r=lora_r, lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout, bias="none", random_state=seed)
+        # its defaults: LoRA on every attention and MLP projection of the language layers, no bias
+        model = FastVisionModel.get_peft_model(model, finetune_vision_layers=finetune_vision, r=lora_r,
+                                               lora_alpha=lora_alpha, lora_dropout=lora_dropout, random_state=seed)
     set_mode(model, "unsloth", training=trainable)
     return model, processor
 
@@ -304,16 +298,12 @@ def load_model(adapter_dir=None, trainable=True):
 
 
 # ----------------------------------------------------------------------------- prompts and batches
-def chat_prompt(processor):
-    """The user turn (image + instruction) and the assistant header, in the model's own chat template."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
-
-
 def make_batch(processor, images, captions=None):
     """Processor outputs for images with the prompt; with captions, the caption and <|eot_id|> follow the prompt
     and `labels` keeps only those tokens: prompt, image token and padding are IGNORE_INDEX (-100)."""
-    prompt = chat_prompt(processor)
+    # the user turn (image + instruction) and the assistant's header, in the model's own chat template
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     texts = [prompt] * len(images) if captions is None else [prompt + caption.strip() + EOT for caption in captions]
     # training pads on the right; generation pads on the left so every prompt ends where generation begins
     processor.tokenizer.padding_side = "right" if captions is not None else "left"
@@ -385,10 +375,7 @@ def validate(model, processor, used_backend, rows, ctx, step):
     hypotheses = generate_captions(model, processor, [r["image"] for r in rows], ctx)
     set_mode(model, used_backend, training=True)
     model.train()
-    n_refs = max(len(r["references"]) for r in rows)
-    # one stream per reference position; an image with fewer references repeats its first one
-    streams = [[(r["references"] + r["references"][:1] * n_refs)[k] for r in rows] for k in range(n_refs)]
-    score = corpus_bleu(hypotheses, streams).score
+    score = bleu_from_stats(corpus_stats(hypotheses, [r["references"] for r in rows])).score   # all of each image's
     print(f"step {step}: validation BLEU {score:.2f} on {len(rows)} images; e.g. {hypotheses[0]!r}")
     return score
 
@@ -444,11 +431,10 @@ def train_model(data_dir, out_dir):
     val_rows = load_split(os.path.join(data_dir, "valid_data.parquet"), need_caption=True)[:val_samples or None]
     last, state = load_checkpoint(out_dir, "last")
     model, processor, used_backend, precision_name = load_model(last, trainable=True)
-    device = next(model.parameters()).device
-    ctx = torch.autocast(device.type, dtype=DTYPES[precision_name], enabled=precision_name != "fp32")
+    ctx = torch.autocast(model.device.type, dtype=DTYPES[precision_name], enabled=precision_name != "fp32")
     lora = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(lora)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision_name == "fp16")   # enabled for fp16 only
+    scaler = torch.amp.GradScaler(model.device.type, enabled=precision_name == "fp16")   # enabled for fp16 only
     total_steps = max_steps or max(1, math.ceil(epochs * len(train_rows) / (batch_size * grad_accum)))
     step, best_bleu, best = resume(state, optimizer, scaler, precision_name, last) if state else (0, -1.0, None)
     if state is None:   # the zero-shot baseline; a broken pipeline shows here, before hours of training
@@ -460,7 +446,7 @@ def train_model(data_dir, out_dir):
         optimizer.param_groups[0]["lr"] = step_lr   # one group: the LoRA matrices
         # forward backward over grad_accum micro-batches; each loss / grad_accum, so the gradients add to the mean
         for micro in range(grad_accum):
-            batch = training_batch(processor, train_rows, step * grad_accum + micro).to(device)
+            batch = training_batch(processor, train_rows, step * grad_accum + micro).to(model.device)
             with ctx:
                 loss = model(**batch).loss / grad_accum
             if not math.isfinite(loss.item()):   # stop before the update: the saved steps stay as they were
@@ -519,8 +505,9 @@ def write_submission(data_dir, out_dir, submission):
 
 def main(argv):
     positional = parse_overrides(argv, globals(), CHECKS)
-    if positional:
-        sys.exit(f"error: caption.py takes no positional arguments, got {positional[0]!r} (--help lists the options)")
+    if positional or not (train or predict):
+        sys.exit(f"error: caption.py takes --train and/or --predict and no positional arguments, got {positional} "
+                 f"(--help lists the options)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # no DDP here: every rank would write the same files
         sys.exit("error: caption.py trains on one GPU; start it with python, not torchrun")
     torch.set_num_threads(num_threads)
@@ -538,8 +525,6 @@ def main(argv):
             gc.collect()   # let the trained model go before --predict loads the adapter (two 11B do not fit a T4)
         if predict:
             write_submission(data_dir, out_dir, submission)
-        if not (train or predict):
-            print(__doc__.strip() + "\n\nchoose --train or --predict (--help lists every option)")
     except (ValueError, OSError) as e:   # bad input or an unwritable output: one line naming the file
         message = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
         sys.exit(f"error: {message.splitlines()[0]}")
@@ -601,7 +586,8 @@ def load_checkpoint(out_dir, which):
         with open(path) as f:
             pointer = json.load(f)
         folder = os.path.join(out_dir, pointer[which])
-        saved = {key: pointer[key] for key in RESUME_KEYS}
+        keys = RESUME_KEYS if which == "last" else MODEL_KEYS
+        differing = [f"{k} = {pointer[k]!r} there, {globals()[k]!r} now" for k in keys if pointer[k] != globals()[k]]
         path = os.path.join(folder, "state.pt")
         state = torch.load(path, map_location="cpu", weights_only=True) if which == "last" else None
         for key in ("optimizer", "scaler", "step", "best_bleu", "best", "precision") if state is not None else ():
@@ -609,8 +595,6 @@ def load_checkpoint(out_dir, which):
     except Exception as e:
         raise ValueError(f"{path} is damaged or not caption.py's; use another --out_dir ({type(e).__name__}: {e})") \
             from None
-    keys = RESUME_KEYS if which == "last" else MODEL_KEYS
-    differing = [f"{k} = {saved[k]!r} there, {globals()[k]!r} now" for k in keys if saved[k] != globals()[k]]
     if differing:
         raise ValueError(f"{folder} was trained with other settings: {', '.join(differing)}; use the same values, "
                          f"or another --out_dir")
@@ -618,7 +602,7 @@ def load_checkpoint(out_dir, which):
 
 
 # --- extras (not the lesson) ---
-# A Jinja chat template with Llama 3.2 Vision's format for the one user turn chat_prompt makes, an image and the
+# A Jinja chat template with Llama 3.2 Vision's format for the one user turn make_batch asks for, an image and the
 # instruction (the real processor brings its own): no system message when an image is present, the image token
 # before the instruction, then the assistant's header (inside the if: Jinja drops a template's final line break).
 TINY_CHAT_TEMPLATE = ("{{ bos_token }}<|start_header_id|>user<|end_header_id|>\n\n<|image|>"
