@@ -122,24 +122,24 @@ def load_split(path, need_caption):
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several kinds for a file that is missing or not parquet
         raise ValueError(f"{name}: cannot read parquet ({type(e).__name__}: {e})") from None
-    rows = {}   # training: one row per image (its bytes as the key); test: one per row of the file
+    rows = {}   # training: one row per image (its bytes as the key); test: one per idx
     for number, row in enumerate(table.to_pylist()):
         where = f"{name}: row {number}"
         data = row["image"].get("bytes") if isinstance(row.get("image"), dict) else row.get("image")
-        references = row.get("references") or []
         captions = [row["caption"]] if "caption" in row else []
-        captions += references if isinstance(references, list) else [None]   # not a list: an error below
+        captions += row.get("references") or []
         if not data:
             raise ValueError(f"{where}: field 'image' is missing or has no bytes")
         if not need_caption and not isinstance(row.get("idx"), int):
             raise ValueError(f"{where}: field 'idx' must be an integer, got {row.get('idx')!r}")
         if need_caption and not (captions and all(isinstance(text, str) and text.strip() for text in captions)):
             raise ValueError(f"{where}: field 'caption' or 'references' is empty or not text")
-        key = data if need_caption else number
+        key = data if need_caption else row["idx"]
+        if not need_caption and key in rows:
+            raise ValueError(f"{where}: idx {key} appears more than once")
         if key not in rows:
             try:
-                with Image.open(io.BytesIO(data)) as opened:
-                    rows[key] = dict(row, image=opened.convert("RGB"), references=[])
+                rows[key] = dict(row, image=Image.open(io.BytesIO(data)).convert("RGB"), references=[])
             except Exception as e:
                 raise ValueError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from None
         rows[key]["references"] = list(dict.fromkeys(rows[key]["references"] + captions))   # each caption once
@@ -161,14 +161,12 @@ SKIP_4BIT = ["vision_model", "model.vision_model", "multi_modal_projector", "lm_
 
 def choose_backend(use_cuda):
     """unsloth where asked (--backend), or under auto on a CUDA GPU where it can run: capability >= 7.0 (its Triton
-    kernels; Kaggle's P100 is 6.0) and it imports. Otherwise transformers + peft, with one line saying why; asked for
-    by name, an unsloth that cannot run is an error."""
-    if backend == "transformers" or (backend == "auto" and (not use_cuda or tiny)):
+    kernels; Kaggle's P100 is 6.0) and it imports. Otherwise transformers + peft; where unsloth does not import, one
+    line says why (asked for by name, an error)."""
+    old_gpu = use_cuda and torch.cuda.get_device_capability()[0] < 7   # unsloth's Triton kernels need 7.0
+    if backend == "transformers" or (backend == "auto" and (not use_cuda or tiny or old_gpu)):
         return "transformers"
     try:
-        major, minor = torch.cuda.get_device_capability() if use_cuda else (7, 0)   # asked for on a CPU: it says
-        if major < 7:
-            raise RuntimeError(f"it needs CUDA capability 7.0, this GPU has {major}.{minor}")
         import unsloth  # noqa: F401  (it patches transformers on import: import it before loading the model)
     except Exception as e:  # a missing or broken install: ImportError, or anything its import raises
         reason = f"unsloth cannot run ({type(e).__name__}: {e}".splitlines()[0] + ")"
@@ -201,7 +199,6 @@ def load_base(precision_name, use_cuda):
         base.name_or_path = ""
     if processor.tokenizer.pad_token is None:   # Llama 3's reserved padding token, as unsloth uses it
         processor.tokenizer.pad_token = "<|finetune_right_pad_id|>"
-    base.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     return base, processor
 
 
@@ -291,9 +288,8 @@ def load_model(adapter_dir=None, trainable=True):
     for p in model.parameters() if trainable else []:
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    print(f"backend {used_backend} on {next(model.parameters()).device}, precision {precision_name} "
-          f"(--precision={precision}), {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable "
-          f"LoRA parameters")
+    print(f"backend {used_backend} on {model.device}, precision {precision_name} (--precision={precision}), "
+          f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable LoRA parameters")
     return model, processor, used_backend, precision_name
 
 
@@ -419,8 +415,7 @@ def resume(state, optimizer, scaler, precision_name, folder):
     optimizer.load_state_dict(state["optimizer"])
     if scaler.is_enabled() and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
-    switched = f" (saved under {state['precision']}, going on under {precision_name})"
-    print(f"resuming from {folder} at step {state['step']}{switched if state['precision'] != precision_name else ''}")
+    print(f"resuming from {folder} at step {state['step']} (saved under {state['precision']}, now {precision_name})")
     return state["step"], state["best_bleu"], state["best"]
 
 
@@ -489,9 +484,6 @@ def write_submission(data_dir, out_dir, submission):
     """Write submission: [{"idx": int, "output": str}] for every test image, in idx order, each idx exactly once,
     written whole or not at all, with the best adapter (which needs the model and prompt it was trained with)."""
     rows = sorted(load_split(os.path.join(data_dir, "test_data.parquet"), need_caption=False), key=lambda r: r["idx"])
-    duplicates = [a["idx"] for a, b in zip(rows, rows[1:]) if a["idx"] == b["idx"]]
-    if duplicates:
-        raise ValueError(f"test_data.parquet: idx {duplicates[0]} appears more than once")
     best, _ = load_checkpoint(out_dir, "best")
     if best is None:
         raise ValueError(f"{out_dir}: no trained adapter: train first (python caption.py --train --out_dir={out_dir})")
@@ -535,9 +527,8 @@ stop_signal = []   # request_stop appends the signal's name; the training loop s
 
 
 def request_stop(number, frame):
-    if stop_signal and number == signal.SIGINT:   # a second Ctrl-C stops at once
-        raise KeyboardInterrupt
     stop_signal.append(signal.Signals(number).name)
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # a second Ctrl-C stops at once
     print(f"{stop_signal[0]}: saving after this step, then exiting", flush=True)
 
 
