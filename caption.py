@@ -9,9 +9,9 @@ autocast, in a plain loop. CUDA or the CPU: a Mac's mps is not used (bitsandbyte
     python caption.py --train --tiny --max_steps=20     # a tiny random Mllama built in code: runs on a CPU in seconds
 
 Training validates at step 0 (the zero-shot BLEU) and every eval_every steps, and saves numbered folders
-out_dir/step_<N>/ (adapter, settings, optimizer and scaler state) every save_every steps and at each new best
-validation BLEU; out_dir/checkpoint.json names the last and the best. Run the same command again to resume;
---predict uses the best adapter (with the model and prompt it was trained with). Ctrl-C or SIGTERM saves, then exits.
+out_dir/step_<N>/ (adapter, optimizer and scaler state) every save_every steps and at each new best validation
+BLEU; out_dir/checkpoint.json names the last and the best, with the settings. Run the same command again to
+resume; --predict uses the best adapter (same model and prompt settings). Ctrl-C or SIGTERM saves, then exits.
 """
 import functools
 import gc
@@ -218,7 +218,6 @@ def load_transformers(adapter_dir, trainable, precision_name, use_cuda):
     MllamaVisionEncoderLayer (here: transformers does not, and one 11B vision layer with LoRA keeps about 300 MiB of
     activations per image)."""
     import peft
-    from transformers.models.mllama.modeling_mllama import MllamaVisionEncoderLayer
     base, processor = load_base(precision_name, use_cuda)
     if trainable and load_in_4bit:
         peft.prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)   # checkpointing is below
@@ -229,7 +228,7 @@ def load_transformers(adapter_dir, trainable, precision_name, use_cuda):
         # non-reentrant: the reentrant default crashes on the cross-attention states in backward
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for module in base.modules():
-            if isinstance(module, MllamaVisionEncoderLayer):
+            if type(module).__name__ == "MllamaVisionEncoderLayer":
                 module._unchecked_forward = module.forward
                 module.forward = functools.partial(checkpointed_forward, module)
     if adapter_dir:
@@ -241,10 +240,13 @@ def load_transformers(adapter_dir, trainable, precision_name, use_cuda):
         targets = f"({LANGUAGE_TARGETS}|{VISION_TARGETS})" if finetune_vision else LANGUAGE_TARGETS
         model = peft.get_peft_model(base, peft.LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                                           target_modules=targets, bias="none"))
-    # Drop the hooks that make embedding outputs require grad (peft adds them for reentrant checkpointing, and
-    # transformers 5 puts them on the vision patch embedding too): with non-reentrant checkpointing they only make
-    # backward run through the frozen vision tower, and storing its graph costs gigabytes.
-    base.disable_input_require_grads()
+    # Drop the hooks that make embedding outputs require grad (transformers and peft add them for reentrant
+    # checkpointing, transformers 5 on the vision patch embedding too): with non-reentrant checkpointing they only
+    # make backward run through the frozen vision tower, and storing its graph costs gigabytes.
+    for module in model.modules() if trainable else []:
+        for key, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__name__", "") in ("make_inputs_require_grads", "make_inputs_require_grad"):
+                del module._forward_hooks[key]
     return model, processor
 
 
@@ -308,10 +310,8 @@ def make_batch(processor, images, captions=None):
     if captions is not None:
         # the prompt ends in a special token and a line break, so it tokenizes alike alone and before a caption
         prompt_length = len(processor.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        labels = batch["input_ids"].clone()
-        labels[:, :prompt_length] = IGNORE_INDEX
-        labels[batch["attention_mask"] == 0] = IGNORE_INDEX
-        batch["labels"] = labels
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)   # padding
+        batch["labels"][:, :prompt_length] = IGNORE_INDEX   # the prompt
     return batch
 
 

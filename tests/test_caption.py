@@ -65,8 +65,8 @@ def image(colour):
 
 
 def load(**kwargs):
-    """caption.load_model on the configured model (the tiny one under the fixtures)."""
-    return caption.load_model(caption.model_name, caption.tiny, caption.seed, **kwargs)
+    """(model, processor, backend) of caption.load_model on the configured model (the tiny one under the fixtures)."""
+    return caption.load_model(**kwargs)[:3]
 
 
 def saved_folder(out_dir, which="last"):
@@ -101,11 +101,14 @@ def test_language_only_lora_leaves_the_vision_encoder_alone(tiny, monkeypatch):
     assert trainable and not any("vision_model" in n for n in trainable)
 
 
+PROMPT = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>" + caption.instruction +
+          "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
 def test_the_tiny_prompt_is_the_llama_3_2_vision_chat_format(tiny):
     _, processor = caption.build_tiny_model()
-    assert caption.chat_prompt(processor) == (
-        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>" + caption.instruction +
-        "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    batch = caption.make_batch(processor, [image("red")])           # a generation batch: the prompt alone
+    assert processor.tokenizer.decode(batch["input_ids"][0]) == PROMPT
 
 
 def test_label_mask_covers_exactly_the_caption_tokens(tiny):
@@ -113,7 +116,7 @@ def test_label_mask_covers_exactly_the_caption_tokens(tiny):
     captions = ["A dog runs .", "Two children play football on the beach at sunset ."]
     batch = caption.make_batch(processor, [image("red"), image("blue")], captions)
     tokenizer = processor.tokenizer
-    prompt_length = len(tokenizer(caption.chat_prompt(processor), add_special_tokens=False)["input_ids"])
+    prompt_length = len(tokenizer(PROMPT, add_special_tokens=False)["input_ids"])
     for row, text in enumerate(captions):
         labels, ids = batch["labels"][row], batch["input_ids"][row]
         kept = (labels != caption.IGNORE_INDEX).nonzero().flatten()
@@ -334,10 +337,16 @@ def test_plain_binary_image_column_is_accepted(tmp_path):
 def test_bad_data_is_one_clear_error(tmp_path):
     path = str(tmp_path / "bad.parquet")
     pq.write_table(pa.table({"image": [{"bytes": jpeg("red"), "path": "a.jpg"}]}), path)
-    with pytest.raises(ValueError, match=r"bad.parquet: missing column 'caption'"):
+    with pytest.raises(ValueError, match=r"bad.parquet: row 0: field 'caption' or 'references' is empty or not text"):
         caption.load_split(path, need_caption=True)
-    with pytest.raises(ValueError, match=r"bad.parquet: missing column 'idx'"):
+    with pytest.raises(ValueError, match=r"bad.parquet: row 0: field 'idx' must be an integer, got None"):
         caption.load_split(path, need_caption=False)
+    pq.write_table(pa.table({"image": [{"bytes": jpeg("red"), "path": "a"}] * 2, "idx": [3, 3]}), path)
+    with pytest.raises(ValueError, match=r"bad.parquet: row 1: idx 3 appears more than once"):
+        caption.load_split(path, need_caption=False)
+    pq.write_table(pa.table({"caption": ["A red square ."]}), path)
+    with pytest.raises(ValueError, match=r"bad.parquet: row 0: field 'image' is missing or has no bytes"):
+        caption.load_split(path, need_caption=True)
     pq.write_table(pa.table({"image": [{"bytes": jpeg("red"), "path": "a"}, {"bytes": b"not a jpeg", "path": "b"}],
                              "caption": ["A red square .", "x"]}), path)
     with pytest.raises(ValueError, match=r"bad.parquet: row 1: cannot decode image"):
@@ -359,7 +368,7 @@ def test_bad_data_from_the_command_line_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "caption.py", "--train", "--tiny", f"--data_dir={tmp_path}",
                              f"--out_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1].startswith("error: train_data.parquet: missing column 'caption'")
+    assert result.stderr.strip().splitlines()[-1].startswith("error: train_data.parquet: row 0: field 'caption'")
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """caption.py against faults and through its command line: crafted pickles on every load path, a kill at every
 moment of a save, a NaN loss, SIGTERM, a one-row training file, unwritable outputs found before the work, a
-submission written whole or not at all, damaged files, torchrun, checked overrides, --help, and the adapter's own
-settings used by --predict without touching the module's globals."""
+submission written whole or not at all, damaged files, torchrun, checked overrides, --help, and --predict on the
+model and prompt the adapter was trained with."""
 import json
 import os
 import pathlib
@@ -134,15 +134,17 @@ def test_a_damaged_state_file_is_one_line_naming_it(tiny, data_dir, tmp_path, da
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("damage", ["pointer", "settings"])
-def test_a_damaged_pointer_or_settings_file_is_one_line_naming_it(tiny, data_dir, tmp_path, damage):
+@pytest.mark.parametrize("damage", ["truncated", "without settings"])
+def test_a_damaged_pointer_file_is_one_line_naming_it(tiny, data_dir, tmp_path, damage):
+    """out_dir/checkpoint.json names the steps and holds the settings they were trained with."""
     out_dir = tmp_path / "out"
     first_run(data_dir, out_dir)
-    path = out_dir / "checkpoint.json" if damage == "pointer" else pathlib.Path(saved_folder(str(out_dir), "best"),
-                                                                              caption.CONFIG_FILE)
-    path.write_text('{"model_name": ')
-    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} is damaged or not caption.py's"):
-        caption.write_submission(data_dir, str(out_dir), str(tmp_path / "s.json"))
+    path = out_dir / "checkpoint.json"
+    path.write_text('{"model_name": ' if damage == "truncated" else '{"last": "step_1", "best": "step_1"}')
+    for entry_point in (lambda: caption.write_submission(data_dir, str(out_dir), str(tmp_path / "s.json")),
+                        lambda: caption.train_model(data_dir, str(out_dir))):
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} is damaged or not caption.py's"):
+            entry_point()
 
 
 # ----------------------------------------------------------------------------- saving steps
@@ -184,7 +186,7 @@ def test_a_kill_at_any_moment_of_a_save_leaves_a_complete_resume_point(tiny, dat
                 finished = True
             except Killed:
                 finished = False
-        folder, _, state = caption.load_checkpoint(out_dir, "last")
+        folder, state = caption.load_checkpoint(out_dir, "last")
         assert state["step"] in (2, 4) and os.path.exists(os.path.join(folder, "adapter_model.safetensors"))
         assert os.path.basename(folder) == f"step_{state['step']}"
         moments += 1
@@ -241,9 +243,9 @@ def poison_the_loss(monkeypatch, at_call, action):
         return output
 
     def load_and_hook(*args, **kwargs):
-        model, processor, used = real_load(*args, **kwargs)
-        model.register_forward_hook(hook, with_kwargs=True)
-        return model, processor, used
+        result = real_load(*args, **kwargs)
+        result[0].register_forward_hook(hook, with_kwargs=True)
+        return result
     monkeypatch.setattr(caption, "load_model", load_and_hook)
     return calls
 
@@ -314,6 +316,7 @@ def test_an_unwritable_submission_stops_before_any_work(tiny, data_dir, tmp_path
 
 
 def test_the_submission_is_written_whole_or_not_at_all(tiny, data_dir, tmp_path, monkeypatch, restore_globals):
+    """A failure at the rename (a full disk) leaves the previous submission as it was (and submission.json.tmp)."""
     out_dir = tmp_path / "out"
     first_run(data_dir, out_dir)
     target = tmp_path / "submission.json"
@@ -328,7 +331,7 @@ def test_the_submission_is_written_whole_or_not_at_all(tiny, data_dir, tmp_path,
     with pytest.raises(SystemExit, match=r"^error: .*submission.json.tmp: No space left on device$"):
         caption.main(["--predict", "--tiny", "--backend=transformers", "--load_in_4bit=False", "--precision=fp32",
                       f"--data_dir={data_dir}", f"--out_dir={out_dir}", f"--submission={target}"])
-    assert target.read_text() == "the previous submission" and not os.path.exists(str(target) + ".tmp")
+    assert target.read_text() == "the previous submission"
 
 
 def test_torchrun_is_refused_with_one_line(restore_globals, monkeypatch):
@@ -354,7 +357,8 @@ def test_torchrun_is_refused_with_one_line(restore_globals, monkeypatch):
     (["--modle_name=x"], "error: unknown option --modle_name (did you mean --model_name?)"),
     (["--math=1"], "error: unknown option --math"),
     (["--out_dir", "/x"], "error: --out_dir needs a value: --out_dir=VALUE"),
-    (["--train", "data/caption"], "error: caption.py takes no positional arguments, got 'data/caption'"),
+    (["--train", "data/caption"], "error: caption.py takes --train and/or --predict and no positional arguments, "
+                                   "got ['data/caption']"),
     (["--lr=0"], "error: --lr must be a number > 0, got 0"),
 ])
 def test_bad_overrides_stop_with_one_line(restore_globals, argv, message):
@@ -363,11 +367,13 @@ def test_bad_overrides_stop_with_one_line(restore_globals, argv, message):
     assert str(stop.value).startswith(message) and "\n" not in str(stop.value)
 
 
-def test_model_is_a_short_name_for_model_name(restore_globals, capsys):
-    caption.main(["--model=some/local-folder"])
-    out = capsys.readouterr().out
+def test_no_work_asked_for_is_one_line(restore_globals, capsys, monkeypatch):
+    monkeypatch.setattr(caption, "load_model", lambda *a, **k: pytest.fail("model loaded with nothing to do"))
+    with pytest.raises(SystemExit, match=r"^error: caption.py takes --train and/or --predict and no positional "
+                                         r"arguments, got \[\] \(--help lists the options\)$"):
+        caption.main(["--model_name=some/local-folder"])
     assert caption.model_name == "some/local-folder"
-    assert "overriding: model_name = 'some/local-folder'" in out and "choose --train or --predict" in out
+    assert "overriding: model_name = 'some/local-folder'" in capsys.readouterr().out
 
 
 def test_help_prints_the_docstring_and_every_constant():
@@ -387,28 +393,42 @@ def test_a_bad_override_from_the_shell_is_one_line_and_no_work():
     assert result.returncode == 1 and result.stderr.strip() == "error: --tiny takes True or False (like False), got 'ture'"
 
 
-def test_predict_uses_the_adapters_settings_without_touching_the_globals(tiny, data_dir, tmp_path, monkeypatch,
-                                                                        capsys):
+def test_predict_uses_the_training_prompt_and_names_other_settings(tiny, data_dir, tmp_path, monkeypatch):
+    """--predict runs the best adapter on the base and prompt it was trained with: other model settings stop with
+    one line naming them (before any model loads), the same ones caption with the training's prompt."""
     monkeypatch.setattr(caption, "instruction", "Name the colour.")
     monkeypatch.setattr(caption, "seed", 11)
     out_dir = str(tmp_path / "out")
     caption.max_steps = 1
     caption.train_model(data_dir, out_dir)
-    saved = json.loads(pathlib.Path(saved_folder(out_dir, "best"), caption.CONFIG_FILE).read_text())
-    assert saved["instruction"] == "Name the colour." and saved["seed"] == 11 and saved["lora_r"] == 8
+    pointer = json.loads(pathlib.Path(out_dir, "checkpoint.json").read_text())
+    assert pointer["instruction"] == "Name the colour." and pointer["seed"] == 11 and pointer["lora_r"] == 8
     # a later session with other constants at the top of the file
     monkeypatch.setattr(caption, "instruction", "Write a poem.")
     monkeypatch.setattr(caption, "seed", 3)
-    prompts, seeds = [], []
-    real_make_batch, real_build = caption.make_batch, caption.build_tiny_model
-    monkeypatch.setattr(caption, "make_batch", lambda processor, images, captions=None, text=None: (
-        prompts.append(text), real_make_batch(processor, images, captions, text))[1])
-    monkeypatch.setattr(caption, "build_tiny_model", lambda model_seed=None: (
-        seeds.append(model_seed), real_build(model_seed))[1])
+    monkeypatch.setattr(caption, "batch_size", 1)        # not a model setting: predict does not care
+    real_load = caption.load_model
+    monkeypatch.setattr(caption, "load_model", lambda *a, **k: pytest.fail("model loaded with other settings"))
+    with pytest.raises(ValueError, match=r"^.*step_\d was trained with other settings: instruction = "
+                                         r"'Name the colour.' there, 'Write a poem.' now, seed = 11 there, 3 now; "
+                                         r"use the same values, or another --out_dir$"):
+        caption.write_submission(data_dir, out_dir, str(tmp_path / "s.json"))
+    assert not (tmp_path / "s.json").exists()
+    monkeypatch.setattr(caption, "load_model", real_load)
+    monkeypatch.setattr(caption, "instruction", "Name the colour.")
+    monkeypatch.setattr(caption, "seed", 11)
+    prompts = []
+    real_build = caption.build_tiny_model
+
+    def build_and_spy():
+        model, processor = real_build()
+        real_template = processor.apply_chat_template
+        monkeypatch.setattr(processor, "apply_chat_template", lambda messages, **kwargs: (
+            prompts.append(messages[0]["content"][1]["text"]), real_template(messages, **kwargs))[1])
+        return model, processor
+    monkeypatch.setattr(caption, "build_tiny_model", build_and_spy)
     caption.write_submission(data_dir, out_dir, str(tmp_path / "s.json"))
-    assert set(prompts) == {"Name the colour."} and seeds == [11]
-    assert "using the adapter's settings: instruction = 'Name the colour.', seed = 11" in capsys.readouterr().out
-    assert caption.instruction == "Write a poem." and caption.seed == 3
+    assert set(prompts) == {"Name the colour."} and len(json.loads((tmp_path / "s.json").read_text())) == 2
 
 
 def test_resuming_with_other_model_settings_names_the_differing_keys(tiny, data_dir, tmp_path, monkeypatch):
