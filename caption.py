@@ -61,7 +61,6 @@ lr = 2e-4               # peak learning rate: linear warmup to it, then linear d
 warmup_steps = 5        # steps of linear warmup
 weight_decay = 0.01     # AdamW's decoupled weight decay, on the LoRA matrices
 grad_clip = 1.0         # the gradient's global norm is clipped to this
-optimizer_name = "adamw"  # adamw | adamw_8bit (bitsandbytes)
 eval_every = 50         # steps between validation BLEU checks (also at step 0 and at the end)
 save_every = 20         # steps between saved steps in out_dir (a T4 step takes about 30 s)
 val_samples = 0         # validation images captioned for BLEU (0 = all)
@@ -74,7 +73,7 @@ num_threads = 2         # CPU threads for torch (torch.set_num_threads)
 # -----------------------------------------------------------------------------
 
 CHECKS = {"backend": ("auto", "unsloth", "transformers"), "precision": ("auto", "bf16", "fp16", "fp32"),
-          "optimizer_name": ("adamw", "adamw_8bit"), "lora_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+          "lora_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
           **{name: (lambda v: v > 0, "a number > 0") for name in ("lr", "grad_clip")},
           **{name: (lambda v: v >= 1, "an integer >= 1") for name in (
               "lora_r", "lora_alpha", "epochs", "batch_size", "grad_accum", "eval_every", "save_every",
@@ -99,6 +98,7 @@ def choose_precision(requested, device_type):
     P100, 6.0, fails in cuBLAS), and fp32 elsewhere."""
     if device_type == "cuda":
         major, minor = torch.cuda.get_device_capability()
+        check_cuda_build(major, minor)
         if requested == "bf16" and major < 8:
             raise ValueError(f"--precision=bf16 needs CUDA capability 8.0, this GPU has {major}.{minor}: "
                              f"use --precision=fp16 (or auto)")
@@ -161,18 +161,10 @@ SKIP_4BIT = ["vision_model", "model.vision_model", "multi_modal_projector", "lm_
 
 def choose_backend(use_cuda):
     """unsloth where asked (--backend), or under auto on a CUDA GPU where it can run: capability >= 7.0 (its Triton
-    kernels; Kaggle's P100 is 6.0) and it imports. Otherwise transformers + peft; where unsloth does not import, one
-    line says why (asked for by name, an error)."""
+    kernels; Kaggle's P100 is 6.0). Otherwise transformers + peft. Where unsloth then fails to import or to load,
+    load_model says why in one line and goes on with transformers (under auto) or stops (asked for by name)."""
     old_gpu = use_cuda and torch.cuda.get_device_capability()[0] < 7   # unsloth's Triton kernels need 7.0
     if backend == "transformers" or (backend == "auto" and (not use_cuda or tiny or old_gpu)):
-        return "transformers"
-    try:
-        import unsloth  # noqa: F401  (it patches transformers on import: import it before loading the model)
-    except Exception as e:  # a missing or broken install: ImportError, or anything its import raises
-        reason = f"unsloth cannot run ({type(e).__name__}: {e}".splitlines()[0] + ")"
-        if backend == "unsloth":
-            raise ValueError(f"--backend=unsloth but {reason}") from None
-        print(f"note: {reason}; using transformers + peft")
         return "transformers"
     return "unsloth"
 
@@ -254,13 +246,10 @@ def load_unsloth(adapter_dir, trainable, precision_name):
     """The same model through unsloth (GPU only): the base in 4-bit where load_in_4bit, its LoRA on the same
     projections, its gradient checkpointing (vision layers included; always on). An adapter folder loads through
     from_pretrained, as in unsloth's notebooks."""
-    from unsloth import FastVisionModel
-    try:   # a failure deep inside unsloth (Triton, a download) as one line: --backend=transformers goes around it
-        model, processor = FastVisionModel.from_pretrained(adapter_dir or model_name, load_in_4bit=load_in_4bit,
-                                                           dtype=DTYPES[precision_name],
-                                                           use_gradient_checkpointing="unsloth")
-    except Exception as e:
-        raise ValueError(f"unsloth failed to load {adapter_dir or model_name} ({type(e).__name__}: {e})") from None
+    from unsloth import FastVisionModel   # it patches transformers on import: imported before any model loads
+    model, processor = FastVisionModel.from_pretrained(adapter_dir or model_name, load_in_4bit=load_in_4bit,
+                                                       dtype=DTYPES[precision_name],
+                                                       use_gradient_checkpointing="unsloth")
     if adapter_dir is None:
         # its defaults: LoRA on every attention and MLP projection of the language layers, no bias
         model = FastVisionModel.get_peft_model(model, finetune_vision_layers=finetune_vision, r=lora_r,
@@ -284,8 +273,15 @@ def load_model(adapter_dir=None, trainable=True):
     precision_name = choose_precision(precision, "cuda" if use_cuda else "cpu")
     used_backend = choose_backend(use_cuda)
     if used_backend == "unsloth":
-        model, processor = load_unsloth(adapter_dir, trainable, precision_name)
-    else:
+        try:   # unsloth's import or loading failing (not installed, Triton, a download): transformers under auto
+            model, processor = load_unsloth(adapter_dir, trainable, precision_name)
+        except Exception as e:
+            reason = f"unsloth failed to load {adapter_dir or model_name} ({type(e).__name__}: {e}".splitlines()[0]
+            if backend == "unsloth":
+                raise ValueError(f"--backend=unsloth but {reason})") from None
+            print(f"note: {reason}); using transformers + peft")
+            used_backend = "transformers"
+    if used_backend == "transformers":
         model, processor = load_transformers(adapter_dir, trainable, precision_name, use_cuda)
     for p in model.parameters() if trainable else []:
         if p.requires_grad and p.dtype != torch.float32:
@@ -386,15 +382,6 @@ def learning_rate(step, total_steps):
     return lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-def make_optimizer(parameters):
-    """AdamW (Loshchilov & Hutter 2019), or its 8-bit-state version (Dettmers et al. 2022, "8-bit Optimizers via
-    Block-wise Quantization")."""
-    if optimizer_name == "adamw_8bit":
-        import bitsandbytes
-        return bitsandbytes.optim.AdamW8bit(parameters, lr=lr, weight_decay=weight_decay)
-    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-
-
 def training_batch(processor, rows, number):
     """The run's number-th batch of batch_size training examples, with labels (make_batch). Epoch e visits the
     images in a shuffle that depends only on (seed, e), and each visit draws one of the image's captions with its
@@ -428,7 +415,7 @@ def train_model(data_dir, out_dir):
     model, processor, used_backend, precision_name = load_model(last, trainable=True)
     ctx = torch.autocast(model.device.type, dtype=DTYPES[precision_name], enabled=precision_name != "fp32")
     lora = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(lora)
+    optimizer = torch.optim.AdamW(lora, lr=lr, weight_decay=weight_decay)   # Loshchilov & Hutter 2019
     scaler = torch.amp.GradScaler(model.device.type, enabled=precision_name == "fp16")   # enabled for fp16 only
     total_steps = max_steps or max(1, math.ceil(epochs * len(train_rows) / (batch_size * grad_accum)))
     step, best_bleu, best = resume(state, optimizer, scaler, precision_name, last) if state else (0, -1.0, None)
@@ -593,6 +580,19 @@ def load_checkpoint(out_dir, which):
 
 
 # --- extras (not the lesson) ---
+def check_cuda_build(major, minor):
+    """Stop at once where this PyTorch build has no kernels for the GPU of capability major.minor (Kaggle's P100,
+    sm_60, under a build for sm_70 and newer), rather than with a CUDA error from deep inside. A cubin sm_XY runs on
+    capability X.y for y >= Y; PTX compute_XY is compiled for any capability >= X.Y. Capability 8.6 is 86 below."""
+    archs = torch.cuda.get_arch_list()   # "sm_75", "sm_90a", "compute_120", ...
+    built = [(arch.split("_")[0], int(re.sub(r"\D", "", arch))) for arch in archs]
+    if archs and not any((kind == "sm" and number // 10 == major and number % 10 <= minor) or
+                         (kind == "compute" and number <= 10 * major + minor) for kind, number in built):
+        raise ValueError(f"this PyTorch {torch.__version__} has GPU kernels for {' '.join(archs)}, none for "
+                         f"{torch.cuda.get_device_name()} (sm_{major}{minor}): install a PyTorch build that lists "
+                         f"sm_{major}{minor}, or choose another GPU")
+
+
 # A Jinja chat template with Llama 3.2 Vision's format for the one user turn make_batch asks for, an image and the
 # instruction (the real processor brings its own): no system message when an image is present, the image token
 # before the instruction, then the assistant's header (inside the if: Jinja drops a template's final line break).

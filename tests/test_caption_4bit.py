@@ -200,6 +200,31 @@ def test_both_entry_points_check_the_precision_before_loading_a_model(tiny, data
             entry_point()
 
 
+def test_the_cuda_build_is_checked_on_every_gpu_entry_point(tiny, data_dir, tmp_path, monkeypatch):
+    """A PyTorch build without kernels for the GPU stops with one line (a P100 under a build for sm_70 and newer),
+    on --train and on --predict, before any model loads. A cubin sm_XY runs on X.y for y >= Y, PTX on newer."""
+    caption.train_model(data_dir, str(tmp_path / "out"))     # a model to predict with, on the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_70", "sm_75", "sm_80", "compute_80"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
+    monkeypatch.setattr(caption, "load_transformers", lambda *args: pytest.fail("a model loaded"))
+    for entry_point in (lambda: caption.train_model(data_dir, str(tmp_path / "out2")),
+                        lambda: caption.write_submission(data_dir, str(tmp_path / "out"), str(tmp_path / "s.json"))):
+        with pytest.raises(ValueError, match=r"^this PyTorch .* has GPU kernels for sm_70 sm_75 sm_80 compute_80, "
+                                             r"none for Tesla P100-PCIE-16GB \(sm_60\)"):
+            entry_point()
+    for archs in (["sm_60", "sm_70"], ["sm_50", "compute_60"], []):   # its cubin, PTX for it, or no list at all
+        monkeypatch.setattr(torch.cuda, "get_arch_list", lambda archs=archs: archs)
+        assert caption.choose_precision("auto", "cuda") == "fp16"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_80"])     # an sm_80 cubin runs on 8.6
+    assert caption.choose_precision("auto", "cuda") == "bf16"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    with pytest.raises(ValueError, match=r"none for .* \(sm_90\)"):         # but not on 9.0
+        caption.choose_precision("auto", "cuda")
+
+
 def test_precision_on_the_cpu(monkeypatch):
     """auto: bf16 where /proc/cpuinfo lists AMX or AVX512-BF16, fp32 elsewhere."""
     if not os.path.exists("/proc/cpuinfo"):
@@ -311,21 +336,28 @@ def on_a_gpu(monkeypatch, capability):
 
 
 def test_a_broken_unsloth_falls_back_to_transformers_with_one_line(tmp_path, monkeypatch, capsys):
+    """unsloth that fails on import (or is not installed): under auto one line and transformers + peft; asked for by
+    name, one line and stop."""
     package = tmp_path / "unsloth"
     package.mkdir()
     (package / "__init__.py").write_text("raise RuntimeError('Unsloth: your GPU is too old\\nmore detail')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "unsloth", raising=False)
     on_a_gpu(monkeypatch, (7, 5))
-    assert caption.choose_backend(use_cuda=True) == "transformers"
+    monkeypatch.setattr(caption, "model_name", "some/model")
+    assert caption.choose_backend(use_cuda=True) == "unsloth"          # capability 7.5: unsloth is tried
+    assert caption.load_model(trainable=False)[2] == "transformers"
     out = capsys.readouterr().out.strip().splitlines()
-    assert out == ["note: unsloth cannot run (RuntimeError: Unsloth: your GPU is too old); using transformers + peft"]
+    assert out[0] == ("note: unsloth failed to load some/model (RuntimeError: Unsloth: your GPU is too old); "
+                      "using transformers + peft")
     monkeypatch.setattr(caption, "backend", "unsloth")
-    with pytest.raises(ValueError, match=r"^--backend=unsloth but unsloth cannot run \(RuntimeError"):
-        caption.choose_backend(use_cuda=True)
+    with pytest.raises(ValueError, match=r"^--backend=unsloth but unsloth failed to load some/model \(RuntimeError: "
+                                         r"Unsloth: your GPU is too old\)$"):
+        caption.load_model(trainable=False)
     monkeypatch.setattr(caption, "backend", "auto")
     monkeypatch.setitem(sys.modules, "unsloth", None)        # not installed at all
-    assert caption.choose_backend(use_cuda=True) == "transformers"
+    assert caption.load_model(trainable=False)[2] == "transformers"
+    assert capsys.readouterr().out.startswith("note: unsloth failed to load some/model (ModuleNotFoundError")
     assert caption.choose_backend(use_cuda=False) == "transformers"
 
 
@@ -341,8 +373,9 @@ def test_auto_picks_unsloth_only_from_capability_7(monkeypatch):
     assert caption.choose_backend(use_cuda=True) == "transformers"   # --tiny: transformers
 
 
-def test_unsloth_failing_to_load_the_model_is_one_line(monkeypatch):
-    """A failure deep inside unsloth's loading (Triton, a download) stops with one line that names the model."""
+def test_unsloth_failing_to_load_the_model_falls_back_under_auto_and_stops_by_name(monkeypatch, capsys):
+    """A failure deep inside unsloth's loading (Triton, a download): under auto one line and transformers + peft;
+    with --backend=unsloth one line naming the model, through main."""
     fake = FakeUnsloth()
 
     def broken(name, **kwargs):
@@ -350,16 +383,20 @@ def test_unsloth_failing_to_load_the_model_is_one_line(monkeypatch):
     fake.FastVisionModel.from_pretrained = staticmethod(broken)
     monkeypatch.setitem(sys.modules, "unsloth", fake)
     on_a_gpu(monkeypatch, (7, 5))
-    for name in ("predict", "model_name"):          # main's overrides are undone after the test
+    for name in ("predict", "model_name", "backend"):          # main's overrides are undone after the test
         monkeypatch.setattr(caption, name, getattr(caption, name))
     monkeypatch.setattr(caption, "model_name", "some/model")
-    with pytest.raises(ValueError, match=r"^unsloth failed to load some/model \(RuntimeError: Unsloth: Triton failed "
-                                         r"to compile"):
-        caption.load_model(trainable=False)
+    model, processor, used, _ = caption.load_model(trainable=False)
+    assert used == "transformers" and processor is not None
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("note: unsloth failed to load some/model (RuntimeError: Unsloth: Triton failed to compile); "
+                      "using transformers + peft")
+    assert out[1].startswith("backend transformers on cpu")
     monkeypatch.setattr(caption, "write_submission", lambda *args: caption.load_model(trainable=False))
     with pytest.raises(SystemExit) as stop:
-        caption.main(["--predict", "--model_name=some/model"])
-    assert str(stop.value) == "error: unsloth failed to load some/model (RuntimeError: Unsloth: Triton failed to compile"
+        caption.main(["--predict", "--backend=unsloth", "--model_name=some/model"])
+    assert str(stop.value) == ("error: --backend=unsloth but unsloth failed to load some/model (RuntimeError: "
+                               "Unsloth: Triton failed to compile)")
 
 
 @pytest.mark.parametrize("first", ["bf16", "fp32"])
