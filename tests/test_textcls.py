@@ -140,7 +140,7 @@ def test_stratified_split_holds_out_every_class_in_proportion():
 
 # ----------------------------------------------------------------------------- model
 def test_sinusoidal_encoding_is_the_closed_form():
-    pe = textcls.SinusoidalPositionalEncoding(8, 50).pe
+    pe = textcls.sinusoids(50, 8)
     for pos in (0, 1, 7, 49):
         for i in range(4):
             angle = pos / 10000 ** (2 * i / 8)
@@ -161,7 +161,7 @@ def test_padding_changes_nothing(pooling, pos_encoding):
     torch.testing.assert_close(logits[1:], alone, rtol=0, atol=1e-5)
     # and the mask is what hides the padding: without it the real positions see the <pad> rows
     with torch.no_grad():
-        x = model.positional(model.embedding(padded) * math.sqrt(model.d_model))
+        x = model.embed(padded)
         masked, unmasked = model.encoder(x, src_key_padding_mask=padded == 0), model.encoder(x)
     assert not torch.allclose(masked[1, :3], unmasked[1, :3], atol=1e-3)
 
@@ -267,7 +267,8 @@ def test_ensemble_trains_each_model_with_its_own_seed_and_predicts_their_mean_lo
     logits = []
     for folder in (tmp_path, tmp_path / "member_2"):
         model, vocab, config = textcls.load_trained(str(folder), "cpu")
-        logits.append(textcls.predict_logits(model, textcls.encode_records(test_records, vocab, config), "cpu"))
+        encoded = textcls.encode_records(test_records, vocab, config)
+        logits.append(textcls.predict_logits(model, encoded, "cpu", torch.autocast("cpu", enabled=False)))
     assert predicted == ((logits[0] + logits[1]) / 2).argmax(1).tolist()
     # the same command again: both models are finished, nothing changes
     train_ensemble(records, str(tmp_path))
