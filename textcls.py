@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from PIL import Image, ImageDraw
 
 from tokenizer import Vocab, config_block, parse_overrides, preprocess, stem as porter_stem
@@ -103,7 +102,8 @@ CHECKS = {
     "device": (lambda v: v in ("", "cpu", "cuda", "mps") or v.startswith("cuda:"), '"", cpu, cuda[:N] or mps'),
     **{name: (lambda v: v >= 1, "an integer >= 1") for name in
        ("min_freq", "d_hid", "nlayers", "epochs", "batch_size", "ensemble", "num_threads", "log_every")},
-    **{name: (lambda v: v > 0, "a number > 0") for name in ("pretrain_lr", "lr", "grad_clip", "pretrain_share")},
+    **{name: (lambda v: v > 0, "a number > 0") for name in ("pretrain_lr", "lr", "grad_clip")},
+    "pretrain_share": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     **{name: (lambda v: v >= 0, "a number >= 0") for name in
        ("pretrain_epochs", "warmup_steps", "encoder_lr_frac", "weight_decay", "max_minutes", "min_lr_frac")},
     **{name: (lambda v: 0 <= v < 1, "a number in [0, 1)") for name in ("dropout", "label_smoothing", "val_frac")},
@@ -360,9 +360,8 @@ MODEL_KEYS = ["remove_stop", "stem", "max_len", "d_model", "nhead", "d_hid", "nl
 
 
 def build_model(config, vocab_size):
-    return TransformerClassifier(vocab_size, config["d_model"], config["nhead"], config["d_hid"],
-                                 config["nlayers"], config["dropout"], config["max_len"],
-                                 config["pos_encoding"], config["pooling"])
+    return TransformerClassifier(vocab_size, config["d_model"], config["nhead"], config["d_hid"], config["nlayers"],
+                                 config["dropout"], config["max_len"], config["pos_encoding"], config["pooling"])
 
 
 def load_glove(path, vocab, embedding, use_stems):
@@ -532,7 +531,7 @@ def train_loop(model, optimizer, batch_loss, data, n_epochs, seed, deadline, che
     run_device, precision_name, ctx, rank, world_size = system
     (encoded, labels), phase = data, "pre-training" if val is None else "training"
     scaler = resume(checkpoint, model, optimizer, path, precision_name, rank)    # (fp16's loss scaling)
-    net = DistributedDataParallel(model, device_ids=[run_device] if "cuda" in run_device else None) \
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[run_device] if "cuda" in run_device else None) \
         if dist.is_initialized() else model
     steps_per_epoch = math.ceil(len(encoded) / batch_size) // world_size   # each process takes every world_size-th
     step, total_steps, stop = checkpoint["step"], n_epochs * steps_per_epoch, None
@@ -541,7 +540,7 @@ def train_loop(model, optimizer, batch_loss, data, n_epochs, seed, deadline, che
         # this process's batches of the epoch, in an order from (seed, epoch) only: a resumed run skips those it did
         batches = make_batches([len(e) for e in encoded], batch_size, random.Random(seed + epoch), bucket)
         net.train()
-        tick, seen, loss_sum, loss_count = time.time(), 0, 0.0, 0
+        tick, first, loss_sum = time.time(), step, 0.0
         for batch in batches[rank:steps_per_epoch * world_size:world_size][step - epoch * steps_per_epoch:]:
             torch.manual_seed(seed + step * world_size + rank)    # dropout masks from (seed, step, rank): as on resume
             step_lr = learning_rate(step, total_steps, optimizer.defaults["lr"])
@@ -557,12 +556,12 @@ def train_loop(model, optimizer, batch_loss, data, n_epochs, seed, deadline, che
             torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            step, seen, loss_sum, loss_count = step + 1, seen + len(batch), loss_sum + loss.item(), loss_count + 1
-            # logging
+            step, loss_sum = step + 1, loss_sum + loss.item()
+            # logging: the mean loss of this epoch so far, examples/s of all processes
             if step % log_every == 0 and rank == 0:
-                speed = seen * world_size / max(1e-9, time.time() - tick)          # examples/s of all processes
+                speed = (step - first) * batch_size * world_size / max(1e-9, time.time() - tick)
                 print(f"{'pre-training ' * (val is None)}epoch {epoch + 1} step {step}/{total_steps} loss "
-                      f"{loss_sum / loss_count:.4f} lr {step_lr:.2e} {speed:.0f} examples/s", flush=True)
+                      f"{loss_sum / (step - first):.4f} lr {step_lr:.2e} {speed:.0f} examples/s", flush=True)
             # the reasons to stop, agreed by every process so that all stop after the same step
             flags = [not math.isfinite(loss.item()), bool(STOP), time.time() > deadline]
             flags = torch.tensor(flags, device=run_device)
@@ -573,7 +572,7 @@ def train_loop(model, optimizer, batch_loss, data, n_epochs, seed, deadline, che
             if stop:
                 break
         # end of the epoch, or of this run
-        record = {"epoch": epoch + 1, "step": step, "mlm_loss" if val is None else "train_loss": loss_sum / loss_count}
+        record = {"epoch": epoch + 1, "step": step, "train_loss" if val else "mlm_loss": loss_sum / (step - first)}
         end_epoch(model, optimizer, scaler, checkpoint, record, step / steps_per_epoch, stop, val, path, system)
     if stop and rank == 0:
         name = signal.Signals(STOP[0]).name if stop == "a signal" and STOP else stop
@@ -665,8 +664,8 @@ def train_ensemble(records, out_dir, mlm_records, mlm_epochs, system):
         use_stems = stem != (ensemble_alternate_stem and k % 2 == 1)
         minutes = max(1e-6, (deadline - time.time()) / 60 / (ensemble - k)) if max_minutes > 0 else 0.0
         if ensemble > 1 and system[3] == 0:
-            print(f"ensemble model {k + 1}/{ensemble}: seed {seed + k}, stem {use_stems}, {minutes:.1f} minutes "
-                  f"(0: no limit), in {member_dir(out_dir, k)}", flush=True)
+            print(f"ensemble model {k + 1}/{ensemble}: seed {seed + k}, stem {use_stems}, in {member_dir(out_dir, k)}"
+                  + (f", {minutes:.1f} minutes" if max_minutes > 0 else ""), flush=True)
         train_model(records, member_dir(out_dir, k), mlm_records, mlm_epochs, seed + k, use_stems, minutes, system)
 
 
@@ -709,7 +708,7 @@ def write_submission(out_dir, test_file, submission, system):
         f.write("id,label\n")
         f.writelines(f"{r['id']},{p}\n" for r, p in zip(records, predictions))
     os.replace(submission + ".tmp", submission)
-    print(f"wrote {len(records)} predictions to {submission} (the mean logits of {len(models)} models)")
+    print(f"wrote {len(records)} predictions to {submission} (from the mean logits of {len(models)} model(s))")
     if all("label" in r for r in records):
         metrics = classification_metrics(predictions, [r["label"] for r in records])
         print(f"accuracy {metrics['accuracy']:.4f} macro-F1 {metrics['macro_f1']:.4f}")
