@@ -465,63 +465,62 @@ MAY_CHANGE = {"train", "predict", "bench", "attention", "data_dir", "out_dir", "
               "pretrain_lr", "pretrain_share", "encoder_lr_frac", "ensemble", "ensemble_alternate_stem"}
 
 
-def train_model(records, out_dir, mlm_records, mlm_epochs, seed, use_stems, minutes, system):
-    """One model on records (a stratified val_frac validates), resuming out_dir's run; with mlm_epochs, masked-language
-    pre-training on the texts of records and mlm_records first. -> the history of its epochs (on rank 0)."""
-    run_device, precision_name, ctx, rank, world_size = system
-    start, mlm_records = time.time(), list(mlm_records or [])
-    deadline = start + minutes * 60 if minutes > 0 else math.inf
-    config = {name: globals()[name] for name, _ in config_block(__file__) if name}    # this run, its data included
-    config.update(seed=seed, stem=use_stems, pretrain_epochs=mlm_epochs, processes=world_size,
-                  train_data=fingerprint(records), mlm_texts=fingerprint(mlm_records) if mlm_epochs else "")
-    ckpt_path, pretrain_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "pretrain.pt")
-    checkpoint = check_resume(ckpt_path, config, run_device)
-    pretrained = check_resume(pretrain_path, config, run_device) if mlm_epochs and not checkpoint else None
-    saved = checkpoint or pretrained
-    # the data: a stratified validation split, the vocabulary from the training part only (or the saved run's)
-    check_writable(out_dir)
-    labels = [r["label"] for r in records]
-    train_idx, val_idx = stratified_split(labels, val_frac, seed)
-    vocab = Vocab(saved["vocab"]) if saved else Vocab.build(
-        (segment for i in train_idx for segment in record_tokens(records[i], config)), min_freq, max_vocab)
-    encoded = encode_records(records, vocab, config)
+def fingerprint(records):
+    """A short hash of the records: a resumed run must train on the same data."""
+    return hashlib.sha1(json.dumps(records).encode()).hexdigest()[:16]
+
+
+def resume(checkpoint, model, optimizer, path, precision_name, rank):
+    """-> fp16's gradient scaler (disabled, a no-op, in bf16 and fp32: the loss is multiplied before backward so that
+    small gradients do not underflow to 0 in float16). A saved phase restores the weights, the optimizer's moments and
+    the scaler's scale: it continues exactly; one saved in another precision continues with a fresh scaler."""
+    scaler = torch.amp.GradScaler(next(model.parameters()).device.type, enabled=precision_name == "fp16")
+    if "model" in checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scaler.is_enabled() and checkpoint["scaler"]:
+            scaler.load_state_dict(checkpoint["scaler"])
+        if rank == 0:
+            print(f"resuming from {path} at step {checkpoint['step']} (saved in {checkpoint['precision']})")
+    return scaler
+
+
+def end_epoch(model, optimizer, scaler, checkpoint, record, epochs_done, stop, val, path, system):
+    """After a whole epoch or a stop, in every process: a non-finite loss or weights stop the run, with the last good
+    checkpoint kept (the weights are checked before every save); a whole epoch goes into the history. Then rank 0
+    logs it, fine-tuning with its validation scores, history.json and the learning curve; best.pt takes the model if
+    it validates better than the best so far, and always without a validation split: the latest model is the one to
+    keep, also when --max_minutes cuts it short near the end of its schedule, where the learning rate is already low.
+    Last, rank 0 saves the checkpoint to resume from."""
+    run_device, precision_name, ctx, rank, _ = system
+    if stop == "inf or NaN" or not all(bool(p.isfinite().all()) for p in model.parameters()):
+        kept = f"{path} keeps step {checkpoint['step']}" if checkpoint["step"] else "nothing was saved"
+        phase, rate = ("pre-training", "--pretrain_lr") if val is None else ("training", "--lr")
+        raise ValueError(f"the {phase} loss or weights turned inf or NaN by step {record['step']}: training stopped; "
+                         f"{kept}. Lower {rate} or try --precision=fp32")
+    whole, out_dir = float(epochs_done).is_integer(), os.path.dirname(path)
+    if whole:
+        checkpoint["history"].append(record)
+    if rank == 0 and whole and val is None:
+        print(f"pre-training epoch {record['epoch']}: masked-language loss {record['mlm_loss']:.4f}")
+    if rank == 0 and val is not None and stop != "a signal":
+        metrics = evaluate(model, *val, run_device, ctx)
+        record.update(metrics)
+        if whole:
+            scores = (f"val loss {metrics['loss']:.4f} val accuracy {metrics['accuracy']:.4f} val macro-F1 "
+                      f"{metrics['macro_f1']:.4f}" if metrics else "(no validation split)")
+            print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} {scores}", flush=True)
+            with open(os.path.join(out_dir, "history.json"), "w") as f:    # a readable copy of the history
+                json.dump(checkpoint["history"], f, indent=1)
+            plot_learning_curve(checkpoint["history"], os.path.join(out_dir, "learning_curve.png"))   # in the extras
+        if not metrics or metrics["accuracy"] > checkpoint["best_accuracy"]:
+            checkpoint["best_accuracy"] = metrics.get("accuracy", -1.0)
+            save_atomic({"model": model.state_dict(), "config": checkpoint["config"], "vocab": checkpoint["vocab"],
+                         "epoch": epochs_done, "metrics": record}, os.path.join(out_dir, "best.pt"))
+    checkpoint["step"] = record["step"]
     if rank == 0:
-        vocab.save(os.path.join(out_dir, "vocab.json"))           # a readable copy; the checkpoints hold the real one
-        print(f"data: {len(train_idx)} train, {len(val_idx)} validation, vocabulary {len(vocab)}"
-              + ("" if val_idx else " (no validation split: each epoch's model becomes best.pt)"))
-    if math.ceil(len(train_idx) / batch_size) < world_size:
-        raise ValueError(f"{len(train_idx)} training records make no batch for each of {world_size} processes")
-    torch.manual_seed(seed)
-    model = build_model(config, len(vocab)).to(run_device)
-    glove_rows = load_glove(embeddings, vocab, model.embedding, use_stems) if embeddings and not saved else 0
-    if rank == 0:
-        print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"
-              + (f"; {glove_rows} embedding rows from {embeddings}" if glove_rows else ""))
-    fresh = {"step": 0, "config": config, "vocab": vocab.itos, "history": []}
-    if mlm_epochs and not checkpoint:     # phase 1: masked-language modelling (BERT 3.1) with the same encoder
-        mlm = MaskedLanguageModel(model).to(run_device)
-        texts = encode_records(records + mlm_records, vocab, config)
-        optimizer = torch.optim.AdamW(parameter_groups(mlm.named_parameters()), lr=pretrain_lr, fused=True)
-        # the masking depends only on (seed, step, rank): exact on resume
-        loss = lambda net, ids, _, step: mlm_loss(net, ids, len(vocab), torch.Generator().manual_seed(
-            seed * 1000003 + step * world_size + rank), run_device)
-        share = start + pretrain_share * minutes * 60 if minutes > 0 else math.inf   # then fine-tuning starts
-        stopped = train_loop(mlm, optimizer, loss, (texts, None), mlm_epochs, seed + 7777, share,
-                             pretrained or dict(fresh), pretrain_path, system)
-        if stopped and time.time() > deadline:      # the whole budget spent: nothing to fine-tune yet
-            return []
-    # phase 2: the classifier learns the labels, with label smoothing (Szegedy et al. 2016, 7): the target gives 1 -
-    # label_smoothing to the true class and spreads label_smoothing evenly over all classes (no overconfidence).
-    # After pre-training, the encoder's learning rate is encoder_lr_frac x the new head's.
-    scale_of = lambda name: encoder_lr_frac if mlm_epochs and not name.startswith("head.") else 1.0
-    optimizer = torch.optim.AdamW(parameter_groups(model.named_parameters(), scale_of), lr=lr, fused=True)
-    loss = lambda net, ids, targets, step: F.cross_entropy(net(ids.to(run_device)).float(), targets.to(run_device),
-                                                           label_smoothing=label_smoothing)
-    checkpoint = checkpoint or dict(fresh, history=[], best_accuracy=-1.0)
-    split = lambda indices: ([encoded[i] for i in indices], [labels[i] for i in indices])
-    train_loop(model, optimizer, loss, split(train_idx), epochs, seed, deadline, checkpoint, ckpt_path, system,
-               split(val_idx))
-    return checkpoint["history"]
+        save_atomic({**checkpoint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "precision": precision_name}, path)
 
 
 def train_loop(model, optimizer, batch_loss, data, n_epochs, seed, deadline, checkpoint, path, system, val=None):
@@ -585,62 +584,63 @@ def train_loop(model, optimizer, batch_loss, data, n_epochs, seed, deadline, che
     return stop
 
 
-def resume(checkpoint, model, optimizer, path, precision_name, rank):
-    """-> fp16's gradient scaler (disabled, a no-op, in bf16 and fp32: the loss is multiplied before backward so that
-    small gradients do not underflow to 0 in float16). A saved phase restores the weights, the optimizer's moments and
-    the scaler's scale: it continues exactly; one saved in another precision continues with a fresh scaler."""
-    scaler = torch.amp.GradScaler(next(model.parameters()).device.type, enabled=precision_name == "fp16")
-    if "model" in checkpoint:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scaler.is_enabled() and checkpoint["scaler"]:
-            scaler.load_state_dict(checkpoint["scaler"])
-        if rank == 0:
-            print(f"resuming from {path} at step {checkpoint['step']} (saved in {checkpoint['precision']})")
-    return scaler
-
-
-def end_epoch(model, optimizer, scaler, checkpoint, record, epochs_done, stop, val, path, system):
-    """After a whole epoch or a stop, on rank 0: a non-finite loss or weights stop the run, with the last good
-    checkpoint kept (it is checked before every save). A whole epoch goes into the history and is logged; fine-tuning's
-    with its validation scores, history.json and the learning curve. best.pt then takes the model if it validates
-    better than the best so far, and always without a validation split: the latest model is the one to keep, also
-    when --max_minutes cuts it short near the end of its schedule, where the learning rate is already low. Last, the
-    checkpoint to resume from."""
-    run_device, precision_name, ctx, rank, _ = system
-    if stop == "inf or NaN" or not all(bool(p.isfinite().all()) for p in model.parameters()):
-        kept = f"{path} keeps step {checkpoint['step']}" if checkpoint["step"] else "nothing was saved"
-        phase, rate = ("pre-training", "--pretrain_lr") if val is None else ("training", "--lr")
-        raise ValueError(f"the {phase} loss or weights turned inf or NaN by step {record['step']}: training stopped; "
-                         f"{kept}. Lower {rate} or try --precision=fp32")
-    whole, out_dir = float(epochs_done).is_integer(), os.path.dirname(path)
-    if whole:
-        checkpoint["history"].append(record)
-    if rank == 0 and whole and val is None:
-        print(f"pre-training epoch {record['epoch']}: masked-language loss {record['mlm_loss']:.4f}")
-    if rank == 0 and val is not None and stop != "a signal":
-        metrics = evaluate(model, *val, run_device, ctx)
-        record.update(metrics)
-        if whole:
-            scores = (f"val loss {metrics['loss']:.4f} val accuracy {metrics['accuracy']:.4f} val macro-F1 "
-                      f"{metrics['macro_f1']:.4f}" if metrics else "(no validation split)")
-            print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} {scores}", flush=True)
-            with open(os.path.join(out_dir, "history.json"), "w") as f:    # a readable copy of the history
-                json.dump(checkpoint["history"], f, indent=1)
-            plot_learning_curve(checkpoint["history"], os.path.join(out_dir, "learning_curve.png"))   # in the extras
-        if not metrics or metrics["accuracy"] > checkpoint["best_accuracy"]:
-            checkpoint["best_accuracy"] = metrics.get("accuracy", -1.0)
-            save_atomic({"model": model.state_dict(), "config": checkpoint["config"], "vocab": checkpoint["vocab"],
-                         "epoch": epochs_done, "metrics": record}, os.path.join(out_dir, "best.pt"))
-    checkpoint["step"] = record["step"]
+def train_model(records, out_dir, mlm_records, mlm_epochs, seed, use_stems, minutes, system):
+    """One model on records (a stratified val_frac validates), resuming out_dir's run; with mlm_epochs, masked-language
+    pre-training on the texts of records and mlm_records first. -> the history of its epochs (on rank 0)."""
+    run_device, precision_name, ctx, rank, world_size = system
+    start, mlm_records = time.time(), list(mlm_records or [])
+    deadline = start + minutes * 60 if minutes > 0 else math.inf
+    config = {name: globals()[name] for name, _ in config_block(__file__) if name}    # this run, its data included
+    config.update(seed=seed, stem=use_stems, pretrain_epochs=mlm_epochs, processes=world_size,
+                  train_data=fingerprint(records), mlm_texts=fingerprint(mlm_records) if mlm_epochs else "")
+    ckpt_path, pretrain_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "pretrain.pt")
+    checkpoint = check_resume(ckpt_path, config, run_device)
+    pretrained = check_resume(pretrain_path, config, run_device) if mlm_epochs and not checkpoint else None
+    saved = checkpoint or pretrained
+    # the data: a stratified validation split, the vocabulary from the training part only (or the saved run's)
+    check_writable(out_dir)
+    labels = [r["label"] for r in records]
+    train_idx, val_idx = stratified_split(labels, val_frac, seed)
+    vocab = Vocab(saved["vocab"]) if saved else Vocab.build(
+        (segment for i in train_idx for segment in record_tokens(records[i], config)), min_freq, max_vocab)
+    encoded = encode_records(records, vocab, config)
     if rank == 0:
-        save_atomic({**checkpoint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "precision": precision_name}, path)
-
-
-def fingerprint(records):
-    """A short hash of the records: a resumed run must train on the same data."""
-    return hashlib.sha1(json.dumps(records).encode()).hexdigest()[:16]
+        vocab.save(os.path.join(out_dir, "vocab.json"))           # a readable copy; the checkpoints hold the real one
+        print(f"data: {len(train_idx)} train, {len(val_idx)} validation, vocabulary {len(vocab)}"
+              + ("" if val_idx else " (no validation split: each epoch's model becomes best.pt)"))
+    if math.ceil(len(train_idx) / batch_size) < world_size:
+        raise ValueError(f"{len(train_idx)} training records make no batch for each of {world_size} processes")
+    torch.manual_seed(seed)
+    model = build_model(config, len(vocab)).to(run_device)
+    glove_rows = load_glove(embeddings, vocab, model.embedding, use_stems) if embeddings and not saved else 0
+    if rank == 0:
+        print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters"
+              + (f"; {glove_rows} embedding rows from {embeddings}" if glove_rows else ""))
+    fresh = {"step": 0, "config": config, "vocab": vocab.itos, "history": []}
+    if mlm_epochs and not checkpoint:     # phase 1: masked-language modelling (BERT 3.1) with the same encoder
+        mlm = MaskedLanguageModel(model).to(run_device)
+        texts = encode_records(records + mlm_records, vocab, config)
+        optimizer = torch.optim.AdamW(parameter_groups(mlm.named_parameters()), lr=pretrain_lr, fused=True)
+        # the masking depends only on (seed, step, rank): exact on resume
+        loss = lambda net, ids, _, step: mlm_loss(net, ids, len(vocab), torch.Generator().manual_seed(
+            seed * 1000003 + step * world_size + rank), run_device)
+        share = start + pretrain_share * minutes * 60 if minutes > 0 else math.inf   # then fine-tuning starts
+        stopped = train_loop(mlm, optimizer, loss, (texts, None), mlm_epochs, seed + 7777, share,
+                             pretrained or dict(fresh), pretrain_path, system)
+        if stopped and time.time() > deadline:      # the whole budget spent: nothing to fine-tune yet
+            return []
+    # phase 2: the classifier learns the labels, with label smoothing (Szegedy et al. 2016, 7): the target gives 1 -
+    # label_smoothing to the true class and spreads label_smoothing evenly over all classes (no overconfidence).
+    # After pre-training, the encoder's learning rate is encoder_lr_frac x the new head's.
+    scale_of = lambda name: encoder_lr_frac if mlm_epochs and not name.startswith("head.") else 1.0
+    optimizer = torch.optim.AdamW(parameter_groups(model.named_parameters(), scale_of), lr=lr, fused=True)
+    loss = lambda net, ids, targets, step: F.cross_entropy(net(ids.to(run_device)).float(), targets.to(run_device),
+                                                           label_smoothing=label_smoothing)
+    checkpoint = checkpoint or dict(fresh, history=[], best_accuracy=-1.0)
+    split = lambda indices: ([encoded[i] for i in indices], [labels[i] for i in indices])
+    train_loop(model, optimizer, loss, split(train_idx), epochs, seed, deadline, checkpoint, ckpt_path, system,
+               split(val_idx))
+    return checkpoint["history"]
 
 
 def member_dir(out_dir, k):
@@ -938,7 +938,7 @@ def run_bench(data_dir, out_dir, system):
         predictions = ensemble_logits(models, test_records, run_device, ctx).argmax(1).tolist()
         metrics = classification_metrics(predictions, [r["label"] for r in test_records])
         print(f"{name}: held-out accuracy {metrics['accuracy']:.4f} macro-F1 {metrics['macro_f1']:.4f}, "
-              f"{(time.time() - tick) / 60:.1f} minutes", flush=True)
+              f"{(time.time() - tick) / 60:.1f} minutes of training (wall clock, tokenizing included)", flush=True)
 
 
 if __name__ == "__main__":
