@@ -107,7 +107,7 @@ def test_deterministic_sets_torch_cublas_and_cudnn(tiny, monkeypatch, capsys):
         monkeypatch.setattr(textcls, "deterministic", False)
         textcls.setup_system()
     assert not torch.are_deterministic_algorithms_enabled() and "deterministic algorithms off" in capsys.readouterr().out
-    textcls.setup_system.__globals__["torch"].use_deterministic_algorithms(True)    # as the other tests found it
+    torch.use_deterministic_algorithms(True)                        # as setup_system leaves it by default
 
 
 def test_fp16_with_grad_scaler_trains_for_real_on_the_cpu(tmp_path, tiny, monkeypatch, capsys):
