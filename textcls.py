@@ -397,11 +397,10 @@ def classification_metrics(predictions, labels):
     """Accuracy and macro-F1 (the mean over classes of 2PR/(P+R)), from the confusion matrix."""
     confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
     np.add.at(confusion, (np.asarray(labels, dtype=int), np.asarray(predictions, dtype=int)), 1)
-    true_positive = np.diag(confusion).astype(float)
-    predicted, actual = confusion.sum(0), confusion.sum(1)
-    f1 = np.divide(2 * true_positive, predicted + actual, out=np.zeros(NUM_CLASSES), where=predicted + actual > 0)
+    true_positive, predicted, actual = np.diag(confusion), confusion.sum(0), confusion.sum(1)
+    f1 = 2 * true_positive / np.maximum(1, predicted + actual)      # 0 for a class neither predicted nor present
     present = actual > 0
-    return {"accuracy": float(true_positive.sum() / max(1, confusion.sum())),
+    return {"accuracy": float(true_positive.sum() / max(1, len(labels))),
             "macro_f1": float(f1[present].mean()) if present.any() else 0.0}
 
 
