@@ -698,10 +698,12 @@ def ensemble_logits(models, records, run_device, ctx):
 def write_submission(out_dir, test_file, submission, system):
     """`id,label` for every record of test_file, in id order, written atomically (a kill never leaves half a
     submission, nor loses the old one); returns the predicted labels. With labels in the file, also the accuracy.
-    The submission's folder is checked before any work."""
-    check_writable(os.path.dirname(submission) or ".")
+    main checks the submission's path before any work."""
     models = load_ensemble(out_dir, system[0])     # every model there before the test file is read
     records = sorted(load_news(test_file, require_label=False), key=lambda r: r["id"])
+    ids = [r["id"] for r in records]
+    if len(set(ids)) != len(ids):   # a submission must name each id once
+        raise ValueError(f"{test_file}: id {next(i for i in ids if ids.count(i) > 1)} appears more than once")
     predictions = ensemble_logits(models, records, system[0], system[2]).argmax(1).tolist()
     with open(submission + ".tmp", "w") as f:
         f.write("id,label\n")
@@ -725,6 +727,10 @@ def main(argv):
     rank = int(os.environ.get("RANK", 0))
     try:
         system = setup_system()
+        if predict and os.path.isdir(submission):   # the submission's path, before any work (training included)
+            raise ValueError(f"--submission={submission} is a folder: give a file name such as submission.csv")
+        if predict:
+            check_writable(os.path.dirname(submission) or ".")
         if train:                                  # (MLM reads test_file's texts too, unless --pretrain_test=False)
             mlm_records = load_news(test_file, require_label=False) if pretrain_epochs and pretrain_test else []
             train_ensemble(load_news(os.path.join(data_dir, "News_train.json")), out_dir, mlm_records,

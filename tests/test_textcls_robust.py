@@ -386,9 +386,23 @@ def test_unwritable_outputs_are_found_before_any_work(tmp_path, tiny, monkeypatc
     monkeypatch.setattr(textcls, "record_tokens", lambda *a: pytest.fail("tokenizing started"))
     with pytest.raises(ValueError, match=r"^cannot write .*a_file/out"):
         train(make_records(60), str(tmp_path / "a_file" / "out"))
-    monkeypatch.setattr(textcls, "load_trained", lambda *a: pytest.fail("prediction started"))
-    with pytest.raises(ValueError, match="^cannot write"):
-        submit(str(tmp_path), str(tmp_path / "t.json"), str(tmp_path / "a_file" / "s.csv"))
+    # --train --predict: a bad --submission stops the command before the training data is read
+    monkeypatch.setattr(textcls, "load_news", lambda *a, **k: pytest.fail("training or prediction started"))
+    for target, message in ((tmp_path / "a_file" / "s.csv", "^error: cannot write in .*a_file"),
+                            (tmp_path, "^error: --submission=.* is a folder")):
+        with pytest.raises(SystemExit, match=message):
+            textcls.main(["--train", "--predict", f"--out_dir={tmp_path / 'out'}", f"--submission={target}"])
+
+
+def test_a_test_file_with_a_repeated_id_is_one_line(tmp_path, tiny, monkeypatch):
+    monkeypatch.setattr(textcls, "epochs", 1)
+    train(make_records(60), str(tmp_path))
+    records = make_records(6, labelled=False)
+    records[4]["id"] = records[1]["id"]
+    test_file = write_json(tmp_path / "t.json", records)
+    with pytest.raises(ValueError, match=r"t.json: id 1 appears more than once"):
+        submit(str(tmp_path), test_file, str(tmp_path / "s.csv"))
+    assert not (tmp_path / "s.csv").exists()
 
 
 def test_submission_is_replaced_atomically(tmp_path, tiny, monkeypatch):
