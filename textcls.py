@@ -13,7 +13,7 @@ ensemble of four such models whose logits are averaged, and the competition's su
 
 Training writes into out_dir (model 2, 3, 4 of the ensemble into out_dir/member_2, ...): ckpt.pt (the latest state,
 to resume; run the same command again, or after Ctrl-C/SIGTERM, which save first), best.pt (the model to predict
-with), pretrain.pt (with pretrain_epochs > 0), vocab.json, history.json and learning_curve.png.
+with), pretrain.pt (with pretrain_epochs > 0), vocab.json and learning_curve.png.
 """
 import functools
 import hashlib
@@ -65,8 +65,6 @@ pretrain_epochs = 0     # epochs of MLM over the training texts (and the test te
 pretrain_lr = 1e-3      # peak learning rate of the MLM phase (same warmup and cosine shape)
 mask_prob = 0.15        # share of the non-special positions chosen; of those 80 % <mask>, 10 % random, 10 % kept
 pretrain_test = True    # MLM reads the test_file's headlines and descriptions too (never its labels)
-pretrain_share = 0.5    # with max_minutes, MLM stops (and fine-tuning starts) after this share of the budget
-encoder_lr_frac = 1.0   # fine-tuning: the pre-trained encoder's learning rate as a fraction of lr (the head's)
 # training
 epochs = 2              # per model (each model of the ensemble)
 batch_size = 128
@@ -77,14 +75,12 @@ weight_decay = 0.01     # AdamW, on weight matrices only (not biases, norms or e
 grad_clip = 1.0
 label_smoothing = 0.1   # share of the target spread over all classes (Szegedy et al. 2016, section 7)
 val_frac = 0.0          # stratified validation split, e.g. 0.05; 0 = train on all (best.pt = the last epoch)
-bucket = True           # batches of similar length (less padding, faster); False = fully random batches
 max_minutes = 0.0       # stop cleanly (checkpoint saved) after this many minutes of training; 0 = no limit
 ensemble = 4            # models trained one after another (seeds seed, seed+1, ...); --predict averages their logits
 ensemble_alternate_stem = True  # models 2, 4, ... of an ensemble read the text with the other `stem` setting
 seed = 1337
 device = ""             # "" = cuda if available, else mps (Apple), else cpu; or "cpu", "cuda", "cuda:N", "mps"
 precision = "auto"      # auto | bf16 | fp16 | fp32 (auto: bf16 where native, fp16 + scaler on older GPUs, else fp32)
-deterministic = True    # deterministic algorithms, cuBLAS workspace, cuDNN flags: same command, same numbers
 num_threads = 2         # CPU threads per process
 log_every = 200         # steps between progress lines
 # benchmark
@@ -100,14 +96,13 @@ CHECKS = {
     "d_model": (lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2"),
     "nhead": (lambda v: v >= 1 and d_model % v == 0, "an integer >= 1 that divides --d_model"),
     "device": (lambda v: v in ("", "cpu", "cuda", "mps") or v.startswith("cuda:"), '"", cpu, cuda[:N] or mps'),
-    **{name: (lambda v: v >= 1, "an integer >= 1") for name in
-       ("min_freq", "d_hid", "nlayers", "epochs", "batch_size", "ensemble", "num_threads", "log_every")},
-    **{name: (lambda v: v > 0, "a number > 0") for name in ("pretrain_lr", "lr", "grad_clip")},
-    "pretrain_share": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    **{name: (lambda v: v >= 0, "a number >= 0") for name in
-       ("pretrain_epochs", "warmup_steps", "encoder_lr_frac", "weight_decay", "max_minutes", "min_lr_frac")},
-    **{name: (lambda v: 0 <= v < 1, "a number in [0, 1)") for name in ("dropout", "label_smoothing", "val_frac")},
-    **{name: (lambda v: 0 < v < 1, "a number in (0, 1)") for name in ("mask_prob", "holdout_frac")},
+    **dict.fromkeys("min_freq d_hid nlayers epochs batch_size ensemble num_threads log_every".split(),
+                    (lambda v: v >= 1, "an integer >= 1")),
+    **dict.fromkeys("pretrain_lr lr grad_clip".split(), (lambda v: v > 0, "a number > 0")),
+    **dict.fromkeys("pretrain_epochs warmup_steps weight_decay max_minutes min_lr_frac".split(),
+                    (lambda v: v >= 0, "a number >= 0")),
+    **dict.fromkeys("dropout label_smoothing val_frac".split(), (lambda v: 0 <= v < 1, "a number in [0, 1)")),
+    **dict.fromkeys("mask_prob holdout_frac".split(), (lambda v: 0 < v < 1, "a number in (0, 1)")),
 }
 NUM_CLASSES = 15
 LABEL_NAMES = ["POLITICS", "WELLNESS", "ENTERTAINMENT", "TRAVEL", "STYLE & BEAUTY", "PARENTING", "HEALTHY LIVING",
@@ -124,8 +119,8 @@ def setup_system():
     -> (device, precision name, autocast context, rank, world_size)"""
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    run_device = device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else
-                            "cpu")
+    run_device = device or next(d for d, ok in [("cuda", torch.cuda.is_available()),
+                                                ("mps", torch.backends.mps.is_available()), ("cpu", True)] if ok)
     if run_device.startswith("cuda"):
         check_cuda_build()
         if ddp:                                   # one GPU per process
@@ -137,11 +132,11 @@ def setup_system():
     ctx = torch.autocast(run_device.split(":")[0], dtype=torch.float16 if precision_name == "fp16" else torch.bfloat16,
                          enabled=precision_name != "fp32")
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic, not deterministic
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     if rank == 0:
         print(f"device: {run_device} ({'asked for' if device else 'the first of cuda, mps, cpu found'}); precision: "
-              f"{precision_name} ({reason}); deterministic algorithms {'on' if deterministic else 'off'}")
+              f"{precision_name} ({reason}); deterministic algorithms on")
     return run_device, precision_name, ctx, rank, world_size
 
 
@@ -157,43 +152,30 @@ def read_utf8(path):
                          f"not UTF-8 (save the file as UTF-8)") from None
 
 
-def check_record(obj, where, require_label):
-    """obj itself if it is a valid record; otherwise a ValueError naming `where` (file and record)."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected an object, got {type(obj).__name__}")
-    fields = {"id": int, "headline": str, "short_description": str, "label": int}
-    for field, kind in fields.items():
-        if field not in obj and (field != "label" or require_label):
-            raise ValueError(f"{where}: missing field '{field}'")
-        if field in obj and type(obj[field]) is not kind:         # type, not isinstance: True is not a label
-            raise ValueError(f"{where}: field '{field}' must be {kind.__name__}, got {obj[field]!r}")
-    if "label" in obj and not 0 <= obj["label"] < NUM_CLASSES:
-        raise ValueError(f"{where}: label {obj['label']} is outside 0..{NUM_CLASSES - 1}")
-    return obj
-
-
 def load_news(path, require_label=True):
-    """A News_*.json file as a list of dicts {id, headline, short_description[, label]}. Accepts a JSON array
-    or JSON lines (one object a line); anything malformed is a ValueError naming file and record."""
-    name, text = os.path.basename(path), read_utf8(path)
-    if text.lstrip().startswith("["):
-        try:
-            objects = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{name}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        where = [f"{name}: record {i}" for i in range(len(objects))]
-    else:
-        objects, where = [], []
-        for line_number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                where.append(f"{name}: line {line_number}")
-                try:
-                    objects.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where[-1]}: invalid JSON: {e.msg}") from None
-    if not objects:
-        raise ValueError(f"{name}: no records")
-    return [check_record(obj, w, require_label) for obj, w in zip(objects, where)]
+    """A News_*.json file (a JSON array) as a list of dicts {id, headline, short_description[, label]}; anything
+    malformed is a ValueError naming the file and the record."""
+    name = os.path.basename(path)
+    try:
+        records = json.loads(read_utf8(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg} (expected one JSON array "
+                         f"of records)") from None
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{name}: no records (expected one JSON array of records)")
+    fields = {"id": int, "headline": str, "short_description": str, "label": int}
+    for i, record in enumerate(records):
+        where = f"{name}: record {i}"
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
+        for field, kind in fields.items():
+            if field not in record and (field != "label" or require_label):
+                raise ValueError(f"{where}: missing field '{field}'")
+            if field in record and type(record[field]) is not kind:   # type, not isinstance: True is not a label
+                raise ValueError(f"{where}: field '{field}' must be {kind.__name__}, got {record[field]!r}")
+        if not 0 <= record.get("label", 0) < NUM_CLASSES:
+            raise ValueError(f"{where}: label {record['label']} is outside 0..{NUM_CLASSES - 1}")
+    return records
 
 
 def stratified_split(labels, frac, seed):
@@ -224,15 +206,13 @@ def encode_records(records, vocab, config):
     return [vocab.encode(a, config["max_len"], tokens_b=b) for a, b in (record_tokens(r, config) for r in records)]
 
 
-def make_batches(lengths, batch_size, rng, bucket):
-    """Lists of example indices. With bucketing, shuffle, then sort each window of 50 batches by length and
-    cut it into batches: each batch holds similar lengths (little padding); the batches are shuffled again, so
-    their order stays random."""
-    order = list(range(len(lengths)))
+def make_batches(lengths, batch_size, rng):
+    """Lists of example indices, bucketed: shuffle, then sort each window of 50 batches by length and cut it into
+    batches: each batch holds similar lengths (little padding, faster); the batches are shuffled again, so their
+    order stays random."""
+    order, window = list(range(len(lengths))), batch_size * 50
     rng.shuffle(order)
-    if bucket:
-        window = batch_size * 50
-        order = [i for s in range(0, len(order), window) for i in sorted(order[s:s + window], key=lengths.__getitem__)]
+    order = [i for s in range(0, len(order), window) for i in sorted(order[s:s + window], key=lengths.__getitem__)]
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     rng.shuffle(batches)
     return batches
@@ -440,28 +420,22 @@ def learning_rate(step, total_steps, peak):
     return peak * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def parameter_groups(named_parameters, lr_scale_of=lambda name: 1.0):
-    """AdamW's parameter groups, each with an lr_scale that the loop multiplies into the learning rate (the
-    pre-trained encoder may learn slower than the new head). Weight decay applies to weight matrices only: not to
-    biases and LayerNorm gains, offsets and scales that have no reason to be small; not to the embeddings (tokens,
-    learned positions): a row gets a gradient only in the steps whose batch holds its token, but AdamW's decay
-    shrinks it at every step, so the rows of rare tokens would fade between their appearances (minGPT leaves
-    embeddings undecayed too)."""
-    groups = {}
-    for name, p in named_parameters:
-        decays = p.dim() >= 2 and "embedding" not in name and name != "pe"
-        groups.setdefault((decays, lr_scale_of(name)), []).append(p)
-    return [{"params": ps, "weight_decay": weight_decay if decays else 0.0, "lr_scale": scale}
-            for (decays, scale), ps in groups.items()]
+def parameter_groups(named_parameters):
+    """AdamW's two parameter groups. Weight decay applies to weight matrices only: not to biases and LayerNorm gains,
+    offsets and scales that have no reason to be small; not to the embeddings (tokens, learned positions): a row
+    gets a gradient only in the steps whose batch holds its token, but AdamW's decay shrinks it at every step, so the
+    rows of rare tokens would fade between their appearances (minGPT leaves embeddings undecayed too)."""
+    decays = [(p.dim() >= 2 and "embedding" not in name and name != "pe", p) for name, p in named_parameters]
+    return [{"params": [p for d, p in decays if d == group], "weight_decay": weight_decay if group else 0.0}
+            for group in (False, True)]    # the embedding (no decay) comes first, as the parameters do
 
 
 # Every checkpoint holds its run's configuration (and a fingerprint of its data). A run resumes it only with the same
 # values, except for these: what to do and where, how to run it, and what may change between runs (more epochs, a
 # lower learning rate...), which continue with the new value.
-MAY_CHANGE = {"train", "predict", "bench", "attention", "data_dir", "out_dir", "test_file", "submission", "device",
-              "precision", "deterministic", "num_threads", "log_every", "max_minutes", "holdout_frac", "epochs", "lr",
-              "min_lr_frac", "warmup_steps", "weight_decay", "grad_clip", "label_smoothing", "dropout", "embeddings",
-              "pretrain_lr", "pretrain_share", "encoder_lr_frac", "ensemble", "ensemble_alternate_stem"}
+MAY_CHANGE = set("train predict bench attention data_dir out_dir test_file submission device precision num_threads "
+                 "log_every max_minutes holdout_frac epochs lr min_lr_frac warmup_steps weight_decay grad_clip "
+                 "label_smoothing dropout embeddings pretrain_lr ensemble ensemble_alternate_stem".split())
 
 
 def fingerprint(records):
@@ -487,7 +461,7 @@ def resume(checkpoint, model, optimizer, path, precision_name, rank):
 def end_epoch(model, optimizer, scaler, checkpoint, record, epochs_done, stop, val, path, system):
     """After a whole epoch or a stop, in every process: a non-finite loss or weights stop the run, with the last good
     checkpoint kept (the weights are checked before every save); a whole epoch goes into the history. Then rank 0
-    logs it, fine-tuning with its validation scores, history.json and the learning curve; best.pt takes the model if
+    logs it, fine-tuning with its validation scores and the learning curve; best.pt takes the model if
     it validates better than the best so far, and always without a validation split: the latest model is the one to
     keep, also when --max_minutes cuts it short near the end of its schedule, where the learning rate is already low.
     Last, rank 0 saves the checkpoint to resume from."""
@@ -509,8 +483,6 @@ def end_epoch(model, optimizer, scaler, checkpoint, record, epochs_done, stop, v
             scores = (f"val loss {metrics['loss']:.4f} val accuracy {metrics['accuracy']:.4f} val macro-F1 "
                       f"{metrics['macro_f1']:.4f}" if metrics else "(no validation split)")
             print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} {scores}", flush=True)
-            with open(os.path.join(out_dir, "history.json"), "w") as f:    # a readable copy of the history
-                json.dump(checkpoint["history"], f, indent=1)
             plot_learning_curve(checkpoint["history"], os.path.join(out_dir, "learning_curve.png"))   # in the extras
         if not metrics or metrics["accuracy"] > checkpoint["best_accuracy"]:
             checkpoint["best_accuracy"] = metrics.get("accuracy", -1.0)
@@ -536,14 +508,14 @@ def train_loop(model, optimizer, batch_loss, data, n_epochs, seed, deadline, che
     while step < total_steps and not stop:
         epoch = step // steps_per_epoch
         # this process's batches of the epoch, in an order from (seed, epoch) only: a resumed run skips those it did
-        batches = make_batches([len(e) for e in encoded], batch_size, random.Random(seed + epoch), bucket)
+        batches = make_batches([len(e) for e in encoded], batch_size, random.Random(seed + epoch))
         net.train()
         tick, first, loss_sum = time.time(), step, 0.0
         for batch in batches[rank:steps_per_epoch * world_size:world_size][step - epoch * steps_per_epoch:]:
             torch.manual_seed(seed + step * world_size + rank)    # dropout masks from (seed, step, rank): as on resume
             step_lr = learning_rate(step, total_steps, optimizer.defaults["lr"])
             for group in optimizer.param_groups:
-                group["lr"] = step_lr * group["lr_scale"]
+                group["lr"] = step_lr
             # forward backward update: the loss scaled (fp16), the true gradient clipped; the scaler skips inf steps
             ids, targets = collate(encoded, batch, labels)
             with ctx:
@@ -623,16 +595,14 @@ def train_model(records, out_dir, mlm_records, mlm_epochs, seed, use_stems, minu
         # the masking depends only on (seed, step, rank): exact on resume
         loss = lambda net, ids, _, step: mlm_loss(net, ids, len(vocab), torch.Generator().manual_seed(
             seed * 1000003 + step * world_size + rank), run_device)
-        share = start + pretrain_share * minutes * 60 if minutes > 0 else math.inf   # then fine-tuning starts
+        share = start + minutes * 30 if minutes > 0 else math.inf   # half the budget, then fine-tuning starts
         stopped = train_loop(mlm, optimizer, loss, (texts, None), mlm_epochs, seed + 7777, share,
                              pretrained or dict(fresh), pretrain_path, system)
         if stopped and time.time() > deadline:      # the whole budget spent: nothing to fine-tune yet
             return []
     # phase 2: the classifier learns the labels, with label smoothing (Szegedy et al. 2016, 7): the target gives 1 -
     # label_smoothing to the true class and spreads label_smoothing evenly over all classes (no overconfidence).
-    # After pre-training, the encoder's learning rate is encoder_lr_frac x the new head's.
-    scale_of = lambda name: encoder_lr_frac if mlm_epochs and not name.startswith("head.") else 1.0
-    optimizer = torch.optim.AdamW(parameter_groups(model.named_parameters(), scale_of), lr=lr, fused=True)
+    optimizer = torch.optim.AdamW(parameter_groups(model.named_parameters()), lr=lr, fused=True)
     loss = lambda net, ids, targets, step: F.cross_entropy(net(ids.to(run_device)).float(), targets.to(run_device),
                                                            label_smoothing=label_smoothing)
     checkpoint = checkpoint or dict(fresh, history=[], best_accuracy=-1.0)
@@ -895,7 +865,7 @@ def bench_speed(records, run_device, names=("fp32", "bf16"), steps=40, rounds=2)
     config = {key: globals()[key] for key in MODEL_KEYS}
     vocab = Vocab.build((segment for r in records for segment in record_tokens(r, config)), min_freq, max_vocab)
     encoded, labels = encode_records(records, vocab, config), [r["label"] for r in records]
-    batches = make_batches([len(e) for e in encoded], batch_size, random.Random(seed), bucket)[:steps + 5]
+    batches = make_batches([len(e) for e in encoded], batch_size, random.Random(seed))[:steps + 5]
     best = {}
     for name in list(names) * rounds:
         torch.manual_seed(seed)

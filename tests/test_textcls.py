@@ -37,12 +37,9 @@ def make_records(n, seed=0, labelled=True):
     return records
 
 
-def write_json(path, records, lines=False):
+def write_json(path, records):
     with open(path, "w") as f:
-        if lines:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        else:
-            json.dump(records, f)
+        json.dump(records, f)
     return str(path)
 
 
@@ -87,16 +84,14 @@ def tiny_model(pooling="mean", pos_encoding="sinusoidal", vocab_size=50):
 
 
 # ----------------------------------------------------------------------------- loading
-def test_loads_array_and_json_lines_alike(tmp_path):
+def test_loads_the_json_array(tmp_path):
     records = make_records(30)
-    array = textcls.load_news(write_json(tmp_path / "a.json", records))
-    lines = textcls.load_news(write_json(tmp_path / "b.json", records, lines=True))
-    assert array == lines == records
+    assert textcls.load_news(write_json(tmp_path / "a.json", records)) == records
 
 
 @pytest.mark.parametrize("content, message", [
     ('[{"id": 0, "headline": "a", "short_description": "", "label": 1},\n {"id": 1, ', "a.json: invalid JSON at line 2"),
-    ('{"id": 0, "headline": "a", "short_description": "", "label": 1}\n{"id": 1 "x"}\n', "a.json: line 2: invalid JSON"),
+    ('{"id": 0, "headline": "a", "short_description": "", "label": 1}\n{"id": 1 "x"}\n', "a.json: invalid JSON at line 2 column 1: Extra data (expected one JSON array"),
     ('[{"id": 0, "headline": "a", "short_description": "", "label": 1}, {"id": 1, "headline": "b", "label": 2}]',
      "a.json: record 1: missing field 'short_description'"),
     ('[{"id": 0, "headline": "a", "short_description": "", "label": 15}]', "a.json: record 0: label 15 is outside 0..14"),
@@ -232,12 +227,12 @@ def test_training_learns_writes_its_files_and_predicts(tmp_path, tiny, monkeypat
     history = train(make_records(600), str(tmp_path))
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
     assert history[-1]["accuracy"] > 0.9 and history[-1]["loss"] < history[0]["loss"]
-    for name in ("vocab.json", "ckpt.pt", "best.pt", "history.json", "learning_curve.png"):
+    for name in ("vocab.json", "ckpt.pt", "best.pt", "learning_curve.png"):
         assert (tmp_path / name).exists(), name
     # submission: every record of the test file, in id order, header id,label
     test_records = make_records(45, seed=9, labelled=False)
     random.Random(1).shuffle(test_records)
-    test_file = write_json(tmp_path / "News_test.json", test_records, lines=True)
+    test_file = write_json(tmp_path / "News_test.json", test_records)
     submit(str(tmp_path), test_file, str(tmp_path / "submission.csv"))
     with open(tmp_path / "submission.csv") as f:
         rows = list(csv.reader(f))

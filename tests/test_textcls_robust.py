@@ -94,20 +94,15 @@ def test_cuda_build_check_with_mocked_arch_list(monkeypatch, capability, archs, 
         assert f"sm_{capability[0]}{capability[1]}" in message and "Mocked GPU" in message
 
 
-def test_deterministic_sets_torch_cublas_and_cudnn(tiny, monkeypatch, capsys):
+def test_setup_makes_torch_cublas_and_cudnn_deterministic(tiny, monkeypatch, capsys):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    try:
-        monkeypatch.setattr(textcls, "deterministic", True)
-        textcls.setup_system()
-        assert torch.are_deterministic_algorithms_enabled()
-        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
-        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
-        assert "deterministic algorithms on" in capsys.readouterr().out
-    finally:
-        monkeypatch.setattr(textcls, "deterministic", False)
-        textcls.setup_system()
-    assert not torch.are_deterministic_algorithms_enabled() and "deterministic algorithms off" in capsys.readouterr().out
-    torch.use_deterministic_algorithms(True)                        # as setup_system leaves it by default
+    torch.use_deterministic_algorithms(False)
+    torch.backends.cudnn.benchmark = True
+    textcls.setup_system()
+    assert torch.are_deterministic_algorithms_enabled()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert "deterministic algorithms on" in capsys.readouterr().out
 
 
 def test_fp16_with_grad_scaler_trains_for_real_on_the_cpu(tmp_path, tiny, monkeypatch, capsys):
@@ -198,8 +193,8 @@ def test_two_processes_stop_together_and_resume(tmp_path):
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 6
     assert finished.stdout.count("epoch 1: train loss") == 1       # only rank 0 evaluates and reports
 
-    # the command-line contract for prediction, on a JSON-lines file that carries labels
-    test_file = write_json(tmp_path / "test.json", make_records(30, seed=4), lines=True)
+    # the command-line contract for prediction, on a test file that carries labels
+    test_file = write_json(tmp_path / "test.json", make_records(30, seed=4))
     result = run_cli("--predict", f"--out_dir={tmp_path / 'out'}", f"--test_file={test_file}",
                      f"--submission={tmp_path / 'sub.csv'}")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -220,6 +215,8 @@ def test_two_processes_stop_together_and_resume(tmp_path):
     (["--d_model=15", "--nhead=3"], "error: --d_model must be an even integer >= 2, got 15"),
     (["News_train.json"], "error: textcls.py takes only --name=value options, got 'News_train.json'"),
     (["--pooling"], "error: --pooling needs a value"),
+    (["--bucket=False"], "error: unknown option --bucket (--help lists the options)"),   # knobs removed in #26
+    (["--encoder_lr_frac=0.5"], "error: unknown option --encoder_lr_frac"),
 ])
 def test_bad_options_stop_with_one_line_before_any_work(tiny, monkeypatch, args, message):
     monkeypatch.setattr(textcls, "load_news", lambda *a, **k: pytest.fail("work started before the checks"))
@@ -274,7 +271,7 @@ def test_resumed_run_with_another_configuration_names_the_keys(tmp_path, tiny, m
 # ----------------------------------------------------------------------------- issue 16: faults
 def test_rerun_with_another_seed_or_min_freq_leaves_the_trained_model_alone(tmp_path):
     write_json(tmp_path / "News_train.json", make_records(160))
-    test_file = write_json(tmp_path / "test.json", make_records(45, seed=3), lines=True)
+    test_file = write_json(tmp_path / "test.json", make_records(45, seed=3))
     common = ["--train", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}", *TINY_ARGS, "--epochs=1"]
     predict = ["--predict", f"--out_dir={tmp_path / 'out'}", f"--test_file={test_file}", "--precision=fp32"]
     assert run_cli(*common).returncode == 0
@@ -533,7 +530,7 @@ def test_on_a_mac_the_run_goes_to_mps_in_fp32(tmp_path, tiny, monkeypatch, capsy
 def test_two_processes_train_and_predict_write_one_submission(tmp_path):
     """torchrun --train --predict with 2 gloo processes: both exit 0, and only rank 0 writes the submission (once)."""
     write_json(tmp_path / "News_train.json", make_records(200))
-    test_file = write_json(tmp_path / "test.json", make_records(30, seed=4), lines=True)
+    test_file = write_json(tmp_path / "test.json", make_records(30, seed=4))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
                "textcls.py", "--train", "--predict", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}",
                f"--test_file={test_file}", f"--submission={tmp_path / 'sub.csv'}", *TINY_ARGS, "--epochs=1"]
