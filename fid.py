@@ -10,7 +10,7 @@ Inception-v3 network ported from TensorFlow, the same weights, the same preproce
 
 The last line printed is `FID: <value>` (with --save_stats, where the statistics went). As a library:
 compute_fid("samples/", "data/celeba"), or step by step as ddpm.py --run_fid does: load_inception,
-extract_features, statistics (or path_statistics), frechet_distance, kernel_inception_distance. Each step maps
+extract_features, statistics (or load_statistics), frechet_distance, kernel_inception_distance. Each step maps
 onto a function of pytorch-fid, named in its docstring.
 """
 import ast
@@ -22,6 +22,7 @@ import sys
 import time
 import warnings
 import zipfile
+from collections import OrderedDict
 from tokenize import COMMENT, generate_tokens
 
 import numpy as np
@@ -46,11 +47,9 @@ seed = 0                # for KID's subsets
 # -----------------------------------------------------------------------------
 
 # values with a fixed set of choices or a range, checked before any work (see parse_overrides)
-CHECKS = {
-    "batch_size": (lambda v: v >= 1, "an integer >= 1"), "dims": (2048, 768, 192, 64),
-    "kid_subsets": (lambda v: v >= 1, "an integer >= 1"), "kid_subset_size": (lambda v: v >= 2, "an integer >= 2"),
-    "save_stats": (lambda v: v == "" or v.endswith(".npz"), "a file name ending in .npz")
-}
+CHECKS = {"batch_size": (lambda v: v >= 1, "an integer >= 1"), "kid_subsets": (lambda v: v >= 1, "an integer >= 1"),
+          "kid_subset_size": (lambda v: v >= 2, "an integer >= 2"), "dims": (2048, 768, 192, 64),
+          "save_stats": (lambda v: v == "" or v.endswith(".npz"), "a file name ending in .npz")}
 # pytorch-fid's weights file; its name ends in the first 8 hex digits of its sha256, checked after a download
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
@@ -58,35 +57,75 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # the files read 
 
 
 # ----------------------------------------------------------------------------- reading images
-# Every fault of an input is a ValueError or OSError whose message is one line naming the file; main prints it.
+# Every fault of an input is a ValueError or OSError whose one-line message names the file; main prints it.
+@functools.lru_cache(maxsize=4)
+def open_version(path, modified):
+    """A .zip as an open ZipFile, a .npy/.npz as its uint8 images (N, H, W, 3) (of an .npz, its first array), or a
+    statistics .npz as a dict of its arrays. Read once for all its images (reopening a zip per image re-reads its
+    whole directory); `modified`, the file's time, is part of the cache's key: a file written again is read again."""
+    try:
+        if path.endswith(".zip"):
+            return zipfile.ZipFile(path)
+        data = np.load(path)  # pickled objects are never loaded (allow_pickle=False)
+        arrays = {"": data} if isinstance(data, np.ndarray) else dict(data)  # an .npz's file closes as it goes
+    except Exception as e:  # truncated, not a zip or numpy file, a damaged array: each library raises its kinds
+        reason = (str(e) or "no data").splitlines()[0]
+        raise ValueError(f"{path}: not a readable {path[-3:]} file ({reason}); a truncated download or copy?") from None
+    if "mu" in arrays or "sigma" in arrays:
+        return arrays
+    images = next(iter(arrays.values()), np.zeros(0))
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"{path}: expected a uint8 array of shape (N, H, W, 3), got {images.dtype} {images.shape}")
+    return images
+
+
+def open_file(path):
+    """open_version(path) of a .zip, .npy or .npz that exists; any other path is a one-line error naming it."""
+    modified = os.stat(path).st_mtime_ns  # its OSError names a missing file or folder
+    if not str(path).endswith((".zip", ".npy", ".npz")):
+        raise ValueError(f"{path}: not a folder, .zip, .npy or .npz")
+    return open_version(str(path), modified)
+
+
+def is_statistics(path):
+    """True for an .npz that holds statistics (a mu or a sigma) rather than images."""
+    return str(path).endswith(".npz") and isinstance(open_file(path), dict)
+
+
+def load_statistics(path, dims=None):
+    """mu (d,), sigma (d, d) of a statistics .npz, checked: both present, of matching sizes, of `dims` features
+    when given, finite."""
+    arrays = open_file(path)
+    mu, sigma = arrays.get("mu"), arrays.get("sigma")
+    if mu is None or sigma is None or mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or len(mu) != (dims or len(mu)):
+        raise ValueError(f"{path}: holds {', '.join(f'{k} {v.shape}' for k, v in arrays.items())}; statistics are "
+                         f"mu (d,) and sigma (d, d), d = {dims or 'the feature size'} (--save_stats writes them)")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{path}: the statistics hold NaN or inf values; recompute them")
+    return mu.astype(np.float64), sigma.astype(np.float64)
+
+
 def list_images(path):
     """The images of `path` in reading order: a folder's image files (not its subfolders), a zip's image entries,
-    or the rows of a uint8 .npy/.npz array (as indices). macOS metadata (__MACOSX/, ._*) is never an image."""
-    path = str(path)
+    or the rows of a uint8 .npy/.npz array (as indices). The files macOS adds beside images are never images:
+    __MACOSX/ (resource forks) and ._NAME (AppleDouble metadata, written next to every file on a FAT drive)."""
     if os.path.isdir(path):
-        return [n for n in sorted(os.listdir(path)) if is_image_name(n) and os.path.isfile(os.path.join(path, n))]
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file or folder")
-    if path.endswith(".zip"):
-        return sorted(n for n in open_file(path).namelist() if is_image_name(n))
-    if path.endswith((".npy", ".npz")):
-        return list(range(len(load_array(path))))
-    raise ValueError(f"{path}: not a folder, .zip, .npy or .npz")
-
-
-def is_image_name(name):
-    """An image's file name, and not one of the files macOS adds beside them: __MACOSX/ (resource forks) and
-    ._NAME (AppleDouble metadata that a Mac writes next to every file on a FAT or exFAT drive)."""
-    parts = name.split("/")
-    return name.lower().endswith(IMAGE_EXTENSIONS) and "__MACOSX" not in parts and not parts[-1].startswith("._")
+        names = [n for n in sorted(os.listdir(path)) if os.path.isfile(os.path.join(path, n))]
+    elif str(path).endswith(".zip"):
+        names = sorted(open_file(path).namelist())
+    elif is_statistics(path):
+        raise ValueError(f"{path}: statistics (mu, sigma), not images; KID, --nearest and --save_stats need images")
+    else:
+        return list(range(len(open_file(path))))
+    return [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS) and "__MACOSX" not in n.split("/")
+            and not n.split("/")[-1].startswith("._")]
 
 
 def read_image(path, name):
     """One image of list_images(path) as a float tensor (3, H, W) in [0, 1], read as pytorch-fid reads it: RGB
     through PIL."""
-    path = str(path)
     if isinstance(name, int):  # a row of a uint8 array
-        return torch.from_numpy(load_array(path)[name]).permute(2, 0, 1).float() / 255
+        return torch.from_numpy(open_file(path)[name]).permute(2, 0, 1).float() / 255
     try:
         file = os.path.join(path, name) if os.path.isdir(path) else io.BytesIO(open_file(path).read(name))
         with Image.open(file) as image:
@@ -94,58 +133,6 @@ def read_image(path, name):
     except Exception as e:  # an unreadable file, a bad CRC in a zip, a broken image: each library raises its kinds
         raise ValueError(f"{os.path.join(path, name)}: cannot read image ({type(e).__name__}: {e})") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
-
-
-def open_file(path):
-    """A .zip as an open ZipFile, or a .npy/.npz as a dict of its arrays, opened once for all its images
-    (reopening a zip per image re-reads its whole directory); a file written again is opened again."""
-    return open_version(path, os.stat(path).st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=4)
-def open_version(path, modified):
-    try:
-        if path.endswith(".zip"):
-            return zipfile.ZipFile(path)
-        data = np.load(path)  # pickled objects are never loaded (allow_pickle=False)
-        if isinstance(data, np.ndarray):
-            return {"": data}
-        with data:
-            return dict(data)
-    except Exception as e:  # truncated, not a zip or numpy file, a damaged array: each library raises its kinds
-        reason = (str(e) or "no data").splitlines()[0]
-        raise ValueError(f"{path}: not a readable {path[-3:]} file ({reason}); a truncated download or copy?") from None
-
-
-def load_array(path):
-    """The uint8 images (N, H, W, 3) of a .npy, or of the first array of an .npz without statistics."""
-    arrays = open_file(path)
-    if "mu" in arrays or "sigma" in arrays or not arrays:
-        raise ValueError(f"{path}: no images but {', '.join(arrays) or 'no arrays'}; KID, --nearest and "
-                         f"--save_stats need images, not statistics (mu, sigma)")
-    images = next(iter(arrays.values()))
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"{path}: expected a uint8 array of shape (N, H, W, 3), got {images.dtype} {images.shape}")
-    return images
-
-
-def is_statistics(path):
-    """True for an .npz that holds statistics (a mu or a sigma) rather than images."""
-    return str(path).endswith(".npz") and any(key in open_file(str(path)) for key in ("mu", "sigma"))
-
-
-def load_statistics(path, dims=None):
-    """mu (d,), sigma (d, d) of a statistics .npz, checked: both present, of matching sizes, of `dims` features
-    when given, finite."""
-    arrays = open_file(str(path))
-    mu, sigma = arrays.get("mu"), arrays.get("sigma")
-    if mu is None or sigma is None or mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or len(mu) != (dims or len(mu)):
-        raise ValueError(f"{path}: holds {', '.join(f'{k} {v.shape}' for k, v in arrays.items()) or 'nothing'}; "
-                         f"statistics are mu (d,) and sigma (d, d), d = {dims or 'the feature size'} (python fid.py "
-                         f"IMAGES --save_stats=OUT.npz writes them; --dims=d picks the feature size)")
-    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise ValueError(f"{path}: the statistics hold NaN or inf values; recompute them")
-    return mu.astype(np.float64), sigma.astype(np.float64)
 
 
 # ----------------------------------------------------------------------------- the network
@@ -156,162 +143,122 @@ def load_statistics(path, dims=None):
 #   1. the average pools inside the blocks do not count the zero padding (count_include_pad=False);
 #   2. the last block (Mixed_7c) pools its branch_pool with a max pool, not an average pool;
 #   3. the classifier has 1008 outputs (unused for FID, but its weights are in the file).
-class BasicConv2d(nn.Module):
-    """conv (no bias) -> batch norm (eps 0.001, as TF) -> ReLU"""
+def conv_bn_relu(in_channels, out_channels, **conv_args):
+    """conv (no bias) -> batch norm (eps 0.001, as TF) -> ReLU: pytorch-fid's BasicConv2d, its parts named as there"""
+    return nn.Sequential(OrderedDict(conv=nn.Conv2d(in_channels, out_channels, bias=False, **conv_args),
+                                     bn=nn.BatchNorm2d(out_channels, eps=0.001), relu=nn.ReLU()))
 
-    def __init__(self, in_channels, out_channels, **conv_args):
+
+# The 3x3 pools of the blocks, by the names their tables give them: "avg" and "max" keep the grid, "max/2" halves it
+POOLS = {"avg": nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False),  # detail 1: only real pixels count
+         "max": nn.MaxPool2d(3, stride=1, padding=1),                             # detail 2: Mixed_7c's branch_pool
+         "max/2": nn.MaxPool2d(3, stride=2)}
+
+
+# The Inception blocks (pytorch-fid's InceptionA to E) as tables. A block runs its branches side by side on its
+# input and concatenates their outputs along the channels. A branch is an optional pool, then a chain of
+# convolutions (name, out channels, kernel[, stride]): at stride 1 one pads to keep the grid (TF's "SAME"), at
+# stride 2 it does not ("VALID"). Branches that start with the same steps share them: they run once (InceptionE).
+def inception_a(pool_features):  # Mixed_5b..5d: 1x1, 5x5, double 3x3 and pool branches
+    return [[("branch1x1", 64, 1)],
+            [("branch5x5_1", 48, 1), ("branch5x5_2", 64, 5)],
+            [("branch3x3dbl_1", 64, 1), ("branch3x3dbl_2", 96, 3), ("branch3x3dbl_3", 96, 3)],
+            ["avg", ("branch_pool", pool_features, 1)]]
+
+
+def inception_b():  # Mixed_6a: halves the grid 35 -> 17
+    return [[("branch3x3", 384, 3, 2)],
+            [("branch3x3dbl_1", 64, 1), ("branch3x3dbl_2", 96, 3), ("branch3x3dbl_3", 96, 3, 2)],
+            ["max/2"]]
+
+
+def inception_c(c7):  # Mixed_6b..6e: 7x7 convolutions factored into 1x7 and 7x1, c7 channels between them
+    return [[("branch1x1", 192, 1)],
+            [("branch7x7_1", c7, 1), ("branch7x7_2", c7, (1, 7)), ("branch7x7_3", 192, (7, 1))],
+            [("branch7x7dbl_1", c7, 1), ("branch7x7dbl_2", c7, (7, 1)), ("branch7x7dbl_3", c7, (1, 7)),
+             ("branch7x7dbl_4", c7, (7, 1)), ("branch7x7dbl_5", 192, (1, 7))],
+            ["avg", ("branch_pool", 192, 1)]]
+
+
+def inception_d():  # Mixed_7a: halves the grid 17 -> 8
+    return [[("branch3x3_1", 192, 1), ("branch3x3_2", 320, 3, 2)],
+            [("branch7x7x3_1", 192, 1), ("branch7x7x3_2", 192, (1, 7)), ("branch7x7x3_3", 192, (7, 1)),
+             ("branch7x7x3_4", 192, 3, 2)],
+            ["max/2"]]
+
+
+def inception_e(pool_kind):  # Mixed_7b, 7c: 3x3 convolutions split into a 1x3 and a 3x1 side by side
+    three, double = ("branch3x3_1", 384, 1), [("branch3x3dbl_1", 448, 1), ("branch3x3dbl_2", 384, 3)]
+    return [[("branch1x1", 320, 1)],
+            [three, ("branch3x3_2a", 384, (1, 3))], [three, ("branch3x3_2b", 384, (3, 1))],
+            [*double, ("branch3x3dbl_3a", 384, (1, 3))], [*double, ("branch3x3dbl_3b", 384, (3, 1))],
+            [pool_kind, ("branch_pool", 192, 1)]]
+
+
+class Mixed(nn.Module):
+    """One Inception block, built from its table: a conv_bn_relu per convolution, named as in pytorch-fid."""
+
+    def __init__(self, in_channels, branches):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, bias=False, **conv_args)
-        self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
+        self.branches = branches
+        for branch in branches:
+            channels = in_channels
+            for name, out_channels, kernel, *stride in [step for step in branch if not isinstance(step, str)]:
+                stride = stride[0] if stride else 1
+                setattr(self, name, conv_bn_relu(channels, out_channels, kernel_size=kernel, stride=stride,
+                                                 padding="same" if stride == 1 else 0))
+                channels = out_channels
 
     def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
-
-
-def avg_pool_3x3(x):  # detail 1: the average is over the real pixels only, also at the border
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-
-
-class InceptionA(nn.Module):  # Mixed_5b..5d: 1x1, 5x5, double 3x3 and pool branches, side by side
-    def __init__(self, in_channels, pool_features):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(in_channels, 64, kernel_size=1)
-        self.branch5x5_1 = BasicConv2d(in_channels, 48, kernel_size=1)
-        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
-        self.branch_pool = BasicConv2d(in_channels, pool_features, kernel_size=1)
-
-    def forward(self, x):
-        double = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        five = self.branch5x5_2(self.branch5x5_1(x))
-        return torch.cat([self.branch1x1(x), five, double, self.branch_pool(avg_pool_3x3(x))], dim=1)
-
-
-class InceptionB(nn.Module):  # Mixed_6a: halves the grid 35 -> 17
-    def __init__(self, in_channels):
-        super().__init__()
-        self.branch3x3 = BasicConv2d(in_channels, 384, kernel_size=3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
-
-    def forward(self, x):
-        double = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch3x3(x), double, F.max_pool2d(x, kernel_size=3, stride=2)], dim=1)
-
-
-class InceptionC(nn.Module):  # Mixed_6b..6e: 7x7 convolutions factored into 1x7 and 7x1
-    def __init__(self, in_channels, channels_7x7):
-        super().__init__()
-        c7 = channels_7x7
-        self.branch1x1 = BasicConv2d(in_channels, 192, kernel_size=1)
-        self.branch7x7_1 = BasicConv2d(in_channels, c7, kernel_size=1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(in_channels, c7, kernel_size=1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
-
-    def forward(self, x):
-        seven = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        double = x
-        for i in range(1, 6):
-            double = getattr(self, f"branch7x7dbl_{i}")(double)
-        return torch.cat([self.branch1x1(x), seven, double, self.branch_pool(avg_pool_3x3(x))], dim=1)
-
-
-class InceptionD(nn.Module):  # Mixed_7a: halves the grid 17 -> 8
-    def __init__(self, in_channels):
-        super().__init__()
-        self.branch3x3_1 = BasicConv2d(in_channels, 192, kernel_size=1)
-        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(in_channels, 192, kernel_size=1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
-
-    def forward(self, x):
-        seven = x
-        for i in range(1, 5):
-            seven = getattr(self, f"branch7x7x3_{i}")(seven)
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), seven,
-                          F.max_pool2d(x, kernel_size=3, stride=2)], dim=1)
-
-
-class InceptionE(nn.Module):  # Mixed_7b, 7c: 3x3 convolutions split into parallel 1x3 and 3x1
-    def __init__(self, in_channels, max_pool_branch):
-        super().__init__()
-        self.max_pool_branch = max_pool_branch  # detail 2: True for Mixed_7c
-        self.branch1x1 = BasicConv2d(in_channels, 320, kernel_size=1)
-        self.branch3x3_1 = BasicConv2d(in_channels, 384, kernel_size=1)
-        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 448, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
-
-    def forward(self, x):
-        three = self.branch3x3_1(x)
-        double = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool_branch else avg_pool_3x3(x)
-        return torch.cat([self.branch1x1(x), self.branch3x3_2a(three), self.branch3x3_2b(three),
-                          self.branch3x3dbl_3a(double), self.branch3x3dbl_3b(double), self.branch_pool(pooled)], dim=1)
+        done = {}  # the output of each step; a step that two branches share (InceptionE's) runs once
+        for branch in self.branches:
+            y = x
+            for step in branch:
+                if step not in done:
+                    done[step] = POOLS[step](y) if isinstance(step, str) else getattr(self, step[0])(y)
+                y = done[step]
+        return torch.cat([done[branch[-1]] for branch in self.branches], dim=1)  # each branch's last step
 
 
 class InceptionV3(nn.Module):
     """Images (N, 3, H, W) in [0, 1] -> features (N, dims), dims 2048 (pool3, standard), 768, 192 or 64.
     pytorch-fid's InceptionV3 (use_fid_inception=True), whose FIDInceptionA, C, E_1 and E_2 are patched
-    torchvision blocks; here the details above are written into InceptionA, C and E."""
-    BLOCK_OF_DIMS = {64: 0, 192: 1, 768: 2, 2048: 3}  # features are taken after this block
+    torchvision blocks; here the details above are written into the tables."""
+    LAST_LAYER = {64: "maxpool1", 192: "maxpool2", 768: "Mixed_6e", 2048: "Mixed_7c"}  # pytorch-fid's outputs
 
     def __init__(self, dims=2048):
         super().__init__()
         self.dims = dims
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)  # 299 -> 149
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)            # -> 147
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)            # (after a max pool: 73)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)           # -> 71
-        self.Mixed_5b = InceptionA(192, pool_features=32)                  # (after a max pool: 35)
-        self.Mixed_5c = InceptionA(256, pool_features=64)
-        self.Mixed_5d = InceptionA(288, pool_features=64)
-        self.Mixed_6a = InceptionB(288)                                    # -> 17
-        self.Mixed_6b = InceptionC(768, channels_7x7=128)
-        self.Mixed_6c = InceptionC(768, channels_7x7=160)
-        self.Mixed_6d = InceptionC(768, channels_7x7=160)
-        self.Mixed_6e = InceptionC(768, channels_7x7=192)
-        self.Mixed_7a = InceptionD(768)                                    # -> 8
-        self.Mixed_7b = InceptionE(1280, max_pool_branch=False)
-        self.Mixed_7c = InceptionE(2048, max_pool_branch=True)
+        self.Conv2d_1a_3x3 = conv_bn_relu(3, 32, kernel_size=3, stride=2)  # 299 -> 149
+        self.Conv2d_2a_3x3 = conv_bn_relu(32, 32, kernel_size=3)            # -> 147
+        self.Conv2d_2b_3x3 = conv_bn_relu(32, 64, kernel_size=3, padding=1)
+        self.maxpool1 = nn.MaxPool2d(3, stride=2)                           # -> 73
+        self.Conv2d_3b_1x1 = conv_bn_relu(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = conv_bn_relu(80, 192, kernel_size=3)           # -> 71
+        self.maxpool2 = nn.MaxPool2d(3, stride=2)                           # -> 35
+        self.Mixed_5b = Mixed(192, inception_a(pool_features=32))
+        self.Mixed_5c = Mixed(256, inception_a(pool_features=64))
+        self.Mixed_5d = Mixed(288, inception_a(pool_features=64))
+        self.Mixed_6a = Mixed(288, inception_b())                          # -> 17
+        self.Mixed_6b = Mixed(768, inception_c(c7=128))
+        self.Mixed_6c = Mixed(768, inception_c(c7=160))
+        self.Mixed_6d = Mixed(768, inception_c(c7=160))
+        self.Mixed_6e = Mixed(768, inception_c(c7=192))
+        self.Mixed_7a = Mixed(768, inception_d())                          # -> 8
+        self.Mixed_7b = Mixed(1280, inception_e(pool_kind="avg"))
+        self.Mixed_7c = Mixed(2048, inception_e(pool_kind="max"))         # detail 2
         self.fc = nn.Linear(2048, 1008)                                    # detail 3 (not used for FID)
-
-    def blocks(self):
-        """The four stages after which features can be taken (pytorch-fid's 64/192/768/2048 outputs)."""
-        pool = lambda x: F.max_pool2d(x, kernel_size=3, stride=2)
-        return [
-            [self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3, pool],
-            [self.Conv2d_3b_1x1, self.Conv2d_4a_3x3, pool],
-            [self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a,
-             self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e],
-            [self.Mixed_7a, self.Mixed_7b, self.Mixed_7c],
-        ]
 
     def forward(self, images):
         # the standard preprocessing (pytorch-fid's resize_input and normalize_input): bilinear resize to
         # 299x299 (align_corners=False, no antialiasing), then [0, 1] -> [-1, 1], the TF network's input range
         x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)
         x = 2 * x - 1
-        for block in self.blocks()[: self.BLOCK_OF_DIMS[self.dims] + 1]:
-            for layer in block:
-                x = layer(x)
-        return x.mean(dim=(2, 3))  # global average pool over the grid ("pool3" for 2048)
+        for name, layer in self.named_children():  # the layers in the order they are made above
+            x = layer(x)
+            if name == self.LAST_LAYER[self.dims]:
+                return x.mean(dim=(2, 3))  # global average pool over the grid ("pool3" for 2048)
+
 
 def load_inception(dims=2048, weights="", device="cpu"):
     """The network with pytorch-fid's weights file (its fid_inception_v3 loads the same file): `weights`, or the
@@ -326,16 +273,11 @@ def load_inception(dims=2048, weights="", device="cpu"):
         else:
             state = torch.hub.load_state_dict_from_url(WEIGHTS_URL, map_location="cpu", check_hash=True,
                                                        weights_only=True)
-        shapes = {k: getattr(v, "shape", None) for k, v in state.items()}  # a state_dict: a dict of tensors
-        wrong = [k for k, v in model.state_dict().items() if shapes.pop(k, None) != v.shape] + list(shapes)
+        model.load_state_dict(state, strict=True)  # every name and shape of pt_inception-2015-12-05, no other
     except Exception as e:  # no such file, no network, cut short, not torch's, a pickle of more than tensors
-        reason = (str(e) or "no data").splitlines()[0].split(". ")[0][:100]
+        reason = " ".join((str(e) or "no data").split()).split(". ")[0][:150]  # its first sentence, on one line
         raise ValueError(f"{path}: cannot load the FID weights ({type(e).__name__}: {reason}); only a plain state_dict "
                          f"of tensors is loaded: give one with --weights=PATH, or delete a damaged download") from None
-    if wrong:
-        raise ValueError(f"{path}: not the FID Inception weights (pt_inception-2015-12-05): {len(wrong)} missing, "
-                         f"unexpected or mis-shaped entries, e.g. {wrong[0]}")
-    model.load_state_dict(state, strict=True)
     return model.eval().to(device)
 
 
@@ -359,44 +301,25 @@ def extract_features(model, path, batch_size=50, device="cpu", progress=True):
     return torch.cat(features).numpy()
 
 
-def too_few_images(name, n):
-    return (f"{name}: {n} image{'s' * (n != 1)}; a covariance needs at least 2, and FID needs thousands for a "
-            f"stable number (10,000 is the usual; fewer bias it upwards)")
-
-
 def statistics(features, name="the features"):
     """Mean and covariance of the features, as pytorch-fid's calculate_activation_statistics: np.cov with
-    rowvar=False (divides by N-1). Checked first: fewer than 2 rows, or a NaN/inf feature, would give a NaN
-    covariance, and scipy's sqrtm loops for minutes on one."""
-    features = np.atleast_2d(features)
+    rowvar=False (divides by N-1). Checked first: fewer than 2 rows would give a NaN covariance, on which scipy's
+    sqrtm loops for minutes (frechet_distance checks for NaN, from NaN images or weights, as well)."""
     if len(features) < 2:
-        raise ValueError(too_few_images(name, len(features)))
-    if not np.isfinite(features).all():
-        raise ValueError(f"{name}: the Inception features hold NaN or inf values (NaN weights, or NaN images?)")
+        raise ValueError(f"{name}: {len(features)} image{'s' * (len(features) != 1)}; a covariance needs at least 2, "
+                         f"and FID needs thousands for a stable number (10,000 is the usual; fewer bias it upwards)")
     return np.mean(features, axis=0), np.cov(features, rowvar=False)
-
-
-def path_statistics(path, model, batch_size=50, device="cpu"):
-    """mu, sigma of `path` (pytorch-fid's compute_statistics_of_path): read from a statistics .npz (keys mu and
-    sigma, checked against model.dims), or computed from its images (at least 2)."""
-    if is_statistics(path):
-        return load_statistics(path, model.dims)
-    return statistics(extract_features(model, path, batch_size, device), path)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """d^2 = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), the Frechet (2-Wasserstein)
     distance between the Gaussians N(mu1, sigma1) and N(mu2, sigma2) (Dowson & Landau 1982); between Gaussians
     fitted to Inception features it is the FID (Heusel et al. 2017). pytorch-fid's calculate_frechet_distance."""
-    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
-    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:  # (d,) * 2 = (d, d)
-        raise ValueError(f"statistics of different sizes: mu {mu1.shape} sigma {sigma1.shape} against "
-                         f"mu {mu2.shape} sigma {sigma2.shape}")
+        raise ValueError(f"statistics of different sizes: {mu1.shape} {sigma1.shape}, {mu2.shape} {sigma2.shape}")
     # checked before sqrtm, which on a NaN matrix of 192 or more rows loops for minutes instead of failing
     if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
         raise ValueError("the statistics hold NaN or inf values (a set of one image? NaN features?)")
-    diff = mu1 - mu2
     product = sigma1 @ sigma2
     covmean = linalg.sqrtm(product)
     # With fewer samples than dimensions (1,000 images, 2,048 features) both covariances are singular, and
@@ -414,17 +337,17 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in sqrtm: bad statistics?")
         covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def compute_fid(path1, path2, batch_size=50, device=None, dims=2048, weights=""):
     """FID between two sets of images (folders, zips, uint8 arrays) or saved statistics (pytorch-fid's
-    calculate_fid_given_paths)."""
+    calculate_fid_given_paths, whose compute_statistics_of_path is the loop's line)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_inception(dims, weights, device)
-    mu1, sigma1 = path_statistics(path1, model, batch_size, device)
-    mu2, sigma2 = path_statistics(path2, model, batch_size, device)
-    return frechet_distance(mu1, sigma1, mu2, sigma2)
+    stats = [load_statistics(path, dims) if is_statistics(path) else
+             statistics(extract_features(model, path, batch_size, device), path) for path in (path1, path2)]
+    return frechet_distance(*stats[0], *stats[1])
 
 
 # ----------------------------------------------------------------------------- main
@@ -432,24 +355,23 @@ def main(paths):
     """The command line's work: FID of two paths (and KID with --kid, the memorization check with --nearest), or
     the statistics of one path (--save_stats). The output and every input are checked before the first feature."""
     if len(paths) != (1 if save_stats else 2):
-        raise ValueError("usage: python fid.py PATH1 PATH2 [--kid] [--nearest=TRAIN]  or  "
-                         "python fid.py PATH --save_stats=OUT.npz")
+        raise ValueError("usage: fid.py PATH1 PATH2 [--kid] [--nearest=TRAIN]  or  fid.py PATH --save_stats=OUT.npz")
     if save_stats:
         check_writable(save_stats)
     for path in paths + ([nearest] if nearest else []):
         if is_statistics(path) and not (kid or nearest or save_stats):
             load_statistics(path, dims)
         elif len(list_images(path)) < 2:  # a statistics .npz is no image set: list_images says so
-            raise ValueError(too_few_images(path, len(list_images(path))))
+            raise ValueError(f"{path}: {len(list_images(path))} image(s); FID needs at least 2, and thousands")
     run_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_inception(dims, weights, run_device)
-    if save_stats:
-        save_statistics(save_stats, *path_statistics(paths[0], model, batch_size, run_device))
-        print(f"saved mu and sigma of {paths[0]} to {save_stats}")
-        return
     # the features themselves (KID and --nearest need them), or a statistics file's mu and sigma
     features = [None if is_statistics(p) else extract_features(model, p, batch_size, run_device) for p in paths]
     stats = [load_statistics(p, dims) if f is None else statistics(f, p) for p, f in zip(paths, features)]
+    if save_stats:
+        save_statistics(save_stats, *stats[0])
+        print(f"saved mu and sigma of {paths[0]} to {save_stats}")
+        return
     if nearest:
         report_nearest(paths[0], features[0], nearest, extract_features(model, nearest, batch_size, run_device))
     if kid:
@@ -470,17 +392,16 @@ def check_writable(path):
 def save_statistics(path, mu, sigma):
     """mu and sigma to `path` (.npz, as pytorch-fid's save_fid_stats writes them), whole or not at all: written to
     path.tmp, then renamed over path, so that a kill or a full disk leaves the previous file as it was."""
-    path = str(path)
     try:
-        with open(path + ".tmp", "wb") as f:  # a file object: numpy would otherwise append .npz to the name
+        with open(f"{path}.tmp", "wb") as f:  # a file object: numpy would otherwise append .npz to the name
             np.savez_compressed(f, mu=mu, sigma=sigma)
-        os.replace(path + ".tmp", path)
+        os.replace(f"{path}.tmp", path)
     except OSError as e:
         raise OSError(f"{path}: cannot write the statistics ({e.strerror or e}); the previous file, if any, is "
                       f"unchanged") from None
     finally:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
+        if os.path.exists(f"{path}.tmp"):
+            os.remove(f"{path}.tmp")
 
 
 # --- extras (not the lesson) ---
@@ -490,11 +411,10 @@ def kernel_inception_distance(features1, features2, n_subsets=100, subset_size=1
     over random subsets. Unlike FID it has no bias that grows as the sample shrinks, so 1,000 images give an
     honest number. Returns (mean, std)."""
     rng = np.random.default_rng(seed)
-    d = features1.shape[1]
     m = min(subset_size, len(features1), len(features2))
     if m < 2:  # the unbiased estimate divides by m (m - 1)
-        raise ValueError(too_few_images("KID", m))
-    kernel = lambda a, b: (a @ b.T / d + 1) ** 3
+        raise ValueError(f"KID: {m} image(s) in the smaller set; the unbiased estimate needs at least 2")
+    kernel = lambda a, b: (a @ b.T / features1.shape[1] + 1) ** 3  # d = features1.shape[1]
     estimates = []
     for _ in range(n_subsets):
         x = features1[rng.choice(len(features1), m, replace=False)]
@@ -506,21 +426,19 @@ def kernel_inception_distance(features1, features2, n_subsets=100, subset_size=1
     return float(np.mean(estimates)), float(np.std(estimates))
 
 
-def nearest_neighbours(generated, training):
-    """For each generated feature, the Euclidean distance to its nearest training feature and that image's
-    index; and, as the yardstick, each training feature's distance to its nearest other training feature."""
-    def squared_distances(a, b):
-        return np.maximum((a ** 2).sum(1)[:, None] - 2 * a @ b.T + (b ** 2).sum(1)[None, :], 0)
+def squared_distances(a, b):  # |a_i - b_j|^2 = |a_i|^2 - 2 a_i.b_j + |b_j|^2, all pairs at once
+    return np.maximum((a ** 2).sum(1)[:, None] - 2 * a @ b.T + (b ** 2).sum(1)[None, :], 0)
+
+
+def report_nearest(gen_path, generated, train_path, training):
+    """Prints how close the generated images come to the training images, and lists (up to 10) those closer to
+    one than 99% of training images are to their nearest neighbour: likely copied. For each generated feature:
+    the Euclidean distance to its nearest training feature and that image's index; the yardstick: each training
+    feature's distance to its nearest other training feature."""
     gen_to_train = squared_distances(generated, training)
     train_to_train = squared_distances(training, training)
     np.fill_diagonal(train_to_train, np.inf)
-    return np.sqrt(gen_to_train.min(1)), gen_to_train.argmin(1), np.sqrt(train_to_train.min(1))
-
-
-def report_nearest(gen_path, gen_features, train_path, train_features):
-    """Prints how close the generated images come to the training images, and lists (up to 10) those closer to
-    one than 99% of training images are to their nearest neighbour: likely copied."""
-    distance, index, yardstick = nearest_neighbours(gen_features, train_features)
+    distance, index, yardstick = np.sqrt(gen_to_train.min(1)), gen_to_train.argmin(1), np.sqrt(train_to_train.min(1))
     threshold = np.percentile(yardstick, 1)
     close = np.flatnonzero(distance < threshold)
     print(f"nearest training image: median distance {np.median(distance):.2f} (training images to each other: "
@@ -596,9 +514,8 @@ def parse_overrides(argv, config, checks=None):
 
 if __name__ == "__main__":
     torch.set_num_threads(min(os.cpu_count() or 1, 16))
-    args = parse_overrides(sys.argv[1:], globals(), CHECKS)
     try:
-        main(args)
+        main(parse_overrides(sys.argv[1:], globals(), CHECKS))
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # nothing to save: the only output, --save_stats, is written whole at the end

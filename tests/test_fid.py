@@ -155,9 +155,11 @@ def test_the_check_catches_each_wrong_detail(model_and_reference, monkeypatch, m
     model, images, reference, state = model_and_reference
     interpolate = F.interpolate
     if mutation == "pool counts padding":
-        monkeypatch.setattr(fid, "avg_pool_3x3", lambda x: F.avg_pool2d(x, 3, stride=1, padding=1))
+        monkeypatch.setitem(fid.POOLS, "avg", torch.nn.AvgPool2d(3, stride=1, padding=1))
     elif mutation == "avg pool in Mixed_7c":
-        monkeypatch.setattr(model.Mixed_7c, "max_pool_branch", False)
+        *branches, (pool, branch_pool) = model.Mixed_7c.branches  # the table's last branch: its pool, its conv
+        assert pool == "max"
+        monkeypatch.setattr(model.Mixed_7c, "branches", [*branches, ["avg", branch_pool]])
     elif mutation == "align_corners resize":
         monkeypatch.setattr(F, "interpolate", lambda x, **kw: interpolate(x, **{**kw, "align_corners": True}))
     elif mutation == "antialiased resize":  # antialiasing only changes a downsampling: use images above 299
@@ -174,19 +176,24 @@ def test_the_check_catches_each_wrong_detail(model_and_reference, monkeypatch, m
 
 
 def test_lower_dims_are_spatial_means_of_earlier_blocks():
+    """dims 64, 192 and 768 are the grid means of the full network's activations after its first max pool, its
+    second (the 3x3 pools that follow Conv2d_2b_3x3 and Conv2d_4a_3x3) and Mixed_6e: pytorch-fid's outputs."""
     state = random_weights(seed=2)
     images = torch.rand(2, 3, 40, 40, dtype=torch.float64)
     full = fid.InceptionV3(2048).double().eval()
     full.load_state_dict(state)
-    for dims, n_blocks in ((64, 1), (192, 2), (768, 3)):
+    seen = {}
+    for name in ("Conv2d_2b_3x3", "Conv2d_4a_3x3", "Mixed_6e"):
+        getattr(full, name).register_forward_hook(lambda module, inputs, output, name=name: seen.update({name: output}))
+    with torch.no_grad():
+        assert full(images).shape == (2, 2048)
+    expected = {64: F.max_pool2d(seen["Conv2d_2b_3x3"], 3, stride=2),
+                192: F.max_pool2d(seen["Conv2d_4a_3x3"], 3, stride=2), 768: seen["Mixed_6e"]}
+    for dims, activations in expected.items():
         small = fid.InceptionV3(dims).double().eval()
         small.load_state_dict(state)
         with torch.no_grad():
-            x = 2 * F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False) - 1
-            for block in full.blocks()[:n_blocks]:
-                for layer in block:
-                    x = layer(x)
-            torch.testing.assert_close(small(images), x.mean(dim=(2, 3)))
+            torch.testing.assert_close(small(images), activations.mean(dim=(2, 3)))
             assert small(images).shape == (2, dims)
 
 
@@ -284,12 +291,22 @@ def test_kid_equals_the_unbiased_mmd_formula_on_one_subset():
     assert mean == pytest.approx(xx + yy - 2 * xy, rel=1e-9) and std == 0
 
 
-def test_nearest_neighbours_finds_a_copied_image():
+def test_nearest_finds_a_copied_image(tmp_path, monkeypatch, capsys, weights_file):
+    """--nearest through main: of 6 generated images, the one copied from training image 17 is listed first."""
     rng = np.random.default_rng(7)
-    training = rng.normal(size=(50, 16))
-    generated = np.vstack([rng.normal(size=(5, 16)), training[17] + 1e-3])
-    distance, index, yardstick = fid.nearest_neighbours(generated, training)
-    assert index[-1] == 17 and distance[-1] < 1e-2 < yardstick.min()
+    training = rng.integers(0, 256, size=(50, 32, 32, 3), dtype=np.uint8)
+    np.save(tmp_path / "train.npy", training)
+    np.save(tmp_path / "gen.npy", np.concatenate([rng.integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8),
+                                                  training[17:18]]))
+    for name, value in (("nearest", str(tmp_path / "train.npy")), ("weights", str(weights_file)), ("dims", 64),
+                        ("device", "cpu")):
+        monkeypatch.setattr(fid, name, value)
+    fid.main([str(tmp_path / "gen.npy"), str(tmp_path / "train.npy")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    report = next(i for i, line in enumerate(lines) if line.startswith("nearest training image: median distance "))
+    assert " of 6 generated images are closer" in lines[report + 1] and lines[report + 1].endswith("memorization:")
+    assert lines[report + 2] == f"  {tmp_path / 'gen.npy'}/5  ~  {tmp_path / 'train.npy'}/17  (distance 0.00)"
+    assert lines[-1].startswith("FID: ")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -320,7 +337,7 @@ def test_folder_zip_and_npy_give_the_same_statistics(tmp_path, small_model):
             archive.write(folder / f"{i + 1}.png", f"{i + 1}.png")
     np.save(tmp_path / "images.npy", np.stack(images))
     np.savez(tmp_path / "images.npz", images=np.stack(images))
-    stats = [fid.path_statistics(p, small_model, batch_size=4) for p in
+    stats = [fid.statistics(fid.extract_features(small_model, p, batch_size=4, progress=False)) for p in
              (folder, tmp_path / "images.zip", tmp_path / "images.npy", tmp_path / "images.npz")]
     for mu, sigma in stats[1:]:
         np.testing.assert_array_equal(mu, stats[0][0])
@@ -329,9 +346,10 @@ def test_folder_zip_and_npy_give_the_same_statistics(tmp_path, small_model):
 
 def test_stats_npz_round_trip(tmp_path, small_model):
     np.save(tmp_path / "images.npy", np.stack(sample_images()))
-    mu, sigma = fid.path_statistics(tmp_path / "images.npy", small_model)
+    mu, sigma = fid.statistics(fid.extract_features(small_model, tmp_path / "images.npy", progress=False))
     fid.save_statistics(tmp_path / "stats.npz", mu, sigma)
-    mu2, sigma2 = fid.path_statistics(tmp_path / "stats.npz", small_model)
+    assert fid.is_statistics(tmp_path / "stats.npz") and not fid.is_statistics(tmp_path / "images.npy")
+    mu2, sigma2 = fid.load_statistics(tmp_path / "stats.npz", small_model.dims)
     np.testing.assert_array_equal(mu, mu2)
     np.testing.assert_array_equal(sigma, sigma2)
     assert fid.frechet_distance(mu, sigma, mu2, sigma2) == pytest.approx(0, abs=1e-6)
@@ -355,7 +373,7 @@ def test_corrupt_image_is_a_clear_error(tmp_path, small_model):
 
 
 def test_bad_paths_are_clear_errors(tmp_path, small_model):
-    with pytest.raises(OSError, match="images.tar: no such file or folder"):
+    with pytest.raises(OSError, match="No such file or directory: .*images.tar"):
         fid.list_images(tmp_path / "images.tar")
     (tmp_path / "images.tar").write_bytes(b"not an image set")
     with pytest.raises(ValueError, match="images.tar: not a folder, .zip, .npy or .npz"):
@@ -437,7 +455,7 @@ def test_one_image_stops_at_once_on_the_command_line(tmp_path, weights_file):
     result = run_fid(tmp_path / "one", tmp_path / "b.npy", "--dims=192", f"--weights={weights_file}",
                      "--device=cpu", timeout=90)
     line = one_line_error(result)
-    assert f"{tmp_path / 'one'}: 1 image;" in line and "at least 2" in line and "thousands" in line
+    assert f"{tmp_path / 'one'}: 1 image(s);" in line and "at least 2" in line and "thousands" in line
     assert time.time() - start < 60
 
 
@@ -459,8 +477,9 @@ def test_one_image_through_the_library_stops_before_sqrtm(tmp_path, weights_file
 def test_non_finite_statistics_stop_at_once(tmp_path):
     """NaN or inf in features or statistics stops before sqrtm. Run in a child with a time limit, on the size
     that made sqrtm loop (192)."""
-    with pytest.raises(ValueError, match="NaN or inf"):
-        fid.statistics(np.array([[1.0, 2.0], [np.inf, 0.0], [0.0, 1.0]]))
+    features = np.array([[1.0, 2.0], [np.inf, 0.0], [0.0, 1.0]])
+    with pytest.raises(ValueError, match="NaN or inf"), np.errstate(invalid="ignore"):  # inf - inf in np.cov
+        fid.frechet_distance(*fid.statistics(features), *fid.statistics(features[[0, 2]]))
     code = ("import numpy as np, time, fid\n"
             "mu, sigma = np.zeros(192), np.full((192, 192), np.nan)\n"
             "start = time.time()\n"
@@ -542,7 +561,7 @@ def test_save_stats_writes_atomically(tmp_path, monkeypatch, weights_file):
         monkeypatch.setattr(fid, name, value)
     fid.main([str(tmp_path / "images.npy")])
     model = fid.load_inception(64, str(weights_file))
-    mu, sigma = fid.path_statistics(tmp_path / "images.npy", model)
+    mu, sigma = fid.statistics(fid.extract_features(model, tmp_path / "images.npy", progress=False))
     saved_mu, saved_sigma = fid.load_statistics(out, 64)
     np.testing.assert_array_equal(saved_mu, mu)
     np.testing.assert_array_equal(saved_sigma, sigma)
@@ -619,18 +638,20 @@ def test_damaged_zip_in_a_child_process(tmp_path, weights_file):
 def test_statistics_checks_through_the_library(tmp_path, small_model):
     np.savez(tmp_path / "s192.npz", mu=np.zeros(192), sigma=np.eye(192))
     with pytest.raises(ValueError, match=r"s192.npz: holds mu \(192,\), sigma \(192, 192\); statistics are mu \(d,\) and sigma \(d, d\), d = 64"):
-        fid.path_statistics(tmp_path / "s192.npz", small_model)
-    with pytest.raises(ValueError, match=r"statistics of different sizes: mu \(64,\) .* mu \(192,\)"):
+        fid.load_statistics(tmp_path / "s192.npz", small_model.dims)
+    with pytest.raises(ValueError, match=r"statistics of different sizes: \(64,\) \(64, 64\), \(192,\) \(192, 192\)"):
         fid.frechet_distance(np.zeros(64), np.eye(64), np.zeros(192), np.eye(192))
     np.savez(tmp_path / "sigma_only.npz", sigma=np.eye(4))
     with pytest.raises(ValueError, match=r"sigma_only.npz: holds sigma \(4, 4\); statistics are mu"):
-        fid.path_statistics(tmp_path / "sigma_only.npz", small_model)
+        fid.load_statistics(tmp_path / "sigma_only.npz", small_model.dims)
     np.savez(tmp_path / "bad_shapes.npz", mu=np.zeros(4), sigma=np.eye(5))
     with pytest.raises(ValueError, match=r"bad_shapes.npz: holds mu \(4,\), sigma \(5, 5\); statistics are mu \(d,\) and sigma \(d, d\)"):
         fid.load_statistics(tmp_path / "bad_shapes.npz")
     np.savez(tmp_path / "empty.npz")
-    with pytest.raises(ValueError, match="empty.npz: no images but no arrays"):
+    with pytest.raises(ValueError, match=r"empty.npz: expected a uint8 array of shape \(N, H, W, 3\)"):
         fid.list_images(tmp_path / "empty.npz")
+    with pytest.raises(ValueError, match="s192.npz: statistics .mu, sigma., not images"):
+        fid.list_images(tmp_path / "s192.npz")
 
 
 def test_a_folder_named_like_an_image_is_skipped(tmp_path, small_model):
@@ -695,11 +716,19 @@ def test_damaged_or_foreign_weights_files_give_one_line(tmp_path, weights_file):
         with pytest.raises(ValueError, match=f"{name}: {phrase}"):
             fid.load_inception(64, str(tmp_path / name))
     torch.save(torch.zeros(3), tmp_path / "tensor.pth")
-    with pytest.raises(ValueError, match=r"tensor.pth: cannot load the FID weights \(AttributeError: 'Tensor' object has no attribute 'items'\)"):
+    with pytest.raises(ValueError, match=r"tensor.pth: cannot load the FID weights \(TypeError: Expected state_dict "
+                                         r"to be dict-like"):
         fid.load_inception(64, str(tmp_path / "tensor.pth"))
     torch.save({"fc.weight": torch.zeros(1008, 2048)}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="other.pth: not the FID Inception weights .* 565 missing"):
+    with pytest.raises(ValueError, match=r"other.pth: cannot load the FID weights \(RuntimeError: .*Missing "
+                                         r"key\(s\) in state_dict: \"Conv2d_1a_3x3.conv.weight\""):
         fid.load_inception(64, str(tmp_path / "other.pth"))
+    state = fid.InceptionV3().state_dict()
+    state["Mixed_7c.branch_pool.conv.weight"] = torch.zeros(192, 2048, 3, 3)
+    torch.save(state, tmp_path / "misshaped.pth")
+    with pytest.raises(ValueError, match=r"misshaped.pth: cannot load the FID weights \(RuntimeError: .*size "
+                                         r"mismatch for Mixed_7c.branch_pool.conv.weight"):
+        fid.load_inception(64, str(tmp_path / "misshaped.pth"))
 
 
 def test_every_torch_load_in_fid_uses_weights_only():
