@@ -17,7 +17,6 @@ atomically), samples_<step>.png grids, loss.csv and loss.png. Run the same --tra
 Ctrl-C or SIGTERM saves a checkpoint first. python ddpm.py --help lists every constant below.
 """
 import copy
-import io
 import math
 import os
 import re
@@ -106,8 +105,8 @@ IMAGE_SIZE = 64
 # values with a fixed set of choices or a range, checked before any work (see parse_overrides)
 CHECKS = {
     "preset": ("", "cpu"), "schedule": ("linear", "cosine"), "sampler": ("ddpm", "ddim", "dpm"), "patch_size": (1, 2),
-    "prediction": ("eps", "v"),
-    "variance": ("beta", "posterior"), "precision": ("auto", "bf16", "fp16", "fp32"), "fid_dims": (2048, 768, 192, 64),
+    "prediction": ("eps", "v"), "variance": ("beta", "posterior"), "precision": ("auto", "bf16", "fp16", "fp32"),
+    "fid_dims": (2048, 768, 192, 64),
     "channel_mults": (lambda v: re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", v),
                       "comma-separated integers >= 1, like 1,2,2,2"),
     "attn_resolutions": (lambda v: re.fullmatch(r"([1-9]\d*(,[1-9]\d*)*)?", v),
@@ -132,26 +131,29 @@ if __name__ == "__main__":  # the configurator: --preset=cpu first (it sets the 
     torch.set_num_threads(num_threads)
 
 
+
 # ----------------------------------------------------------------------------- system
-def system(distributed=False):
-    """nanoGPT's system block, run by every entry point: the device (cuda, then mps, then cpu, unless `device`
-    names one), torchrun's process group when `distributed` (one process per GPU with nccl, or CPU processes with
-    gloo), the precision and its autocast context. -> (run_device, precision name, ctx, rank, world_size)"""
-    ddp = distributed and int(os.environ.get("RANK", -1)) != -1
-    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+def setup_system(distributed=False):
+    """nanoGPT's system block, run once by main: the device (cuda, then mps, then cpu, unless `device` names one),
+    torchrun's process group when `distributed` (one process per GPU with nccl, or CPU processes with gloo), the
+    precision and its autocast context `ctx`. -> system = (run_device, precision name, ctx, rank, world_size),
+    what the entry points below take."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))   # set by torchrun
+    ddp = distributed and "RANK" in os.environ
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     run_device = device or ("cuda" if cuda else "mps" if mps else "cpu")
     why_device = "--device" if device else "a CUDA GPU" if cuda else "no CUDA GPU; Apple's mps" if mps else "no GPU"
-    if run_device.startswith("cuda"):
+    device_type = run_device.split(":")[0]
+    if device_type == "cuda":
         check_cuda_build()
-        if ddp:                                    # one GPU per process
-            run_device = f"cuda:{os.environ['LOCAL_RANK']}"
-            torch.cuda.set_device(run_device)
         torch.backends.cudnn.benchmark = True      # fixed input shapes: let cuDNN pick its fastest kernels once
+    if ddp and device_type == "cuda":              # one GPU per process
+        run_device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(run_device)
     if ddp:
-        dist.init_process_group(backend="nccl" if run_device.startswith("cuda") else "gloo")
-    precision_name, why_precision = choose_precision(precision, run_device.split(":")[0])
-    ctx = torch.autocast(run_device.split(":")[0], dtype=torch.float16 if precision_name == "fp16" else torch.bfloat16,
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    precision_name, why_precision = choose_precision(precision, device_type)
+    ctx = torch.autocast(device_type, dtype=torch.float16 if precision_name == "fp16" else torch.bfloat16,
                          enabled=precision_name != "fp32")
     if rank == 0:
         print(f"device {run_device} ({why_device}); precision {precision_name} ({why_precision})")
@@ -246,40 +248,38 @@ class UNet(nn.Module):
     def __init__(self, channels, channel_mults, num_res_blocks, attn_resolutions, dropout, image_size=IMAGE_SIZE,
                  norm_groups=32, patch_size=1):
         super().__init__()
-        self.patch_size = patch_size   # the UNet sees (3 p^2, 64/p, 64/p): each p x p patch of pixels is one vector
-        block = lambda c_in, c_out: ResidualBlock(c_in, c_out, 4 * channels, dropout, norm_groups)
-        attention = lambda width: SelfAttention(width, norm_groups)
+        # the UNet sees (3 p^2, 64/p, 64/p): each p x p patch of pixels is one vector
+        self.channels, self.patch_size = channels, patch_size
         time_dim = 4 * channels
-        self.channels = channels
+        block = lambda c_in, c_out: ResidualBlock(c_in, c_out, time_dim, dropout, norm_groups)
+        attend = lambda level: image_size // patch_size // 2 ** level in attn_resolutions   # at this level's size?
         self.time_mlp = nn.Sequential(nn.Linear(channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
         self.conv_in = nn.Conv2d(3 * patch_size ** 2, channels, 3, padding=1)
         # down path: num_res_blocks blocks per level, then a stride-2 conv; every output is kept for a skip
         self.down = nn.ModuleList()
-        skip_channels, width, resolution = [channels], channels, image_size // patch_size
+        skip_channels, width = [channels], channels
         for level, mult in enumerate(channel_mults):
             for _ in range(num_res_blocks):
                 self.down.append(nn.ModuleList([block(width, channels * mult)]))
                 width = channels * mult
-                if resolution in attn_resolutions:
-                    self.down[-1].append(attention(width))
+                if attend(level):
+                    self.down[-1].append(SelfAttention(width, norm_groups))
                 skip_channels.append(width)
             if level != len(channel_mults) - 1:
                 self.down.append(nn.ModuleList([nn.Conv2d(width, width, 3, stride=2, padding=1)]))
                 skip_channels.append(width)
-                resolution //= 2
-        self.middle = nn.ModuleList([block(width, width), attention(width), block(width, width)])
+        self.middle = nn.ModuleList([block(width, width), SelfAttention(width, norm_groups), block(width, width)])
         # up path: num_res_blocks + 1 blocks per level, each taking one skip, then nearest upsampling + conv
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mults))):
             for _ in range(num_res_blocks + 1):
                 self.up.append(nn.ModuleList([block(width + skip_channels.pop(), channels * mult)]))
                 width = channels * mult
-                if resolution in attn_resolutions:
-                    self.up[-1].append(attention(width))
+                if attend(level):
+                    self.up[-1].append(SelfAttention(width, norm_groups))
             if level != 0:
                 self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"),
                                               nn.Conv2d(width, width, 3, padding=1)]))
-                resolution *= 2
         self.norm_out = group_norm(width, norm_groups)
         self.conv_out = nn.Conv2d(width, 3 * patch_size ** 2, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
@@ -304,23 +304,6 @@ class UNet(nn.Module):
                 h = torch.cat([h, skips.pop()], dim=1)
             h = run(layers, h)
         return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.patch_size)   # back to pixels
-
-
-def model_config():
-    """The constants that define the model and its diffusion: saved in every checkpoint, and all that --sample
-    and --denoise_figure build from (they never read the constants above for it)."""
-    mults, attention = [int(m) for m in channel_mults.split(",")], [int(r) for r in attn_resolutions.split(",") if r]
-    return dict(channels=channels, channel_mults=mults, num_res_blocks=num_res_blocks,
-                attn_resolutions=attention, dropout=dropout, norm_groups=norm_groups, patch_size=patch_size,
-                schedule=schedule, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end, prediction=prediction)
-
-
-def build(config):
-    model = UNet(config["channels"], config["channel_mults"], config["num_res_blocks"], config["attn_resolutions"],
-                 config["dropout"], norm_groups=config.get("norm_groups", 32), patch_size=config.get("patch_size", 1))
-    diffusion = Diffusion(make_betas(config["schedule"], config["timesteps"], config["beta_start"], config["beta_end"]),
-                          config.get("prediction", "eps"))
-    return model, diffusion
 
 
 # ----------------------------------------------------------------------------- forward process, loss and samplers
@@ -417,109 +400,104 @@ class Diffusion:
         return error.mean()
 
     # ------------------------------------------------------------------------- sampling
-    # The samplers run inside the caller's `with ctx:` (the run's precision); eps_theta comes back as float32
-    # for the sampler's own arithmetic.
-    @torch.no_grad()
-    def ddpm_sample(self, model, shape, generator, variance="beta", record=()):
-        """Algorithm 2 (ancestral sampling). Each step predicts x_0 from eps, clips it to [-1, 1] (as Ho et al.'s
-        code does), and draws x_{t-1} from the posterior mean with sigma_t^2 = beta_t or beta~_t (section 3.2).
-        record: steps t at which to keep x_t (for the denoising figure). Returns x_0 and {t: x_t}."""
-        device = next(model.parameters()).device
-        x = torch.randn(shape, generator=generator).to(device)
-        kept = {self.timesteps: x.cpu()} if self.timesteps in record else {}
-        sigma2 = self.betas if variance == "beta" else self.posterior_variance
-        for step in reversed(range(self.timesteps)):
-            t = torch.full((shape[0],), step, device=device, dtype=torch.long)
-            x0 = self.predict_x0(x, t, self.eps(model, x, t)).clamp(-1, 1)
-            mean, _ = self.q_posterior(x0, x, t)
-            noise = torch.randn(shape, generator=generator).to(device)
-            x = mean + (self.gather(sigma2, t, x).sqrt() * noise if step > 0 else 0)   # no noise at the last step
-            if step in record:
-                kept[step] = x.cpu()
-        return x, kept
-
-    def ddim_step(self, xt, t, t_prev, eps, eta):
-        """One DDIM update (Song et al. eq. 12) from step t to t_prev (-1 = the end), with x_0 clipped to [-1, 1].
-        sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev) (eq. 16). Returns (mean, sigma)."""
-        alpha_bar = self.gather(self.alphas_cumprod, t, xt)
-        alpha_bar_prev = self.gather(self.alphas_cumprod, t_prev.clamp(min=0), xt)
-        alpha_bar_prev = torch.where(t_prev.view_as(alpha_bar) >= 0, alpha_bar_prev, torch.ones_like(alpha_bar_prev))
-        x0 = self.predict_x0(xt, t, eps).clamp(-1, 1)
-        eps = (xt - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()     # the eps that goes with the clipped x_0
-        sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
-        mean = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
-        return mean, sigma
-
-    def ddim_sequence(self, steps):
-        """The S time steps DDIM visits: evenly spaced over 0..T-1 (Song et al. 4.2, "linear" tau)."""
+    def sequence(self, sampler, steps):
+        """The steps t a sampler visits, in rising order. ddpm: all T. ddim: `steps` evenly spaced over 0..T-1
+        (Song et al. 4.2, "linear" tau). dpm: evenly spaced in lambda_t ("logSNR" spacing, which Lu et al.
+        recommend for low-resolution images), so every step has the same h and the second-order correction stays
+        small; steps that round to the same t are visited once."""
+        if sampler == "ddpm":
+            return list(range(self.timesteps))
         if not 1 <= steps <= self.timesteps:
-            raise ValueError(f"--sample_steps={steps}: DDIM takes 1 to the model's T={self.timesteps} steps")
-        return np.linspace(0, self.timesteps - 1, steps).round().astype(int).tolist()
-
-    @torch.no_grad()
-    def ddim_sample(self, model, shape, generator, steps=100, eta=0.0, record=()):
-        """DDIM with `steps` evenly spaced steps of the T (eta = 1 and steps = T give Algorithm 2 with beta~_t)."""
-        device = next(model.parameters()).device
-        x = torch.randn(shape, generator=generator).to(device)
-        sequence = self.ddim_sequence(steps)
-        kept = {self.timesteps: x.cpu()} if self.timesteps in record else {}
-        for i in reversed(range(len(sequence))):
-            t = torch.full((shape[0],), sequence[i], device=device, dtype=torch.long)
-            t_prev = torch.full_like(t, sequence[i - 1] if i > 0 else -1)
-            mean, sigma = self.ddim_step(x, t, t_prev, self.eps(model, x, t), eta)
-            noise = torch.randn(shape, generator=generator).to(device)
-            x = mean + sigma * noise if i > 0 else mean
-            if sequence[i] in record:
-                kept[sequence[i]] = x.cpu()
-        return x, kept
-
-    def dpm_sequence(self, steps):
-        """The steps DPM-Solver visits: evenly spaced in lambda_t ("logSNR" spacing, which Lu et al. recommend for
-        low-resolution images), so every step has the same h and the second-order correction stays small. Steps
-        that round to the same t are visited once."""
-        if not 1 <= steps <= self.timesteps:
-            raise ValueError(f"--sample_steps={steps}: dpm takes 1 to the model's T={self.timesteps} steps")
+            raise ValueError(f"--sample_steps={steps}: {sampler} takes 1 to the model's T={self.timesteps} steps")
+        if sampler == "ddim":
+            return np.linspace(0, self.timesteps - 1, steps).round().astype(int).tolist()
         lambdas = self.log_snr.cpu().numpy()                                  # falling with t
         targets = np.linspace(lambdas[-1], lambdas[0], steps)
         ts = np.interp(targets, lambdas[::-1], np.arange(self.timesteps)[::-1]).round().astype(int)
         return sorted(set(ts.tolist()))
 
-    @torch.no_grad()
-    def dpm_solver_sample(self, model, shape, generator, steps=20, record=()):
-        """DPM-Solver++(2M) (Lu et al. 2022, algorithm 2): DDIM's update (DPM-Solver++'s first order) made second
-        order by reusing the previous step's x_0 prediction, so fewer steps reach the same images. With
-        alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t), h = lambda_next - lambda_t, r = h_previous / h:
+    def ddim_step(self, xt, t, t_prev, x0, eta):
+        """One DDIM update (Song et al. eq. 12) from step t to t_prev (-1 = the end), given the clipped x_0 guess.
+        sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev) (eq. 16). Returns (mean, sigma)."""
+        alpha_bar = self.gather(self.alphas_cumprod, t, xt)
+        alpha_bar_prev = self.gather(self.alphas_cumprod, t_prev.clamp(min=0), xt)
+        alpha_bar_prev = torch.where(t_prev.view_as(alpha_bar) >= 0, alpha_bar_prev, torch.ones_like(alpha_bar_prev))
+        eps = (xt - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()     # the eps that goes with the clipped x_0
+        sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
+        mean = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+        return mean, sigma
+
+    def dpm_step(self, xt, x0, s, s_next, previous):
+        """One step of DPM-Solver++(2M) (Lu et al. 2022, algorithm 2) from step s to s_next: DDIM's update
+        (DPM-Solver++'s first order) made second order by reusing the previous step's x_0 guess, so fewer steps
+        reach the same images. With alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t),
+        h = lambda_next - lambda_t and r = h_previous / h:
             x_next = sigma_next / sigma_t x_t - alpha_next (e^-h - 1) D,   D = (1 + 1/2r) x0_t - 1/2r x0_previous
-        D = x0_t at the first step; the last step (to t = -1, sigma = 0) gives x0_t itself."""
+        D = x0_t at the first step (previous = None); the last step (to s_next = -1, sigma = 0) gives x0_t itself.
+        -> (x_next, (x0_t, h) for the next step)"""
+        if s_next < 0:
+            return x0, None
+        alpha_bar, alpha_bar_next = self.alphas_cumprod[s].item(), self.alphas_cumprod[s_next].item()
+        h = (self.log_snr[s_next] - self.log_snr[s]).item()
+        d = x0 if previous is None else x0 + (x0 - previous[0]) * h / (2 * previous[1])   # 1/2r = h/2h_previous
+        x = math.sqrt((1 - alpha_bar_next) / (1 - alpha_bar)) * xt - math.sqrt(alpha_bar_next) * math.expm1(-h) * d
+        return x, (x0, h)
+
+    @torch.no_grad()
+    def sample(self, model, shape, generator, sampler="ddim", steps=100, eta=0.0, variance="beta", record=()):
+        """Images from x_T ~ N(0, I) by a sampler: "ddpm" (Algorithm 2, all T steps), "ddim" (`steps` of them, eta;
+        eta = 1 and steps = T give Algorithm 2 with beta~_t) or "dpm" (DPM-Solver++(2M), `steps`). Every step
+        predicts x_0 from eps_theta and clips it to [-1, 1], as Ho et al.'s code does. record: steps t at which to
+        keep x_t, after the step from t (T: x_T), for the denoising figure. Runs inside the caller's `with ctx:`;
+        eps_theta comes back as float32 for the sampler's own arithmetic. -> (x_0, {t: x_t})"""
         device = next(model.parameters()).device
         x = torch.randn(shape, generator=generator).to(device)
-        sequence = self.dpm_sequence(steps)[::-1] + [-1]                  # T-1 ... 0, then the clean image
-        alpha_bar = lambda s: self.alphas_cumprod[s].item() if s >= 0 else 1.0
         kept = {self.timesteps: x.cpu()} if self.timesteps in record else {}
-        previous = None                                                   # (x_0 prediction, h) of the last step
-        for s, s_next in zip(sequence[:-1], sequence[1:]):
+        sequence, previous = self.sequence(sampler, steps), None
+        for i in reversed(range(len(sequence))):
+            s, s_next = sequence[i], sequence[i - 1] if i > 0 else -1   # from step s to s_next (-1: the end)
             t = torch.full((shape[0],), s, device=device, dtype=torch.long)
             x0 = self.predict_x0(x, t, self.eps(model, x, t)).clamp(-1, 1)
-            if s_next < 0:
-                x = x0
+            if sampler == "dpm":                                    # deterministic: no noise is drawn
+                x, previous = self.dpm_step(x, x0, s, s_next, previous)
             else:
-                h = (self.log_snr[s_next] - self.log_snr[s]).item()
-                d = x0 if previous is None else x0 + (x0 - previous[0]) * h / (2 * previous[1])   # 1/2r = h/2h_prev
-                x = (math.sqrt((1 - alpha_bar(s_next)) / (1 - alpha_bar(s))) * x
-                     - math.sqrt(alpha_bar(s_next)) * math.expm1(-h) * d)
-                previous = (x0, h)
-            if s in record:                                               # as DDIM: x after the step from s
+                if sampler == "ddpm":   # x_{t-1} ~ q(x_{t-1} | x_t, x_0), sigma_t^2 = beta_t or beta~_t (3.2)
+                    mean, posterior_variance = self.q_posterior(x0, x, t)
+                    sigma = (self.gather(self.betas, t, x) if variance == "beta" else posterior_variance).sqrt()
+                else:
+                    mean, sigma = self.ddim_step(x, t, torch.full_like(t, s_next), x0, eta)
+                noise = torch.randn(shape, generator=generator).to(device)
+                x = mean + sigma * noise if i > 0 else mean           # no noise at the last step
+            if s in record:
                 kept[s] = x.cpu()
         return x, kept
+
+
+def model_config():
+    """The constants that define the model and its diffusion: saved in every checkpoint, and all that --sample
+    and --denoise_figure build from (they never read the constants above for it)."""
+    mults, attention = [int(m) for m in channel_mults.split(",")], [int(r) for r in attn_resolutions.split(",") if r]
+    return dict(channels=channels, channel_mults=mults, num_res_blocks=num_res_blocks,
+                attn_resolutions=attention, dropout=dropout, norm_groups=norm_groups, patch_size=patch_size,
+                schedule=schedule, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end, prediction=prediction)
+
+
+def build(config, run_device, layout=torch.contiguous_format):
+    """The UNet (in the memory layout `layout`) and its Diffusion of a model_config(), on run_device; a checkpoint
+    from before norm_groups, patch_size and prediction existed gets their old values."""
+    model = UNet(config["channels"], config["channel_mults"], config["num_res_blocks"], config["attn_resolutions"],
+                 config["dropout"], norm_groups=config.get("norm_groups", 32), patch_size=config.get("patch_size", 1))
+    diffusion = Diffusion(make_betas(config["schedule"], config["timesteps"], config["beta_start"], config["beta_end"]),
+                          config.get("prediction", "eps"))
+    return model.to(run_device, memory_format=layout), diffusion.to(run_device)
+
 
 # ----------------------------------------------------------------------------- training (Algorithm 1)
 def start_or_resume(config, run_device, precision_name, ckpt_path):
     """The model, its EMA copy (eval mode: it only samples), the optimizer and the gradient scaler (fp16 only: see
     choose_precision), resumed from ckpt_path where it exists. -> (model, diffusion, ema, optimizer, scaler, step)"""
     torch.manual_seed(seed)
-    model, diffusion = build(config)
-    model.to(run_device, memory_format=memory_format())
-    diffusion.to(run_device)
+    model, diffusion = build(config, run_device, memory_format())
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=run_device.startswith("cuda"))
     scaler = torch.amp.GradScaler(run_device.split(":")[0], enabled=precision_name == "fp16")
@@ -541,9 +519,47 @@ def start_or_resume(config, run_device, precision_name, ckpt_path):
     return model, diffusion, ema, optimizer, scaler, checkpoint["step"]
 
 
-def train_model(data_dir, out_dir):
+def wrap_for_training(model, run_device, rank):
+    """torch.compile and DistributedDataParallel around the model; the EMA and the checkpoints use the bare one.
+    Where compile cannot run (see compile_blocker) training goes on in eager mode, with a note."""
+    why_not = compile_blocker(run_device) if compile else ""
+    if compile and not why_not:
+        model = torch.compile(model)
+    elif compile and rank == 0:
+        print(f"note: --compile {why_not}; training in eager mode")
+    if dist.is_initialized():
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[run_device] if run_device != "cpu" else None)
+    return model
+
+
+def any_rank(flag, run_device):
+    """True if `flag` is True in any process: every process gets the same answer, so all stop at the same step."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([int(flag)], device=run_device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def cut_csv(path, step):
+    """loss.csv cut back to the rows up to `step`, the step a resumed run starts from."""
+    rows = open(path).read().splitlines() if os.path.exists(path) else []
+    with open(path, "w") as f:
+        f.writelines(row + "\n" for row in rows if row and int(row.split(",")[0]) <= step)
+
+
+def log_progress(csv_path, step, mean_loss, step_lr, steps_per_s, world_size, deadline):
+    """The progress line (step, loss, speed, time left) and its row of loss.csv."""
+    minutes_left = min((max_steps - step) / steps_per_s, deadline - time.time()) / 60
+    print(f"step {step}/{max_steps} loss {mean_loss:.4f} lr {step_lr:.1e} {steps_per_s * batch_size * world_size:.1f} "
+          f"images/s, about {minutes_left:.1f} min left", flush=True)
+    with open(csv_path, "a") as f:
+        f.write(f"{step},{mean_loss:.6f}\n")
+
+
+def train_model(data_dir, out_dir, system):
     """Algorithm 1 on the images of data_dir, resumed from out_dir/ckpt.pt where it exists. -> the step reached."""
-    run_device, precision_name, ctx, rank, world_size = system(distributed=True)
+    run_device, precision_name, ctx, rank, world_size = system
     check_writable(out_dir)
     images = load_images(data_dir).to(run_device)   # uint8 on the device: each batch is made there
     config, ckpt_path, csv_path = model_config(), os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "loss.csv")
@@ -603,36 +619,6 @@ def train_model(data_dir, out_dir):
     return finish(out_dir, step, deadline, rank)
 
 
-def wrap_for_training(model, run_device, rank):
-    """torch.compile and DistributedDataParallel around the model; the EMA and the checkpoints use the bare one."""
-    why_not = compile_blocker(run_device) if compile else ""
-    if compile and not why_not:
-        model = torch.compile(model)
-    elif compile and rank == 0:
-        print(f"note: --compile {why_not}; training in eager mode")
-    if dist.is_initialized():
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[run_device] if run_device != "cpu" else None)
-    return model
-
-
-def any_rank(flag, run_device):
-    """True if `flag` is True in any process: every process gets the same answer, so all stop at the same step."""
-    if not dist.is_initialized():
-        return flag
-    value = torch.tensor([int(flag)], device=run_device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def log_progress(csv_path, step, mean_loss, step_lr, steps_per_s, world_size, deadline):
-    """The progress line (step, loss, speed, time left) and its row of loss.csv."""
-    minutes_left = min((max_steps - step) / steps_per_s, deadline - time.time()) / 60
-    print(f"step {step}/{max_steps} loss {mean_loss:.4f} lr {step_lr:.1e} {steps_per_s * batch_size * world_size:.1f} "
-          f"images/s, about {minutes_left:.1f} min left", flush=True)
-    with open(csv_path, "a") as f:
-        f.write(f"{step},{mean_loss:.6f}\n")
-
-
 def finish(out_dir, step, deadline, rank):
     """After the training loop: the process group closed, loss.png drawn, and how the run ended. -> step"""
     if dist.is_initialized():
@@ -646,14 +632,7 @@ def finish(out_dir, step, deadline, rank):
     return step
 
 
-def cut_csv(path, step):
-    """loss.csv cut back to the rows up to `step`, the step a resumed run starts from."""
-    rows = open(path).read().splitlines() if os.path.exists(path) else []
-    with open(path, "w") as f:
-        f.writelines(row + "\n" for row in rows if row and int(row.split(",")[0]) <= step)
-
-
-# ----------------------------------------------------------------------------- sampling (Algorithm 2, DDIM)
+# ----------------------------------------------------------------------------- sampling (Algorithm 2, DDIM, DPM-Solver)
 def load_ema(out_dir, run_device):
     """The EMA weights of out_dir/ckpt.pt, built from the configuration saved with them (not the constants
     above)."""
@@ -661,19 +640,9 @@ def load_ema(out_dir, run_device):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: train first (python ddpm.py --train --out_dir={out_dir})")
     checkpoint = load_checkpoint(path, "cpu")
-    model, diffusion = build(checkpoint["config"])
+    model, diffusion = build(checkpoint["config"], run_device, memory_format())
     model.load_state_dict(checkpoint["ema"])
-    model.to(run_device, memory_format=memory_format())
-    return model.eval(), diffusion.to(run_device)
-
-
-def run_sampler(model, diffusion, shape, generator, record=()):
-    """The sampler chosen above: Algorithm 2, DDIM or DPM-Solver++(2M). -> (x_0, {t: x_t})."""
-    if sampler == "ddpm":
-        return diffusion.ddpm_sample(model, shape, generator, variance, record)
-    if sampler == "dpm":
-        return diffusion.dpm_solver_sample(model, shape, generator, sample_steps, record)
-    return diffusion.ddim_sample(model, shape, generator, sample_steps, eta, record)
+    return model.eval(), diffusion
 
 
 def to_uint8(x):
@@ -681,9 +650,9 @@ def to_uint8(x):
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def sample_images(out_dir):
+def sample_images(out_dir, system):
     """n_samples images with the EMA weights, 1.jpg..N.jpg into images_dir and submission.zip (+ FID, KID)."""
-    run_device, precision_name, ctx, _, _ = system()
+    run_device, precision_name, ctx, _, _ = system
     folder = images_dir or os.path.join(out_dir, "images")
     check_writable(os.path.dirname(os.path.abspath(submission)), create=False)   # every output path, before
     check_writable(folder)                                                       # the first image
@@ -694,7 +663,7 @@ def sample_images(out_dir):
     for first in range(0, n_samples, sample_batch):
         shape = (min(sample_batch, n_samples - first), 3, IMAGE_SIZE, IMAGE_SIZE)
         with ctx:
-            x, _ = run_sampler(model, diffusion, shape, generator)
+            x, _ = diffusion.sample(model, shape, generator, sampler, sample_steps, eta, variance)
         outputs.append(to_uint8(x))
         done = first + shape[0]
         print(f"generated {done}/{n_samples}, {done / (time.time() - start):.2f} images/s, "
@@ -716,11 +685,8 @@ def write_submission(images, folder, zip_path):
             os.remove(os.path.join(folder, name))
     with zipfile.ZipFile(zip_path + ".tmp", "w", zipfile.ZIP_DEFLATED) as archive:
         for i, array in enumerate(images, 1):
-            buffer = io.BytesIO()
-            Image.fromarray(array).save(buffer, "JPEG", quality=95)
-            with open(os.path.join(folder, f"{i}.jpg"), "wb") as f:
-                f.write(buffer.getvalue())
-            archive.writestr(f"{i}.jpg", buffer.getvalue())
+            Image.fromarray(array).save(os.path.join(folder, f"{i}.jpg"), "JPEG", quality=95)
+            archive.write(os.path.join(folder, f"{i}.jpg"), f"{i}.jpg")
     os.replace(zip_path + ".tmp", zip_path)
 
 
@@ -739,20 +705,20 @@ def evaluate_fid(generated, reference, run_device):
     print(f"FID: {fid.frechet_distance(*fid.statistics(generated_features, generated), *reference_stats)}")
 
 
-def denoising_figure(out_dir, columns=10):
+def denoising_figure(out_dir, system, columns=10):
     """out_dir/denoising.png: 5 images (rows) from x_T to x_0, columns at evenly spaced steps of the sampler."""
-    run_device, _, ctx, _, _ = system()
+    run_device, _, ctx, _, _ = system
     model, diffusion = load_ema(out_dir, run_device)
     # the steps to show: evenly spaced over the steps the sampler visits, x_T included
     if sampler == "ddpm":
         record = set(np.linspace(0, diffusion.timesteps, columns).round().astype(int).tolist())
     else:
-        sequence = (diffusion.dpm_sequence if sampler == "dpm" else diffusion.ddim_sequence)(sample_steps)
+        sequence = diffusion.sequence(sampler, sample_steps)
         record = {sequence[i] for i in np.linspace(0, len(sequence) - 1, columns - 1).round().astype(int)}
         record.add(diffusion.timesteps)
     with ctx:
-        _, kept = run_sampler(model, diffusion, (5, 3, IMAGE_SIZE, IMAGE_SIZE), torch.Generator().manual_seed(seed),
-                              record)
+        _, kept = diffusion.sample(model, (5, 3, IMAGE_SIZE, IMAGE_SIZE), torch.Generator().manual_seed(seed),
+                                   sampler, sample_steps, eta, variance, record)
     order = sorted(kept, reverse=True)                      # x_T first
     label_height, size = 16, IMAGE_SIZE
     figure = Image.new("RGB", (len(order) * (size + 2), 5 * (size + 2) + label_height), "white")
@@ -768,17 +734,18 @@ def denoising_figure(out_dir, columns=10):
 
 # ----------------------------------------------------------------------------- main
 def main():
-    rank0 = int(os.environ.get("RANK", 0)) == 0   # under torchrun only rank 0 samples and draws
-    if train:
-        train_model(data_dir, out_dir)
-    if sample and rank0:
-        sample_images(out_dir)
-    if denoise_figure and rank0:
-        denoising_figure(out_dir)
-    if bench and rank0:
-        run_bench()
     if not (train or sample or denoise_figure or bench):
-        print(__doc__)
+        return print(__doc__)
+    system = setup_system(distributed=train)
+    run_device, _, _, rank, _ = system
+    if train:
+        train_model(data_dir, out_dir, system)
+    if sample and rank == 0:   # under torchrun only rank 0 samples and draws
+        sample_images(out_dir, system)
+    if denoise_figure and rank == 0:
+        denoising_figure(out_dir, system)
+    if bench and rank == 0:
+        run_bench(run_device)
 
 
 # --- robustness (read last) ---
@@ -851,11 +818,7 @@ def choose_precision(requested, device_type):
 
 def cpu_has_bf16():
     """True where the CPU computes bfloat16 natively: AMX or AVX512-BF16 in Linux's /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""   # Linux only
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
@@ -890,16 +853,14 @@ def check_cuda_build():
                  f"sm_{major}{minor} (see the README, 'On a GPU'), or choose another GPU")
 
 
-def save_grid(diffusion, ema, ctx, path, columns=4):
-    """A grid of 16 EMA samples (DDIM, 50 steps, the same seed each time) into path."""
+def save_grid(diffusion, ema, ctx, path):
+    """A 4x4 grid of 16 EMA samples (DDIM, 50 steps, the same seed each time) into path."""
     with ctx:
-        x, _ = diffusion.ddim_sample(ema, (16, 3, IMAGE_SIZE, IMAGE_SIZE), torch.Generator().manual_seed(seed),
-                                     steps=min(50, diffusion.timesteps))
-    arrays = to_uint8(x)
-    rows = math.ceil(len(arrays) / columns)
-    grid = Image.new("RGB", (columns * IMAGE_SIZE, rows * IMAGE_SIZE))
-    for i, array in enumerate(arrays):
-        grid.paste(Image.fromarray(array), ((i % columns) * IMAGE_SIZE, (i // columns) * IMAGE_SIZE))
+        x, _ = diffusion.sample(ema, (16, 3, IMAGE_SIZE, IMAGE_SIZE), torch.Generator().manual_seed(seed), "ddim",
+                                min(50, diffusion.timesteps))
+    grid = Image.new("RGB", (4 * IMAGE_SIZE, 4 * IMAGE_SIZE))
+    for i, array in enumerate(to_uint8(x)):
+        grid.paste(Image.fromarray(array), ((i % 4) * IMAGE_SIZE, (i // 4) * IMAGE_SIZE))
     grid.save(path)
 
 
@@ -923,42 +884,39 @@ def plot_loss(csv_path, png_path, width=640, height=320, margin=50):
     image.save(png_path)
 
 
-def run_bench():
+def run_bench(run_device):
     """Training-step throughput of the configured UNet on random images, in each precision this device offers and
     in both memory layouts: forward, backward and Adam, after one warm-up step. No bf16 on CUDA below 8.0."""
-    run_device, _, _, _, _ = system()
     device_type = run_device.split(":")[0]
-    for name, layout in [(p, l) for p in bench_precisions(device_type)
-                         for l in (torch.contiguous_format, torch.channels_last)]:
-        torch.manual_seed(seed)
-        model, diffusion = build(model_config())
-        model.to(run_device, memory_format=layout)
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device_type == "cuda")
-        scaler = torch.amp.GradScaler(device_type, enabled=name == "fp16")
-        ctx = torch.autocast(device_type, dtype=torch.float16 if name == "fp16" else torch.bfloat16,
-                             enabled=name != "fp32")
-        generator = torch.Generator(run_device).manual_seed(seed)
-        x0 = (torch.rand(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator, device=run_device) * 2 - 1
-              ).contiguous(memory_format=layout)
-        timed, start = -1, None
-        while timed < 3 or (time.time() - start < 20 and timed < 20):   # >= 3 timed steps, up to 20 s
-            if timed == 0:
-                synchronize(device_type)
-                start = time.time()
-            with ctx:
-                loss = diffusion.loss(model, x0, generator)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            timed += 1
-        synchronize(device_type)
-        seconds = (time.time() - start) / timed
-        layout_name = "channels_last" if layout == torch.channels_last else "NCHW"
-        print(f"{'preset ' + preset if preset else 'constants'}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}"
-              f" M parameters, batch {batch_size}, {name}, {layout_name}: {seconds:.3f} s/step, "
-              f"{batch_size / seconds:.1f} images/s on {run_device} ({num_threads} threads)",
-              flush=True)
+    for name in bench_precisions(device_type):
+        for layout_name, layout in (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            torch.manual_seed(seed)
+            model, diffusion = build(model_config(), run_device, layout)
+            optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device_type == "cuda")
+            scaler = torch.amp.GradScaler(device_type, enabled=name == "fp16")
+            ctx = torch.autocast(device_type, dtype=torch.float16 if name == "fp16" else torch.bfloat16,
+                                 enabled=name != "fp32")
+            generator = torch.Generator(run_device).manual_seed(seed)
+            x0 = (torch.rand(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator, device=run_device) * 2 - 1
+                  ).contiguous(memory_format=layout)
+            timed, start = -1, None
+            while timed < 3 or (time.time() - start < 20 and timed < 20):   # >= 3 timed steps, up to 20 s
+                if timed == 0:
+                    synchronize(device_type)
+                    start = time.time()
+                with ctx:
+                    loss = diffusion.loss(model, x0, generator)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                timed += 1
+            synchronize(device_type)
+            seconds = (time.time() - start) / timed
+            print(f"{'preset ' + preset if preset else 'constants'}: "
+                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, batch {batch_size}, {name}, "
+                  f"{layout_name}: {seconds:.3f} s/step, {batch_size / seconds:.1f} images/s on {run_device} "
+                  f"({num_threads} threads)", flush=True)
 
 
 def bench_precisions(device_type):

@@ -95,32 +95,33 @@ def test_ddim_step_with_eta_1_is_the_ddpm_posterior():
     xt = torch.randn(5, 3, 4, 4, generator=generator, dtype=torch.float64)
     eps = torch.randn(5, 3, 4, 4, generator=generator, dtype=torch.float64)
     t = torch.tensor([1, 50, 400, 800, 999])
-    mean, sigma = diffusion.ddim_step(xt, t, t - 1, eps, eta=1.0)
     x0 = diffusion.predict_x0(xt, t, eps).clamp(-1, 1)
+    mean, sigma = diffusion.ddim_step(xt, t, t - 1, x0, eta=1.0)
     expected_mean, expected_var = diffusion.q_posterior(x0, xt, t)
     torch.testing.assert_close(mean, expected_mean, atol=1e-10, rtol=1e-9)
     torch.testing.assert_close(sigma ** 2, expected_var.expand_as(sigma), atol=1e-12, rtol=1e-9)
-    _, sigma0 = diffusion.ddim_step(xt, t, t - 1, eps, eta=0.0)
+    _, sigma0 = diffusion.ddim_step(xt, t, t - 1, x0, eta=0.0)
     assert sigma0.abs().max() == 0                                      # eta = 0: deterministic
 
 
 def test_ddim_eta_1_all_steps_samples_like_algorithm_2():
     diffusion = ddpm.Diffusion(ddpm.make_betas("linear", 40, 1e-3, 0.2))
     model = tiny_unet()
-    ancestral, _ = diffusion.ddpm_sample(model, (3, 3, 16, 16), torch.Generator().manual_seed(5), variance="posterior")
-    ddim, _ = diffusion.ddim_sample(model, (3, 3, 16, 16), torch.Generator().manual_seed(5), steps=40, eta=1.0)
+    ancestral, _ = diffusion.sample(model, (3, 3, 16, 16), torch.Generator().manual_seed(5), "ddpm",
+                                    variance="posterior")
+    ddim, _ = diffusion.sample(model, (3, 3, 16, 16), torch.Generator().manual_seed(5), "ddim", steps=40, eta=1.0)
     torch.testing.assert_close(ddim, ancestral, atol=1e-4, rtol=0)
-    other, _ = diffusion.ddpm_sample(model, (3, 3, 16, 16), torch.Generator().manual_seed(5), variance="beta")
+    other, _ = diffusion.sample(model, (3, 3, 16, 16), torch.Generator().manual_seed(5), "ddpm", variance="beta")
     assert not torch.allclose(other, ancestral, atol=1e-3)              # the variance choice matters
 
 
 def test_same_seed_same_samples_and_recorded_steps():
     diffusion = ddpm.Diffusion(ddpm.make_betas("linear", 30))
     model = tiny_unet()
-    a, kept = diffusion.ddim_sample(model, (2, 3, 16, 16), torch.Generator().manual_seed(9), steps=10, eta=0.5,
-                                    record={30, 29, 0})
-    b, _ = diffusion.ddim_sample(model, (2, 3, 16, 16), torch.Generator().manual_seed(9), steps=10, eta=0.5)
-    c, _ = diffusion.ddim_sample(model, (2, 3, 16, 16), torch.Generator().manual_seed(10), steps=10, eta=0.5)
+    a, kept = diffusion.sample(model, (2, 3, 16, 16), torch.Generator().manual_seed(9), "ddim", steps=10, eta=0.5,
+                               record={30, 29, 0})
+    b, _ = diffusion.sample(model, (2, 3, 16, 16), torch.Generator().manual_seed(9), "ddim", steps=10, eta=0.5)
+    c, _ = diffusion.sample(model, (2, 3, 16, 16), torch.Generator().manual_seed(10), "ddim", steps=10, eta=0.5)
     assert torch.equal(a, b) and not torch.allclose(a, c)
     assert sorted(kept) == [0, 29, 30] and torch.equal(kept[0], a)
 
@@ -210,13 +211,13 @@ def faces_npy(tmp_path):
 
 def test_resume_continues_exactly(tiny_config, faces_npy, tmp_path):
     straight = str(tmp_path / "straight")
-    assert ddpm.train_model(faces_npy, straight) == 5
+    assert ddpm.train_model(faces_npy, straight, ddpm.setup_system()) == 5
     interrupted = str(tmp_path / "interrupted")
     ddpm.max_minutes = 1e-9                                  # out of time after every step
-    assert ddpm.train_model(faces_npy, interrupted) == 1
-    assert ddpm.train_model(faces_npy, interrupted) == 2
+    assert ddpm.train_model(faces_npy, interrupted, ddpm.setup_system()) == 1
+    assert ddpm.train_model(faces_npy, interrupted, ddpm.setup_system()) == 2
     ddpm.max_minutes = 0.0
-    assert ddpm.train_model(faces_npy, interrupted) == 5
+    assert ddpm.train_model(faces_npy, interrupted, ddpm.setup_system()) == 5
     a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
     b = torch.load(os.path.join(interrupted, "ckpt.pt"), weights_only=True)
     assert a["step"] == b["step"] == 5
@@ -365,8 +366,8 @@ def test_samplers_land_on_the_data_with_the_exact_noise_predictor(sampler, optio
     diffusion = ddpm.Diffusion(ddpm.make_betas("linear", 1000), prediction or "eps")
     x0 = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 1.8 - 0.9
     oracle = OracleEps(diffusion, x0, prediction or "eps")
-    run = dict(ddpm=diffusion.ddpm_sample, ddim=diffusion.ddim_sample, dpm=diffusion.dpm_solver_sample)[sampler]
-    x, kept = run(oracle, x0.shape, torch.Generator().manual_seed(1), record=set(range(1001)), **options)
+    x, kept = diffusion.sample(oracle, x0.shape, torch.Generator().manual_seed(1), sampler, record=set(range(1001)),
+                               **options)
     torch.testing.assert_close(x, x0, atol=1e-4, rtol=0)
     # half-way, x_t is the data plus noise of the forward process' size: std sqrt(1 - alpha_bar_t)
     middle = sorted(kept)[len(kept) // 2]
@@ -397,9 +398,9 @@ def test_dpm_solver_is_second_order_on_the_gaussian_ode():
     x_T = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)).double()   # what the samplers draw
     exact = x_T * s / (diffusion.alphas_cumprod[-1] * s ** 2 + 1 - diffusion.alphas_cumprod[-1]).sqrt()
     errors = {}
-    for name, run in [("ddim", diffusion.ddim_sample), ("dpm", diffusion.dpm_solver_sample)]:
+    for name in ("ddim", "dpm"):
         for steps in (20, 40):
-            x, _ = run(model, x_T.shape, torch.Generator().manual_seed(0), steps=steps)
+            x, _ = diffusion.sample(model, x_T.shape, torch.Generator().manual_seed(0), name, steps=steps)
             errors[name, steps] = (x.double() - exact).abs().max().item()
     assert errors["dpm", 20] < errors["ddim", 20] / 10
     assert errors["dpm", 20] / errors["dpm", 40] > 3 and errors["ddim", 20] / errors["ddim", 40] < 2.5
@@ -407,11 +408,11 @@ def test_dpm_solver_is_second_order_on_the_gaussian_ode():
 
 def test_dpm_sequence_is_even_in_log_snr():
     diffusion = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
-    sequence = diffusion.dpm_sequence(20)
+    sequence = diffusion.sequence("dpm", 20)
     assert sequence[0] == 0 and sequence[-1] == 999 and len(sequence) == 20
     steps = diffusion.log_snr[sequence].diff().abs()
     assert steps.max() / steps.min() < 1.5          # the t are whole numbers: h is even to rounding
-    assert len(diffusion.dpm_sequence(200)) < 200   # near t = 0 steps round to the same t and are visited once
+    assert len(diffusion.sequence("dpm", 200)) < 200   # near t = 0 steps round to the same t and are visited once
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])

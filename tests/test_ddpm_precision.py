@@ -86,8 +86,8 @@ def test_fp16_training_skips_an_inf_gradient_step_and_continues(tiny, faces_npy,
     backward_calls = []
     build = ddpm.build
 
-    def build_with_an_inf_gradient(config):
-        model, diffusion = build(config)
+    def build_with_an_inf_gradient(*args):
+        model, diffusion = build(*args)
 
         def poison(grad):                     # the 2nd backward pass overflows in one weight's gradient
             backward_calls.append(1)
@@ -95,7 +95,7 @@ def test_fp16_training_skips_an_inf_gradient_step_and_continues(tiny, faces_npy,
         model.conv_in.weight.register_hook(poison)
         return model, diffusion
     monkeypatch.setattr(ddpm, "build", build_with_an_inf_gradient)
-    assert ddpm.train_model(faces_npy, str(tmp_path / "out")) == 4            # training went on to the end
+    assert ddpm.train_model(faces_npy, str(tmp_path / "out"), ddpm.setup_system()) == 4   # trained on to the end
     checkpoint = load(tmp_path / "out" / "ckpt.pt")
     assert checkpoint["scaler"]["scale"] == 65536.0 / 2                        # the scaler halved its scale once
     adam_steps = {float(state["step"]) for state in checkpoint["optimizer"]["state"].values()}
@@ -106,12 +106,12 @@ def test_fp16_training_skips_an_inf_gradient_step_and_continues(tiny, faces_npy,
 def test_fp16_resume_with_scaler_state_is_bit_identical(tiny, faces_npy, tmp_path, monkeypatch):
     monkeypatch.setattr(ddpm, "precision", "fp16")
     monkeypatch.setattr(ddpm, "max_steps", 5)
-    assert ddpm.train_model(faces_npy, str(tmp_path / "straight")) == 5
+    assert ddpm.train_model(faces_npy, str(tmp_path / "straight"), ddpm.setup_system()) == 5
     monkeypatch.setattr(ddpm, "max_minutes", 1e-9)                 # out of time after every step
-    assert ddpm.train_model(faces_npy, str(tmp_path / "resumed")) == 1
-    assert ddpm.train_model(faces_npy, str(tmp_path / "resumed")) == 2
+    assert ddpm.train_model(faces_npy, str(tmp_path / "resumed"), ddpm.setup_system()) == 1
+    assert ddpm.train_model(faces_npy, str(tmp_path / "resumed"), ddpm.setup_system()) == 2
     monkeypatch.setattr(ddpm, "max_minutes", 0.0)
-    assert ddpm.train_model(faces_npy, str(tmp_path / "resumed")) == 5
+    assert ddpm.train_model(faces_npy, str(tmp_path / "resumed"), ddpm.setup_system()) == 5
     a, b = load(tmp_path / "straight" / "ckpt.pt"), load(tmp_path / "resumed" / "ckpt.pt")
     assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] > 0
     for part in ("model", "ema"):
@@ -123,8 +123,8 @@ def test_fp16_resume_with_scaler_state_is_bit_identical(tiny, faces_npy, tmp_pat
 
 def test_bf16_autocast_training_runs_and_resumes_on_the_cpu(tiny, faces_npy, tmp_path, monkeypatch):
     monkeypatch.setattr(ddpm, "precision", "bf16")
-    assert ddpm.train_model(faces_npy, str(tmp_path / "a")) == 4
-    assert ddpm.train_model(faces_npy, str(tmp_path / "b")) == 4
+    assert ddpm.train_model(faces_npy, str(tmp_path / "a"), ddpm.setup_system()) == 4
+    assert ddpm.train_model(faces_npy, str(tmp_path / "b"), ddpm.setup_system()) == 4
     a, b = load(tmp_path / "a" / "ckpt.pt"), load(tmp_path / "b" / "ckpt.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])     # same command, same weights
 
@@ -132,15 +132,15 @@ def test_bf16_autocast_training_runs_and_resumes_on_the_cpu(tiny, faces_npy, tmp
 def test_ema_samples_in_eval_mode_so_same_seed_grids_are_identical(tiny, faces_npy, tmp_path, monkeypatch):
     """dropout 0.1: a grid sampled twice with the same seed during training must be the same picture."""
     monkeypatch.setattr(ddpm, "sample_every", 2)
-    grids, original = [], ddpm.Diffusion.ddim_sample
+    grids, original = [], ddpm.Diffusion.sample
 
-    def sample_twice(self, model, shape, generator, **options):
-        first, kept = original(self, model, shape, torch.Generator().manual_seed(7), **options)
-        second, _ = original(self, model, shape, torch.Generator().manual_seed(7), **options)
+    def sample_twice(self, model, shape, generator, *options):
+        first, kept = original(self, model, shape, torch.Generator().manual_seed(7), *options)
+        second, _ = original(self, model, shape, torch.Generator().manual_seed(7), *options)
         grids.append((model.training, torch.equal(first, second)))
         return first, kept
-    monkeypatch.setattr(ddpm.Diffusion, "ddim_sample", sample_twice)
-    ddpm.train_model(faces_npy, str(tmp_path / "out"))
+    monkeypatch.setattr(ddpm.Diffusion, "sample", sample_twice)
+    ddpm.train_model(faces_npy, str(tmp_path / "out"), ddpm.setup_system())
     assert grids == [(False, True), (False, True)]
 
 
@@ -198,13 +198,13 @@ def test_a_run_resumes_under_fp16_after_another_precision(tiny, faces_npy, tmp_p
     out = tmp_path / "out"
     monkeypatch.setattr(ddpm, "precision", first)
     monkeypatch.setattr(ddpm, "max_steps", 2)
-    assert ddpm.train_model(faces_npy, str(out)) == 2
+    assert ddpm.train_model(faces_npy, str(out), ddpm.setup_system()) == 2
     before = load(out / "ckpt.pt")
     assert before["scaler"] == {} and before["precision"] == first
     monkeypatch.setattr(ddpm, "precision", "fp16")
     monkeypatch.setattr(ddpm, "max_steps", 4)
     capsys.readouterr()
-    assert ddpm.train_model(faces_npy, str(out)) == 4
+    assert ddpm.train_model(faces_npy, str(out), ddpm.setup_system()) == 4
     printed = capsys.readouterr().out
     assert f"note: {out / 'ckpt.pt'} was trained in {first}; resuming in fp16" in printed
     assert f"resuming from {out / 'ckpt.pt'} at step 2" in printed
@@ -221,11 +221,11 @@ def test_an_fp16_run_resumes_under_fp32(tiny, faces_npy, tmp_path, monkeypatch, 
     out = tmp_path / "out"
     monkeypatch.setattr(ddpm, "precision", "fp16")
     monkeypatch.setattr(ddpm, "max_steps", 2)
-    assert ddpm.train_model(faces_npy, str(out)) == 2
+    assert ddpm.train_model(faces_npy, str(out), ddpm.setup_system()) == 2
     assert load(out / "ckpt.pt")["scaler"]["scale"] > 0
     monkeypatch.setattr(ddpm, "precision", "fp32")
     monkeypatch.setattr(ddpm, "max_steps", 3)
-    assert ddpm.train_model(faces_npy, str(out)) == 3
+    assert ddpm.train_model(faces_npy, str(out), ddpm.setup_system()) == 3
     assert "was trained in fp16; resuming in fp32" in capsys.readouterr().out
     assert load(out / "ckpt.pt")["scaler"] == {}
 
@@ -246,13 +246,13 @@ def test_bf16_is_never_run_below_capability_8(monkeypatch, capsys, capability):
     monkeypatch.setattr(ddpm, "device", "cuda")
     monkeypatch.setattr(ddpm, "precision", "bf16")
     with pytest.raises(SystemExit) as stop:
-        ddpm.system()
+        ddpm.setup_system()
     message = str(stop.value)
     assert message.startswith("error: --precision=bf16 needs CUDA capability 8.0") and "--precision=fp16" in message
     assert f"{capability[0]}.{capability[1]}" in message and "\n" not in message
     # auto picks fp16; --bench measures fp32 and fp16 only, with a note
     monkeypatch.setattr(ddpm, "precision", "auto")
-    assert ddpm.system()[1] == "fp16"
+    assert ddpm.setup_system()[1] == "fp16"
     capsys.readouterr()
     assert ddpm.bench_precisions("cuda") == ["fp32", "fp16"]
     assert "note: no bf16 on a GPU below CUDA capability 8.0" in capsys.readouterr().out
@@ -294,11 +294,11 @@ def test_the_cuda_build_check_runs_on_every_gpu_entry_point(monkeypatch, tmp_pat
     """Kaggle's P100 (6.0) under a PyTorch build for sm_70 and newer: every entry point stops at its start."""
     mock_gpu(monkeypatch, (6, 0), archs=("sm_70", "sm_75", "sm_80", "sm_86", "sm_90"))
     monkeypatch.setattr(ddpm, "device", "")
-    call = {"train": lambda: ddpm.train_model(str(tmp_path / "no_data"), str(tmp_path / "out")),
-            "sample": lambda: ddpm.sample_images(str(tmp_path / "out")),
-            "denoise_figure": lambda: ddpm.denoising_figure(str(tmp_path / "out")), "bench": ddpm.run_bench}[entry]
+    monkeypatch.setattr(ddpm, entry, True)                                        # main, as --train etc. run it
+    monkeypatch.setattr(ddpm, "data_dir", str(tmp_path / "no_data"))
+    monkeypatch.setattr(ddpm, "out_dir", str(tmp_path / "out"))
     with pytest.raises(SystemExit) as stop:
-        call()
+        ddpm.main()
     assert str(stop.value).startswith("error: this PyTorch") and "none for Mock GPU (sm_60)" in str(stop.value)
     assert not (tmp_path / "out").exists()                                        # before any work
 
@@ -308,15 +308,15 @@ def test_device_picks_cuda_then_mps_then_cpu_and_says_why(monkeypatch, capsys):
     monkeypatch.setattr(ddpm, "precision", "auto")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    run_device, precision_name, ctx, rank, world_size = ddpm.system()
+    run_device, precision_name, ctx, rank, world_size = ddpm.setup_system()
     assert (run_device, precision_name, rank, world_size) == ("mps", "fp32", 0, 1)   # fp32 on mps
     assert capsys.readouterr().out.strip() == "device mps (no CUDA GPU; Apple's mps); precision fp32 (no native " \
                                                "bfloat16 on this mps)"
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert ddpm.system()[0] == "cpu" and "device cpu (no GPU)" in capsys.readouterr().out
+    assert ddpm.setup_system()[0] == "cpu" and "device cpu (no GPU)" in capsys.readouterr().out
     mock_gpu(monkeypatch, (8, 0), archs=("sm_80",))
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert ddpm.system()[:2] == ("cuda", "bf16") and "device cuda (a CUDA GPU)" in capsys.readouterr().out
+    assert ddpm.setup_system()[:2] == ("cuda", "bf16") and "device cuda (a CUDA GPU)" in capsys.readouterr().out
 
 
 def test_attention_hands_sdpa_batch_heads_tokens_dim(monkeypatch):
