@@ -131,7 +131,6 @@ if __name__ == "__main__":  # the configurator: --preset=cpu first (it sets the 
     torch.set_num_threads(num_threads)
 
 
-
 # ----------------------------------------------------------------------------- system
 def setup_system(distributed=False):
     """nanoGPT's system block, run once by main: the device (cuda, then mps, then cpu, unless `device` names one),
@@ -320,10 +319,11 @@ def make_betas(schedule, timesteps, beta_start=1e-4, beta_end=0.02):
 
 
 class Diffusion:
-    """The forward process and its posterior, every buffer computed once in float64 (then float32 copies).
-    Time steps are 0-based here: t = 0..T-1 stands for the paper's 1..T."""
+    """The forward process and its posterior, every buffer computed once in float64 and moved to `device` (they stay
+    float64 there, but on mps, which has no float64). Time steps are 0-based here: t = 0..T-1 stands for the
+    paper's 1..T."""
 
-    def __init__(self, betas, prediction="eps"):
+    def __init__(self, betas, prediction="eps", device="cpu"):
         self.timesteps, self.prediction = len(betas), prediction
         self.betas = betas                                              # beta_t
         self.alphas = 1 - betas                                         # alpha_t = 1 - beta_t
@@ -344,13 +344,9 @@ class Diffusion:
         self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1 - self.alphas_cumprod)
         # lambda_t = log(alpha_t / sigma_t) = log(alpha_bar_t / (1 - alpha_bar_t)) / 2, the log signal-to-noise ratio
         self.log_snr = 0.5 * torch.log(self.alphas_cumprod / (1 - self.alphas_cumprod))   # DPM-Solver
-
-    def to(self, device):
-        """Every buffer moved to the device once (they stay float64 there, but on mps, which has no float64)."""
         for name, value in vars(self).items():
             if torch.is_tensor(value):
                 setattr(self, name, value.to(device, torch.float32 if device == "mps" else value.dtype))
-        return self
 
     @staticmethod
     def gather(buffer, t, x):
@@ -488,8 +484,8 @@ def build(config, run_device, layout=torch.contiguous_format):
     model = UNet(config["channels"], config["channel_mults"], config["num_res_blocks"], config["attn_resolutions"],
                  config["dropout"], norm_groups=config.get("norm_groups", 32), patch_size=config.get("patch_size", 1))
     diffusion = Diffusion(make_betas(config["schedule"], config["timesteps"], config["beta_start"], config["beta_end"]),
-                          config.get("prediction", "eps"))
-    return model.to(run_device, memory_format=layout), diffusion.to(run_device)
+                          config.get("prediction", "eps"), run_device)
+    return model.to(run_device, memory_format=layout), diffusion
 
 
 # ----------------------------------------------------------------------------- training (Algorithm 1)
@@ -932,6 +928,7 @@ def bench_precisions(device_type):
 def synchronize(device_type):   # wait for the GPU's queued work before reading the clock
     if device_type == "cuda":
         torch.cuda.synchronize()
+
 
 
 if __name__ == "__main__":
