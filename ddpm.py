@@ -449,7 +449,8 @@ class Diffusion:
         device = next(model.parameters()).device
         x = torch.randn(shape, generator=generator).to(device)
         kept = {self.timesteps: x.cpu()} if self.timesteps in record else {}
-        sequence, previous = self.sequence(sampler, steps), None
+        sequence = self.sequence(sampler, steps)
+        previous = None                                             # dpm: (x_0 guess, h) of the step before
         for i in reversed(range(len(sequence))):
             s, s_next = sequence[i], sequence[i - 1] if i > 0 else -1   # from step s to s_next (-1: the end)
             t = torch.full((shape[0],), s, device=device, dtype=torch.long)
@@ -553,6 +554,19 @@ def log_progress(csv_path, step, mean_loss, step_lr, steps_per_s, world_size, de
         f.write(f"{step},{mean_loss:.6f}\n")
 
 
+def finish(out_dir, step, deadline, rank):
+    """After the training loop: the process group closed, loss.png drawn, and how the run ended. -> step"""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if rank == 0:
+        plot_loss(os.path.join(out_dir, "loss.csv"), os.path.join(out_dir, "loss.png"))
+    if stop_signal:
+        sys.exit(f"stopped by {stop_signal[0]} at step {step}; checkpoint saved, run the same command to resume")
+    if rank == 0 and time.time() > deadline:
+        print(f"stopped after {max_minutes} minutes at step {step}; checkpoint saved, run the same command to resume")
+    return step
+
+
 def train_model(data_dir, out_dir, system):
     """Algorithm 1 on the images of data_dir, resumed from out_dir/ckpt.pt where it exists. -> the step reached."""
     run_device, precision_name, ctx, rank, world_size = system
@@ -615,19 +629,6 @@ def train_model(data_dir, out_dir, system):
     return finish(out_dir, step, deadline, rank)
 
 
-def finish(out_dir, step, deadline, rank):
-    """After the training loop: the process group closed, loss.png drawn, and how the run ended. -> step"""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    if rank == 0:
-        plot_loss(os.path.join(out_dir, "loss.csv"), os.path.join(out_dir, "loss.png"))
-    if stop_signal:
-        sys.exit(f"stopped by {stop_signal[0]} at step {step}; checkpoint saved, run the same command to resume")
-    if rank == 0 and time.time() > deadline:
-        print(f"stopped after {max_minutes} minutes at step {step}; checkpoint saved, run the same command to resume")
-    return step
-
-
 # ----------------------------------------------------------------------------- sampling (Algorithm 2, DDIM, DPM-Solver)
 def load_ema(out_dir, run_device):
     """The EMA weights of out_dir/ckpt.pt, built from the configuration saved with them (not the constants
@@ -644,31 +645,6 @@ def load_ema(out_dir, run_device):
 def to_uint8(x):
     """[-1, 1] (N, 3, H, W) -> uint8 (N, H, W, 3)."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def sample_images(out_dir, system):
-    """n_samples images with the EMA weights, 1.jpg..N.jpg into images_dir and submission.zip (+ FID, KID)."""
-    run_device, precision_name, ctx, _, _ = system
-    folder = images_dir or os.path.join(out_dir, "images")
-    check_writable(os.path.dirname(os.path.abspath(submission)), create=False)   # every output path, before
-    check_writable(folder)                                                       # the first image
-    if run_fid and not os.path.exists(fid_ref or data_dir):
-        raise FileNotFoundError(f"--fid_ref={fid_ref or data_dir} not found (a folder, zip or statistics .npz)")
-    model, diffusion = load_ema(out_dir, run_device)
-    outputs, start, generator = [], time.time(), torch.Generator().manual_seed(seed)
-    for first in range(0, n_samples, sample_batch):
-        shape = (min(sample_batch, n_samples - first), 3, IMAGE_SIZE, IMAGE_SIZE)
-        with ctx:
-            x, _ = diffusion.sample(model, shape, generator, sampler, sample_steps, eta, variance)
-        outputs.append(to_uint8(x))
-        done = first + shape[0]
-        print(f"generated {done}/{n_samples}, {done / (time.time() - start):.2f} images/s, "
-              f"about {(n_samples - done) / done * (time.time() - start) / 60:.1f} min left", flush=True)
-    write_submission(np.concatenate(outputs), folder, submission)
-    print(f"{n_samples} images ({sampler}, {diffusion.timesteps if sampler == 'ddpm' else sample_steps} steps, "
-          f"{precision_name}) in {time.time() - start:.0f} s: {folder}/1.jpg..{n_samples}.jpg and {submission}")
-    if run_fid:
-        evaluate_fid(submission, fid_ref or data_dir, run_device)
 
 
 def write_submission(images, folder, zip_path):
@@ -699,6 +675,31 @@ def evaluate_fid(generated, reference, run_device):
         kid_mean, kid_std = fid.kernel_inception_distance(generated_features, reference_features, 100, 1000, seed)
         print(f"KID: {kid_mean:.6f} +- {kid_std:.6f}")
     print(f"FID: {fid.frechet_distance(*fid.statistics(generated_features, generated), *reference_stats)}")
+
+
+def sample_images(out_dir, system):
+    """n_samples images with the EMA weights, 1.jpg..N.jpg into images_dir and submission.zip (+ FID, KID)."""
+    run_device, precision_name, ctx, _, _ = system
+    folder = images_dir or os.path.join(out_dir, "images")
+    check_writable(os.path.dirname(os.path.abspath(submission)), create=False)   # every output path, before
+    check_writable(folder)                                                       # the first image
+    if run_fid and not os.path.exists(fid_ref or data_dir):
+        raise FileNotFoundError(f"--fid_ref={fid_ref or data_dir} not found (a folder, zip or statistics .npz)")
+    model, diffusion = load_ema(out_dir, run_device)
+    outputs, start, generator = [], time.time(), torch.Generator().manual_seed(seed)
+    for first in range(0, n_samples, sample_batch):
+        shape = (min(sample_batch, n_samples - first), 3, IMAGE_SIZE, IMAGE_SIZE)
+        with ctx:
+            x, _ = diffusion.sample(model, shape, generator, sampler, sample_steps, eta, variance)
+        outputs.append(to_uint8(x))
+        done = first + shape[0]
+        print(f"generated {done}/{n_samples}, {done / (time.time() - start):.2f} images/s, "
+              f"about {(n_samples - done) / done * (time.time() - start) / 60:.1f} min left", flush=True)
+    write_submission(np.concatenate(outputs), folder, submission)
+    print(f"{n_samples} images ({sampler}, {diffusion.timesteps if sampler == 'ddpm' else sample_steps} steps, "
+          f"{precision_name}) in {time.time() - start:.0f} s: {folder}/1.jpg..{n_samples}.jpg and {submission}")
+    if run_fid:
+        evaluate_fid(submission, fid_ref or data_dir, run_device)
 
 
 def denoising_figure(out_dir, system, columns=10):
@@ -928,7 +929,6 @@ def bench_precisions(device_type):
 def synchronize(device_type):   # wait for the GPU's queued work before reading the clock
     if device_type == "cuda":
         torch.cuda.synchronize()
-
 
 
 if __name__ == "__main__":
