@@ -291,7 +291,8 @@ def test_compile_on_a_cpu_needs_a_cpp_compiler(monkeypatch, capsys):
 
 @pytest.mark.parametrize("entry", ["train", "sample", "denoise_figure", "bench"])
 def test_the_cuda_build_check_runs_on_every_gpu_entry_point(monkeypatch, tmp_path, entry):
-    """Kaggle's P100 (6.0) under a PyTorch build for sm_70 and newer: every entry point stops at its start."""
+    """Kaggle's P100 (6.0) under a PyTorch build for sm_70 and newer: every entry point stops in main's
+    setup_system, before any work."""
     mock_gpu(monkeypatch, (6, 0), archs=("sm_70", "sm_75", "sm_80", "sm_86", "sm_90"))
     monkeypatch.setattr(ddpm, "device", "")
     monkeypatch.setattr(ddpm, entry, True)                                        # main, as --train etc. run it
