@@ -142,17 +142,16 @@ def setup_system(distributed=False):
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     run_device = device or ("cuda" if cuda else "mps" if mps else "cpu")
     why_device = "--device" if device else "a CUDA GPU" if cuda else "no CUDA GPU; Apple's mps" if mps else "no GPU"
-    device_type = run_device.split(":")[0]
-    if device_type == "cuda":
+    if run_device.startswith("cuda"):
         check_cuda_build()
         torch.backends.cudnn.benchmark = True      # fixed input shapes: let cuDNN pick its fastest kernels once
-    if ddp and device_type == "cuda":              # one GPU per process
-        run_device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(run_device)
+        if ddp:                                    # one GPU per process
+            run_device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(run_device)
     if ddp:
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    precision_name, why_precision = choose_precision(precision, device_type)
-    ctx = torch.autocast(device_type, dtype=torch.float16 if precision_name == "fp16" else torch.bfloat16,
+        dist.init_process_group(backend="nccl" if run_device.startswith("cuda") else "gloo")
+    precision_name, why_precision = choose_precision(precision, run_device.split(":")[0])
+    ctx = torch.autocast(run_device.split(":")[0], dtype=torch.float16 if precision_name == "fp16" else torch.bfloat16,
                          enabled=precision_name != "fp32")
     if rank == 0:
         print(f"device {run_device} ({why_device}); precision {precision_name} ({why_precision})")
