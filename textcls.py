@@ -119,8 +119,8 @@ def setup_system():
     -> (device, precision name, autocast context, rank, world_size)"""
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    run_device = device or next(d for d, ok in [("cuda", torch.cuda.is_available()),
-                                                ("mps", torch.backends.mps.is_available()), ("cpu", True)] if ok)
+    run_device = device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else
+                            "cpu")
     if run_device.startswith("cuda"):
         check_cuda_build()
         if ddp:                                   # one GPU per process
