@@ -439,3 +439,34 @@ def test_loss_targets_and_min_snr_weights(prediction):
         weight = torch.ones(256) if gamma == 0 else snr.clamp(max=5) / (snr if prediction == "eps" else snr + 1)
         expected = (weight * target.pow(2).mean(dim=(1, 2, 3))).mean()
         assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_t_drawn_by_sqrt_weight_keeps_uniform_ts_expected_loss(prediction):
+    """t_sampling="sqrt_weight" (the cpu preset's): t ~ p_t = sqrt(w_t) / sum_s sqrt(w_s), each image's error times
+    w_t / (T p_t). A model whose error at step t is a known e_t (the exact predictor plus f(t) on every pixel:
+    e_t = f(t)^2) shows each piece: the loss is mean_i w_t e_t / (T p_t) over the loss's own draws of t, so its
+    expectation is sum_t p_t w_t e_t / (T p_t) = (1/T) sum_t w_t e_t, uniform t's; a batch of 4,096 lands there
+    within its spread; for v, t > 600 (w_t < 0.03, 1 % of the weight) is drawn 6.5 % of the time, not 40 %; the
+    same seed draws the same t."""
+    diffusion = ddpm.Diffusion(ddpm.make_betas("linear", 1000), prediction)
+    x0 = torch.rand(1, 3, 2, 2, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    oracle = OracleEps(diffusion, x0, prediction)
+    f = lambda t: 0.1 + t.double() / 1000
+    model = lambda x, t: oracle(x, t) + f(t).view(-1, 1, 1, 1).to(x.dtype)
+    snr = diffusion.alphas_cumprod / (1 - diffusion.alphas_cumprod)
+    w = snr.clamp(max=5) / (snr if prediction == "eps" else snr + 1)
+    p = w.sqrt() / w.sqrt().sum()
+    n, x0 = 4096, x0.expand(4096, -1, -1, -1)
+    loss = diffusion.loss(model, x0, torch.Generator().manual_seed(3), 5.0, "sqrt_weight")
+    t = torch.multinomial(p.float(), n, replacement=True, generator=torch.Generator().manual_seed(3))
+    per_image = w[t] / (1000 * p[t]) * f(t) ** 2
+    assert loss.item() == pytest.approx(per_image.mean().item(), rel=1e-4)
+    uniform = (w * f(torch.arange(1000)) ** 2).mean().item()            # (1/T) sum_t w_t e_t
+    assert abs(loss.item() - uniform) < 4 * per_image.std().item() / n ** 0.5
+    if prediction == "v":
+        assert w[601:].max() < 0.03 and w[601:].sum() < 0.01 * w.sum()
+        assert p[601:].sum().item() == pytest.approx(0.065, abs=0.001)
+        assert (t > 600).double().mean().item() == pytest.approx(0.065, abs=0.015)
+    again = diffusion.loss(model, x0, torch.Generator().manual_seed(3), 5.0, "sqrt_weight")
+    assert again.item() == loss.item()
