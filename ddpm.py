@@ -402,8 +402,10 @@ class Diffusion:
             p = (weights.sqrt() / weights.sqrt().sum()).float().to(generator.device)
             t = torch.multinomial(p, len(x0), replacement=True, generator=generator)
             weights = weights / (self.timesteps * p.to(weights))        # w_t / (T p_t)
-        else:
+        elif t_sampling == "uniform":
             t = torch.randint(self.timesteps, (len(x0),), generator=generator, device=generator.device)
+        else:
+            raise ValueError(f"t_sampling must be 'uniform' or 'sqrt_weight', got {t_sampling!r}")
         noise = torch.randn(x0.shape, generator=generator, device=generator.device)
         target = noise if self.prediction == "eps" else (self.gather(self.sqrt_alphas_cumprod, t, x0) * noise
                                                          - self.gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0)

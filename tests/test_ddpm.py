@@ -209,7 +209,11 @@ def faces_npy(tmp_path):
     return str(tmp_path / "faces.npy")
 
 
-def test_resume_continues_exactly(tiny_config, faces_npy, tmp_path):
+@pytest.mark.parametrize("t_sampling", ["uniform", "sqrt_weight"])
+def test_resume_continues_exactly(tiny_config, faces_npy, tmp_path, monkeypatch, t_sampling):
+    if t_sampling == "sqrt_weight":                          # the cpu preset's draws of t, from the same generator
+        monkeypatch.setattr(ddpm, "t_sampling", t_sampling)
+        monkeypatch.setattr(ddpm, "min_snr_gamma", 5.0)
     straight = str(tmp_path / "straight")
     assert ddpm.train_model(faces_npy, straight, ddpm.setup_system()) == 5
     interrupted = str(tmp_path / "interrupted")
@@ -226,6 +230,20 @@ def test_resume_continues_exactly(tiny_config, faces_npy, tmp_path):
             assert torch.equal(a[part][name], b[part][name]), (part, name)
     assert os.path.exists(os.path.join(straight, "samples_0000004.png"))
     assert os.path.exists(os.path.join(straight, "loss.png"))
+
+
+def test_training_passes_the_presets_t_sampling_to_the_loss(tiny_config, faces_npy, tmp_path, monkeypatch):
+    """--preset=cpu draws t by sqrt(Min-SNR weight): train_model hands its min_snr_gamma and t_sampling to
+    Diffusion.loss at every step (a dropped argument would train the preset with uniform t, silently)."""
+    for name in ("min_snr_gamma", "t_sampling", "max_steps"):
+        monkeypatch.setattr(ddpm, name, {**ddpm.CPU_PRESET, "max_steps": 2}[name])
+    calls, loss = [], ddpm.Diffusion.loss
+    monkeypatch.setattr(ddpm.Diffusion, "loss", lambda self, *args: calls.append(args[3:]) or loss(self, *args))
+    assert ddpm.train_model(faces_npy, str(tmp_path / "out"), ddpm.setup_system()) == 2
+    assert calls == [(5.0, "sqrt_weight")] * 2
+    with pytest.raises(ValueError, match="t_sampling"):
+        loss(ddpm.Diffusion(ddpm.make_betas("linear", 10)), None, torch.zeros(1, 3, 8, 8), torch.Generator(), 5.0,
+             "sqrt")                                          # not a choice: an error, not uniform t in silence
 
 
 def test_submission_zip_is_flat_1_to_n(tmp_path):
@@ -446,9 +464,9 @@ def test_t_drawn_by_sqrt_weight_keeps_uniform_ts_expected_loss(prediction):
     """t_sampling="sqrt_weight" (the cpu preset's): t ~ p_t = sqrt(w_t) / sum_s sqrt(w_s), each image's error times
     w_t / (T p_t). A model whose error at step t is a known e_t (the exact predictor plus f(t) on every pixel:
     e_t = f(t)^2) shows each piece: the loss is mean_i w_t e_t / (T p_t) over the loss's own draws of t, so its
-    expectation is sum_t p_t w_t e_t / (T p_t) = (1/T) sum_t w_t e_t, uniform t's; a batch of 4,096 lands there
-    within its spread; for v, t > 600 (w_t < 0.03, 1 % of the weight) is drawn 6.5 % of the time, not 40 %; the
-    same seed draws the same t."""
+    expectation is sum_t p_t w_t e_t / (T p_t) = (1/T) sum_t w_t e_t, uniform t's; a batch of 65,536 lands there
+    within its spread (for eps without the reweighting it would not); for v, t > 600 (w_t < 0.03, 1 % of the
+    weight) is drawn 6.5 % of the time, not 40 %; the same seed draws the same t."""
     diffusion = ddpm.Diffusion(ddpm.make_betas("linear", 1000), prediction)
     x0 = torch.rand(1, 3, 2, 2, generator=torch.Generator().manual_seed(0)) * 2 - 1
     oracle = OracleEps(diffusion, x0, prediction)
@@ -457,7 +475,7 @@ def test_t_drawn_by_sqrt_weight_keeps_uniform_ts_expected_loss(prediction):
     snr = diffusion.alphas_cumprod / (1 - diffusion.alphas_cumprod)
     w = snr.clamp(max=5) / (snr if prediction == "eps" else snr + 1)
     p = w.sqrt() / w.sqrt().sum()
-    n, x0 = 4096, x0.expand(4096, -1, -1, -1)
+    n, x0 = 65536, x0.expand(65536, -1, -1, -1)
     loss = diffusion.loss(model, x0, torch.Generator().manual_seed(3), 5.0, "sqrt_weight")
     t = torch.multinomial(p.float(), n, replacement=True, generator=torch.Generator().manual_seed(3))
     per_image = w[t] / (1000 * p[t]) * f(t) ** 2
