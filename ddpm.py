@@ -410,7 +410,7 @@ class Diffusion:
         target = noise if self.prediction == "eps" else (self.gather(self.sqrt_alphas_cumprod, t, x0) * noise
                                                          - self.gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0)
         error = (model(self.q_sample(x0, t, noise), t).float() - target).pow(2).mean(dim=(1, 2, 3))   # per image
-        return (error * weights.to(t.device)[t].float()).mean()
+        return (error * self.gather(weights, t, error)).mean()
 
     # ------------------------------------------------------------------------- sampling
     def sequence(self, sampler, steps):
