@@ -93,6 +93,7 @@ def test_tiny_ture_is_refused_before_any_download():
     ("ddpm", ["--n_samples=0"], "--n_samples must be an integer >= 1"),
     ("ddpm", ["--channel_mults=1,2,x"], "--channel_mults must be comma-separated integers"),
     ("ddpm", ["--precision=fp8"], "--precision must be one of 'auto', 'bf16', 'fp16', 'fp32'"),
+    ("ddpm", ["--guidance=0.5"], "--guidance must be a number >= 1 (1 = no guidance), got 0.5"),
     ("textcls", ["--pooling=max"], "--pooling must be one of"),
     ("bleu", ["--mode=nlkt"], "--mode must be one of 'sacrebleu', 'nltk', got 'nlkt'"),
     ("fid", ["--dims=100"], "--dims must be one of 2048, 768, 192, 64"),

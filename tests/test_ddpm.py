@@ -214,6 +214,7 @@ def test_resume_continues_exactly(tiny_config, faces_npy, tmp_path, monkeypatch,
     if t_sampling == "sqrt_weight":                          # the cpu preset's draws of t, from the same generator
         monkeypatch.setattr(ddpm, "t_sampling", t_sampling)
         monkeypatch.setattr(ddpm, "min_snr_gamma", 5.0)
+    monkeypatch.setattr(ddpm, "guide_step", 2)               # kept by the run that stops at step 2, then resumed
     straight = str(tmp_path / "straight")
     assert ddpm.train_model(faces_npy, straight, ddpm.setup_system()) == 5
     interrupted = str(tmp_path / "interrupted")
@@ -225,7 +226,7 @@ def test_resume_continues_exactly(tiny_config, faces_npy, tmp_path, monkeypatch,
     a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
     b = torch.load(os.path.join(interrupted, "ckpt.pt"), weights_only=True)
     assert a["step"] == b["step"] == 5
-    for part in ("model", "ema"):
+    for part in ("model", "ema", "guide"):
         for name in a[part]:
             assert torch.equal(a[part][name], b[part][name]), (part, name)
     assert os.path.exists(os.path.join(straight, "samples_0000004.png"))
@@ -244,6 +245,43 @@ def test_training_passes_the_presets_t_sampling_to_the_loss(tiny_config, faces_n
     with pytest.raises(ValueError, match="t_sampling"):
         loss(ddpm.Diffusion(ddpm.make_betas("linear", 10)), None, torch.zeros(1, 3, 8, 8), torch.Generator(), 5.0,
              "sqrt")                                          # not a choice: an error, not uniform t in silence
+
+
+def test_autoguidance_moves_the_output_away_from_the_guide():
+    """D_w = D_guide + w (D - D_guide) at the guided steps, D itself elsewhere, and w = 1 is no guidance."""
+    model, guide = tiny_unet(0), tiny_unet(1)
+    x, inside, outside = torch.randn(2, 3, 16, 16), torch.full((2,), 5), torch.full((2,), 9)
+    guided = ddpm.Autoguided(model, guide, 2.5, (3, 7))
+    with torch.no_grad():
+        expected = guide(x, inside) + 2.5 * (model(x, inside) - guide(x, inside))
+        assert not torch.allclose(expected, model(x, inside), atol=1e-3)      # the two models differ
+        assert torch.allclose(guided(x, inside), expected, atol=1e-5)
+        assert torch.equal(guided(x, outside), model(x, outside))
+        assert torch.equal(ddpm.Autoguided(model, guide, 1.0, (0, 9))(x, inside), model(x, inside))
+
+
+def test_training_keeps_the_ema_of_guide_step_and_sampling_uses_it(tiny_config, faces_npy, tmp_path, monkeypatch,
+                                                                     capsys):
+    """The guide in the checkpoint is the EMA of step guide_step (that of a run stopped there), none with
+    guide_step = 0; sampling with --guidance > 1 wraps the EMA in Autoguided, and says so where no guide was kept."""
+    monkeypatch.setattr(ddpm, "guide_step", 2)
+    monkeypatch.setattr(ddpm, "max_steps", 2)
+    assert ddpm.train_model(faces_npy, str(tmp_path / "two"), ddpm.setup_system()) == 2
+    monkeypatch.setattr(ddpm, "max_steps", 3)
+    assert ddpm.train_model(faces_npy, str(tmp_path / "three"), ddpm.setup_system()) == 3
+    monkeypatch.setattr(ddpm, "guide_step", 0)
+    assert ddpm.train_model(faces_npy, str(tmp_path / "none"), ddpm.setup_system()) == 3
+    two, three = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in ("two", "three"))
+    assert all(torch.equal(two["ema"][name], three["guide"][name]) for name in two["ema"])
+    assert not all(torch.equal(three["ema"][name], three["guide"][name]) for name in two["ema"])
+    assert torch.load(tmp_path / "none" / "ckpt.pt", weights_only=True)["guide"] is None
+    monkeypatch.setattr(ddpm, "guidance", 2.0)
+    model, _ = ddpm.load_ema(str(tmp_path / "three"), "cpu")
+    assert isinstance(model, ddpm.Autoguided) and model.weight == 2.0
+    assert all(torch.equal(two["ema"][name], value) for name, value in model.guide.state_dict().items())
+    capsys.readouterr()
+    model, _ = ddpm.load_ema(str(tmp_path / "none"), "cpu")
+    assert isinstance(model, ddpm.UNet) and "keeps no guide" in capsys.readouterr().out
 
 
 def test_submission_zip_is_flat_1_to_n(tmp_path):
