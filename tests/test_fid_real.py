@@ -195,6 +195,7 @@ def test_the_cpu_presets_hour_passes_the_homework_baseline(real_weights, two_rea
                              "--n_samples=500", f"--submission={tmp_path / 'submission.zip'}"],
                             cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "autoguidance: w = 2 " in result.stdout          # the preset's sampler, with the guide stored beside
     model = fid.load_inception(dims=2048, weights=str(converted))
     generated = fid.extract_features(model, str(tmp_path / "submission.zip"), progress=False)
     reference = np.concatenate(two_real_sets)
