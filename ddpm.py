@@ -88,8 +88,8 @@ sample_steps = 100      # steps S of ddim and dpm
 eta = 0.0               # DDIM: 0 = deterministic, 1 = DDPM's posterior variance
 variance = "beta"       # DDPM sigma_t^2: "beta" (beta_t) or "posterior" (beta~_t); Ho et al. 3.2 found both similar
 guidance = 1.0          # autoguidance weight w (Karras et al. 2024): > 1 steers away from the guide's errors; 1 = off
-guide_t_min = 0         # guide only the steps t in [guide_t_min, guide_t_max] (of 0..T-1): each guided step costs a
-guide_t_max = 999       # second UNet evaluation, and the ends of the trajectory gain nothing from it
+guide_t_min = 0         # guide only the steps t in [guide_t_min, guide_t_max] of 0..T-1 (0, 999: all of T = 1000):
+guide_t_max = 999       # each guided step costs a second UNet evaluation, and the trajectory's ends gain nothing
 sample_batch = 100
 images_dir = ""         # where 1.jpg..N.jpg go; "" = out_dir/images
 submission = "submission.zip"
@@ -691,7 +691,7 @@ def load_ema(out_dir, run_device):
     elif guidance > 1:
         guide, _ = build(checkpoint["config"], run_device, memory_format())
         guide.load_state_dict(checkpoint["guide"])
-        model = Autoguided(model.eval(), guide.eval(), guidance, (guide_t_min, guide_t_max))
+        model = Autoguided(model, guide, guidance, (guide_t_min, guide_t_max))   # .eval() below reaches both
         print(f"autoguidance: w = {guidance:g} at the steps {guide_t_min} <= t <= {guide_t_max}, guide from {path}")
     return model.eval(), diffusion
 
