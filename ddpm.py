@@ -689,7 +689,7 @@ def load_ema(out_dir, run_device):
         print(f"note: {path} keeps no guide (training keeps the EMA of step guide_step, and this one has none): "
               f"sampling without autoguidance")
     elif guidance > 1:
-        guide, _ = build(checkpoint["config"], run_device, memory_format())
+        guide = copy.deepcopy(model)                 # the same UNet, with the weights of step guide_step
         guide.load_state_dict(checkpoint["guide"])
         model = Autoguided(model, guide, guidance, (guide_t_min, guide_t_max))   # .eval() below reaches both
         print(f"autoguidance: w = {guidance:g} at the steps {guide_t_min} <= t <= {guide_t_max}, guide from {path}")
