@@ -217,8 +217,10 @@ def load_transformers(adapter_dir, trainable, precision_name, use_cuda):
             if type(module) in (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d):
                 module.to(DTYPES[precision_name])
     if trainable and gradient_checkpointing:
-        # non-reentrant: the reentrant default crashes on the cross-attention states in backward
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant: reentrant checkpointing crashes on the cross-attention states in backward. (transformers
+        # 5.23 renamed gradient_checkpointing_enable, which warns from then on and goes in transformers 6.)
+        enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
         for module in base.modules():
             if type(module).__name__ == "MllamaVisionEncoderLayer":
                 module._unchecked_forward = module.forward

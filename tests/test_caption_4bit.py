@@ -3,6 +3,7 @@
 vision layers checkpointed, --predict on the 4-bit model, the precision policy, fp16 with a GradScaler on the CPU
 and its state across a resume, the unsloth backend's dtype and its one-line errors, and training on every
 caption."""
+import inspect
 import io
 import json
 import os
@@ -97,14 +98,18 @@ def test_three_kbit_training_steps_lower_the_loss_with_a_gradient_on_every_lora_
 
 
 def test_the_old_reentrant_preparation_fails_on_the_first_backward(tiny, monkeypatch):
-    """The control for the test above: peft's default gradient_checkpointing_kwargs leave use_reentrant unset, and
-    reentrant checkpointing of the language layers, whose inputs do not require grad, cuts every LoRA matrix off
-    the loss (where a hook makes the inputs require grad instead, the first backward crashes on the
+    """The control for the test above: peft's preparation with reentrant checkpointing (peft's default up to 0.21,
+    which left use_reentrant unset; asked for by name here, as peft 0.22 with transformers 5.23 defaults to
+    non-reentrant). Reentrant checkpointing of the language layers, whose inputs do not require grad, cuts every LoRA
+    matrix off the loss (where a hook makes the inputs require grad instead, the first backward crashes on the
     cross-attention states: "backward through the graph a second time")."""
     import peft
     real_prepare = peft.prepare_model_for_kbit_training
-    monkeypatch.setattr(peft, "prepare_model_for_kbit_training",
-                        lambda model, **kwargs: real_prepare(model, use_gradient_checkpointing=True))
+    # the keyword's name: gradient_checkpointing_kwargs up to peft 0.21, activation_checkpointing_kwargs from 0.22
+    name = next(n for n in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs")
+                if n in inspect.signature(real_prepare).parameters)
+    monkeypatch.setattr(peft, "prepare_model_for_kbit_training", lambda model, **kwargs: real_prepare(
+        model, use_gradient_checkpointing=True, **{name: {"use_reentrant": True}}))
     monkeypatch.setattr(caption, "gradient_checkpointing", False)   # only the language layers, as before the fix
     monkeypatch.setattr(caption, "finetune_vision", False)
     model, processor, _ = load(trainable=True)
