@@ -173,16 +173,24 @@ def test_predict_on_the_4bit_model_writes_a_valid_submission(tiny, data_dir, tmp
 
 
 # ----------------------------------------------------------------------------- precision
+@pytest.fixture
+def a_build_for_every_gpu(monkeypatch):
+    """For the precision tests: choose_precision checks the build's kernels first (check_cuda_build), so the build
+    lists every capability they mock. A CPU build lists none (nothing to check), but a CUDA build run without a GPU
+    lists its own, and torch 2.14.1+cu130's start at sm_75: a mocked P100 (6.0) would stop there instead."""
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_60", "sm_70", "sm_75", "sm_80", "sm_90"])
+
+
 @pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((7, 0), "fp16"), ((6, 1), "fp16"),
                                                   ((8, 0), "bf16"), ((8, 6), "bf16"), ((9, 0), "bf16")])
-def test_precision_follows_the_cuda_capability(monkeypatch, capability, expected):
+def test_precision_follows_the_cuda_capability(a_build_for_every_gpu, monkeypatch, capability, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert caption.choose_precision("auto", "cuda") == expected
     assert caption.choose_precision("fp32", "cuda") == "fp32"
 
 
 @pytest.mark.parametrize("capability", [(6, 0), (7, 5)])
-def test_bf16_is_never_run_below_capability_8(monkeypatch, capability):
+def test_bf16_is_never_run_below_capability_8(a_build_for_every_gpu, monkeypatch, capability):
     """A P100 (6.0) fails in cuBLAS and a T4 (7.5) only emulates bf16: asked for there, it stops naming fp16."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     with pytest.raises(ValueError, match=rf"^--precision=bf16 needs CUDA capability 8.0, this GPU has "
@@ -192,7 +200,8 @@ def test_bf16_is_never_run_below_capability_8(monkeypatch, capability):
     assert caption.choose_precision("bf16", "cuda") == "bf16"
 
 
-def test_both_entry_points_check_the_precision_before_loading_a_model(tiny, data_dir, tmp_path, monkeypatch):
+def test_both_entry_points_check_the_precision_before_loading_a_model(a_build_for_every_gpu, tiny, data_dir, tmp_path,
+                                                                      monkeypatch):
     """--precision=bf16 on a P100 (6.0) stops --train and --predict with one line, before any model loads."""
     caption.train_model(data_dir, str(tmp_path / "out"))     # a model to predict with, on the CPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
