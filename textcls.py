@@ -153,19 +153,31 @@ def read_utf8(path):
 
 
 def load_news(path, require_label=True):
-    """A News_*.json file (a JSON array) as a list of dicts {id, headline, short_description[, label]}; anything
-    malformed is a ValueError naming the file and the record."""
-    name = os.path.basename(path)
-    try:
-        records = json.loads(read_utf8(path))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{name}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg} (expected one JSON array "
-                         f"of records)") from None
-    if not isinstance(records, list) or not records:
-        raise ValueError(f"{name}: no records (expected one JSON array of records)")
+    """A News_*.json file as a list of dicts {id, headline, short_description[, label]}: a JSON array of records, or
+    JSON lines (one record a line; the competition may ship either). Anything malformed is a ValueError naming the
+    file and the record (in JSON lines, its line)."""
+    name, text = os.path.basename(path), read_utf8(path)
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{name}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        places = [f"record {i}" for i in range(len(records))]
+    else:
+        records, places = [], []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{name}: line {number}: invalid JSON at column {e.colno}: {e.msg} (expected "
+                                     f"a JSON array of records, or one record a line)") from None
+                places.append(f"line {number}")
+    if not records:
+        raise ValueError(f"{name}: no records")
     fields = {"id": int, "headline": str, "short_description": str, "label": int}
-    for i, record in enumerate(records):
-        where = f"{name}: record {i}"
+    for record, place in zip(records, places):
+        where = f"{name}: {place}"
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
         for field, kind in fields.items():
@@ -352,13 +364,17 @@ def load_glove(path, vocab, embedding, use_stems):
     with torch.no_grad():
         for line_number, line in enumerate(read_utf8(path).splitlines(), 1):
             word, *values = line.rstrip().split(" ")
+            try:
+                vector = torch.tensor([float(v) for v in values])
+            except ValueError as e:
+                raise ValueError(f"{os.path.basename(path)}: line {line_number}: {e}") from None
             if len(values) != embedding.embedding_dim:
                 raise ValueError(f"{os.path.basename(path)}: line {line_number}: {len(values)} numbers, "
                                  f"but d_model is {embedding.embedding_dim}")
             for token in {word, porter_stem(word) if use_stems and word.isalpha() else word}:
                 index = vocab.stoi.get(token)
                 if index is not None and index >= len(Vocab.SPECIALS) and index not in matched:
-                    embedding.weight[index] = torch.tensor([float(v) for v in values])
+                    embedding.weight[index] = vector
                     matched.add(index)
     return len(matched)
 
@@ -451,6 +467,8 @@ def resume(checkpoint, model, optimizer, path, precision_name, rank):
     if "model" in checkpoint:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        for group, decay in zip(optimizer.param_groups, (0.0, weight_decay)):   # this run's, not the saved one
+            group["weight_decay"] = decay
         if scaler.is_enabled() and checkpoint["scaler"]:
             scaler.load_state_dict(checkpoint["scaler"])
         if rank == 0:
@@ -476,7 +494,7 @@ def end_epoch(model, optimizer, scaler, checkpoint, record, epochs_done, stop, v
         checkpoint["history"].append(record)
     if rank == 0 and whole and val is None:
         print(f"pre-training epoch {record['epoch']}: masked-language loss {record['mlm_loss']:.4f}")
-    if rank == 0 and val is not None and stop != "a signal":
+    if rank == 0 and val is not None and (stop != "a signal" or whole):   # a signal mid-epoch: save and go
         metrics = evaluate(model, *val, run_device, ctx)
         record.update(metrics)
         if whole:
@@ -492,6 +510,16 @@ def end_epoch(model, optimizer, scaler, checkpoint, record, epochs_done, stop, v
     if rank == 0:
         save_atomic({**checkpoint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "precision": precision_name}, path)
+
+
+def agreed_stop(loss, deadline, run_device):
+    """Why to stop after this step (a non-finite loss, a signal, the deadline), or None: agreed by every process, so
+    that all stop after the same step."""
+    flags = torch.tensor([not math.isfinite(loss.item()), bool(STOP), time.time() > deadline], device=run_device)
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    nonfinite, signalled, late = flags.tolist()
+    return "inf or NaN" if nonfinite else "a signal" if signalled else "--max_minutes" if late else None
 
 
 def train_loop(model, optimizer, batch_loss, data, n_epochs, seed, deadline, checkpoint, path, system, val=None):
@@ -510,7 +538,9 @@ def train_loop(model, optimizer, batch_loss, data, n_epochs, seed, deadline, che
         # this process's batches of the epoch, in an order from (seed, epoch) only: a resumed run skips those it did
         batches = make_batches([len(e) for e in encoded], batch_size, random.Random(seed + epoch))
         net.train()
-        tick, first, loss_sum = time.time(), step, 0.0
+        tick, first = time.time(), step
+        # the epoch's loss so far (its sum, its steps): a run resumed within the epoch goes on from the saved one
+        loss_sum, losses = checkpoint.get("epoch_loss", (0.0, 0)) if step > epoch * steps_per_epoch else (0.0, 0)
         for batch in batches[rank:steps_per_epoch * world_size:world_size][step - epoch * steps_per_epoch:]:
             torch.manual_seed(seed + step * world_size + rank)    # dropout masks from (seed, step, rank): as on resume
             step_lr = learning_rate(step, total_steps, optimizer.defaults["lr"])
@@ -526,23 +556,18 @@ def train_loop(model, optimizer, batch_loss, data, n_epochs, seed, deadline, che
             torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            step, loss_sum = step + 1, loss_sum + loss.item()
+            step, loss_sum, losses = step + 1, loss_sum + loss.item(), losses + 1
             # logging: the mean loss of this epoch so far, examples/s of all processes
             if step % log_every == 0 and rank == 0:
                 speed = (step - first) * batch_size * world_size / max(1e-9, time.time() - tick)
                 print(f"{'pre-training ' * (val is None)}epoch {epoch + 1} step {step}/{total_steps} loss "
-                      f"{loss_sum / (step - first):.4f} lr {step_lr:.2e} {speed:.0f} examples/s", flush=True)
-            # the reasons to stop, agreed by every process so that all stop after the same step
-            flags = [not math.isfinite(loss.item()), bool(STOP), time.time() > deadline]
-            flags = torch.tensor(flags, device=run_device)
-            if dist.is_initialized():
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            nonfinite, signalled, late = flags.tolist()
-            stop = "inf or NaN" if nonfinite else "a signal" if signalled else "--max_minutes" if late else None
+                      f"{loss_sum / losses:.4f} lr {step_lr:.2e} {speed:.0f} examples/s", flush=True)
+            stop = agreed_stop(loss, deadline, run_device)
             if stop:
                 break
         # end of the epoch, or of this run
-        record = {"epoch": epoch + 1, "step": step, "train_loss" if val else "mlm_loss": loss_sum / (step - first)}
+        record = {"epoch": epoch + 1, "step": step, "train_loss" if val else "mlm_loss": loss_sum / losses}
+        checkpoint["epoch_loss"] = (loss_sum, losses)
         end_epoch(model, optimizer, scaler, checkpoint, record, step / steps_per_epoch, stop, val, path, system)
     if stop and rank == 0:
         name = signal.Signals(STOP[0]).name if stop == "a signal" and STOP else stop
@@ -653,9 +678,12 @@ def load_trained(out_dir, run_device):
 
 def load_ensemble(out_dir, run_device):
     """out_dir's models as load_trained gives them, each loaded once: as many as the first one was trained with
-    (its `ensemble`). A missing one stops here, before any other work."""
-    first = load_trained(out_dir, run_device)
-    return [first] + [load_trained(member_dir(out_dir, k), run_device) for k in range(1, first[2]["ensemble"])]
+    (its `ensemble`), and those a later run with a larger --ensemble added. A missing one stops here, before any
+    other work."""
+    first, count = load_trained(out_dir, run_device), 1
+    while count < first[2]["ensemble"] or os.path.exists(os.path.join(member_dir(out_dir, count), "best.pt")):
+        count += 1
+    return [first] + [load_trained(member_dir(out_dir, k), run_device) for k in range(1, count)]
 
 
 def ensemble_logits(models, records, run_device, ctx):
@@ -866,13 +894,14 @@ def bench_speed(records, run_device, names=("fp32", "bf16"), steps=40, rounds=2)
     vocab = Vocab.build((segment for r in records for segment in record_tokens(r, config)), min_freq, max_vocab)
     encoded, labels = encode_records(records, vocab, config), [r["label"] for r in records]
     batches = make_batches([len(e) for e in encoded], batch_size, random.Random(seed))[:steps + 5]
+    warm = min(5, len(batches) - 1)    # the first steps warm up (allocations, kernel choice): not timed
     best = {}
     for name in list(names) * rounds:
         torch.manual_seed(seed)
         model = build_model(config, len(vocab)).to(run_device).train()
         optimizer = torch.optim.AdamW(parameter_groups(model.named_parameters()), lr=lr)
         for i, batch in enumerate(batches):
-            if i == 5:                      # the first steps warm up (allocations, kernel choice)
+            if i == warm:
                 tick = time.perf_counter()
             ids, targets = collate(encoded, batch, labels)
             with torch.autocast(run_device.split(":")[0], dtype=torch.bfloat16, enabled=name == "bf16"):
@@ -880,7 +909,7 @@ def bench_speed(records, run_device, names=("fp32", "bf16"), steps=40, rounds=2)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        best[name] = max(best.get(name, 0.0), sum(map(len, batches[5:])) / (time.perf_counter() - tick))
+        best[name] = max(best.get(name, 0.0), sum(map(len, batches[warm:])) / (time.perf_counter() - tick))
     return best
 
 

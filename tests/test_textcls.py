@@ -37,9 +37,12 @@ def make_records(n, seed=0, labelled=True):
     return records
 
 
-def write_json(path, records):
+def write_json(path, records, lines=False):
     with open(path, "w") as f:
-        json.dump(records, f)
+        if lines:        # JSON lines: one record a line
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        else:
+            json.dump(records, f)
     return str(path)
 
 
@@ -84,14 +87,22 @@ def tiny_model(pooling="mean", pos_encoding="sinusoidal", vocab_size=50):
 
 
 # ----------------------------------------------------------------------------- loading
-def test_loads_the_json_array(tmp_path):
+def test_loads_a_json_array_and_json_lines_alike(tmp_path):
+    """shared/data/README.md: the competition may ship either, and loaders must accept both."""
     records = make_records(30)
     assert textcls.load_news(write_json(tmp_path / "a.json", records)) == records
+    assert textcls.load_news(write_json(tmp_path / "b.json", records, lines=True)) == records
 
 
 @pytest.mark.parametrize("content, message", [
     ('[{"id": 0, "headline": "a", "short_description": "", "label": 1},\n {"id": 1, ', "a.json: invalid JSON at line 2"),
-    ('{"id": 0, "headline": "a", "short_description": "", "label": 1}\n{"id": 1 "x"}\n', "a.json: invalid JSON at line 2 column 1: Extra data (expected one JSON array"),
+    ('{"id": 0, "headline": "a", "short_description": "", "label": 1}\n\n{"id": 1 "x"}\n',
+     "a.json: line 3: invalid JSON at column 10: Expecting ',' delimiter (expected a JSON array of records, or one"),
+    ('{"id": 0, "headline": "a", "short_description": "", "label": 1}\n{"id": 1, "headline": "b", "label": 2}',
+     "a.json: line 2: missing field 'short_description'"),
+    ('{"id": 0, "headline": "a", "short_description": "", "label": 1}\n[1, 2]\n',
+     "a.json: line 2: expected an object"),
+    ('\n  \n', "a.json: no records"),
     ('[{"id": 0, "headline": "a", "short_description": "", "label": 1}, {"id": 1, "headline": "b", "label": 2}]',
      "a.json: record 1: missing field 'short_description'"),
     ('[{"id": 0, "headline": "a", "short_description": "", "label": 15}]', "a.json: record 0: label 15 is outside 0..14"),
@@ -202,6 +213,9 @@ def test_glove_rows_match_words_and_stems(tmp_path):
     (tmp_path / "bad.txt").write_text("cat 1 2 3\n")
     with pytest.raises(ValueError, match="bad.txt: line 1: 3 numbers, but d_model is 4"):
         textcls.load_glove(str(tmp_path / "bad.txt"), vocab, embedding, True)
+    (tmp_path / "bad.txt").write_text("cat 1 2 3 4\nzebra 1 x 3 4\n")
+    with pytest.raises(ValueError, match="bad.txt: line 2: could not convert string to float: 'x'"):
+        textcls.load_glove(str(tmp_path / "bad.txt"), vocab, embedding, True)
 
 
 # ----------------------------------------------------------------------------- training
@@ -277,6 +291,21 @@ def test_ensemble_trains_each_model_with_its_own_seed_and_predicts_their_mean_lo
         submit(str(tmp_path), str(tmp_path / "t.json"), str(tmp_path / "s.csv"))
 
 
+def test_prediction_averages_the_models_a_later_larger_ensemble_added(tmp_path, tiny, monkeypatch, capsys):
+    """--ensemble=1 first, then the default ensemble into the same out_dir: model 1 is finished (its best.pt still
+    says ensemble 1), model 2 is trained, and --predict averages both."""
+    monkeypatch.setattr(textcls, "epochs", 1)
+    records = make_records(160)
+    train_ensemble(records, str(tmp_path))
+    monkeypatch.setattr(textcls, "ensemble", 2)
+    train_ensemble(records, str(tmp_path))
+    assert textcls.load_checkpoint(str(tmp_path / "best.pt"))["config"]["ensemble"] == 1
+    capsys.readouterr()
+    submit(str(tmp_path), write_json(tmp_path / "t.json", make_records(20, seed=5, labelled=False)),
+           str(tmp_path / "s.csv"))
+    assert "from the mean logits of 2 model(s)" in capsys.readouterr().out
+
+
 def test_ensemble_shares_max_minutes_between_its_models(tiny, monkeypatch):
     """Each model gets an equal share of what is left of --max_minutes when it starts: a model that finishes early
     leaves its time to the next ones."""
@@ -327,6 +356,46 @@ def test_resume_continues_exactly_from_the_saved_step(tmp_path, tiny):
     for name, tensor in straight["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
     assert [h["accuracy"] for h in resumed["history"]] == [h["accuracy"] for h in straight["history"]]
+    # the history too: epoch 1's mean train loss counts the steps before the stops (the saved sum goes on)
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in straight["history"]]
+
+
+def test_a_changed_weight_decay_applies_to_the_resumed_run(tmp_path, tiny, monkeypatch):
+    """weight_decay is one of the values a run may change when it resumes (MAY_CHANGE); the optimizer's saved
+    groups hold the old one, so the resumed run must set it again (the embedding's group stays at 0)."""
+    records = make_records(160)
+    monkeypatch.setattr(textcls, "epochs", 1)
+    train(records, str(tmp_path))
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in saved] == [0.0, textcls.weight_decay]
+    monkeypatch.setattr(textcls, "epochs", 2)
+    monkeypatch.setattr(textcls, "weight_decay", 0.5)
+    train(records, str(tmp_path))
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in saved] == [0.0, 0.5]
+
+
+@pytest.mark.parametrize("val_frac", [0.0, 0.1])
+def test_a_signal_at_an_epochs_last_step_still_validates_it_and_saves_best_pt(tmp_path, tiny, monkeypatch, val_frac):
+    """A signal that arrives during the last step of an epoch ends a whole epoch: the resumed run starts after it,
+    so that epoch is validated and best.pt saved now (before, --predict found no best.pt after one epoch)."""
+    records = make_records(160)
+    monkeypatch.setattr(textcls, "val_frac", val_frac)
+    monkeypatch.setattr(textcls, "epochs", 1)
+    train_idx, _ = textcls.stratified_split([r["label"] for r in records], val_frac, TINY["seed"])
+    steps_per_epoch, calls = math.ceil(len(train_idx) / TINY["batch_size"]), []
+
+    def signal_at_the_last_step(*args):
+        calls.append(1)
+        return "a signal" if len(calls) == steps_per_epoch else None
+    monkeypatch.setattr(textcls, "agreed_stop", signal_at_the_last_step)
+    with pytest.raises(SystemExit):
+        train(records, str(tmp_path))
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert checkpoint["step"] == best["metrics"]["step"] == steps_per_epoch and best["epoch"] == 1.0
+    assert all(torch.equal(best["model"][k], checkpoint["model"][k]) for k in checkpoint["model"])
+    assert ("accuracy" in checkpoint["history"][0]) == (val_frac > 0)
 
 
 @pytest.mark.parametrize("stopped_accuracy", [1.0, 0.0])

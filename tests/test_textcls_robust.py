@@ -193,8 +193,8 @@ def test_two_processes_stop_together_and_resume(tmp_path):
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == 6
     assert finished.stdout.count("epoch 1: train loss") == 1       # only rank 0 evaluates and reports
 
-    # the command-line contract for prediction, on a test file that carries labels
-    test_file = write_json(tmp_path / "test.json", make_records(30, seed=4))
+    # the command-line contract for prediction, on a JSON-lines test file that carries labels
+    test_file = write_json(tmp_path / "test.json", make_records(30, seed=4), lines=True)
     result = run_cli("--predict", f"--out_dir={tmp_path / 'out'}", f"--test_file={test_file}",
                      f"--submission={tmp_path / 'sub.csv'}")
     assert result.returncode == 0, result.stderr[-2000:]
