@@ -116,8 +116,10 @@ CHECKS = {
     "preset": ("", "cpu"), "schedule": ("linear", "cosine"), "sampler": ("ddpm", "ddim", "dpm"), "patch_size": (1, 2),
     "prediction": ("eps", "v"), "t_sampling": ("uniform", "sqrt_weight"), "variance": ("beta", "posterior"),
     "precision": ("auto", "bf16", "fp16", "fp32"), "fid_dims": (2048, 768, 192, 64),
-    "channel_mults": (lambda v: re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", v),
-                      "comma-separated integers >= 1, like 1,2,2,2"),
+    "channel_mults": (lambda v: re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", v) and
+                      IMAGE_SIZE // patch_size % 2 ** v.count(",") == 0,      # each level but the last halves
+                      "comma-separated integers >= 1, like 1,2,2,2, and at most 7 levels (6 with --patch_size=2): "
+                      "each level but the last halves the 64/patch_size grid"),
     "attn_resolutions": (lambda v: re.fullmatch(r"([1-9]\d*(,[1-9]\d*)*)?", v),
                          "comma-separated sizes like 16, or empty"),
     **{name: (lambda v: v >= 1, "an integer >= 1") for name in
@@ -429,6 +431,8 @@ class Diffusion:
             return list(range(self.timesteps))
         if not 1 <= steps <= self.timesteps:
             raise ValueError(f"--sample_steps={steps}: {sampler} takes 1 to the model's T={self.timesteps} steps")
+        if sampler == "ddim" and steps == 1:   # one step, from t = T-1 where x_T is noise (linspace would give 0)
+            return [self.timesteps - 1]
         if sampler == "ddim":
             return np.linspace(0, self.timesteps - 1, steps).round().astype(int).tolist()
         lambdas = self.log_snr.cpu().numpy()                                  # falling with t
@@ -567,10 +571,15 @@ def any_rank(flag, run_device):
 
 
 def cut_csv(path, step):
-    """loss.csv cut back to the rows up to `step`, the step a resumed run starts from."""
-    rows = open(path).read().splitlines() if os.path.exists(path) else []
-    with open(path, "w") as f:
-        f.writelines(row + "\n" for row in rows if row and int(row.split(",")[0]) <= step)
+    """loss.csv cut back to the rows up to `step`, the step a resumed run starts from, written to path.tmp and renamed
+    (an interruption leaves the old file). Rows a crash left unreadable (half a row, NUL bytes) go, with a note."""
+    rows = open(path, errors="replace").read().splitlines() if os.path.exists(path) else []
+    good = [row for row in rows if re.fullmatch(r"\d+,(nan|inf|\d+\.\d+)", row)]
+    if len(good) < len(rows):
+        print(f"note: {path}: {len(rows) - len(good)} unreadable row(s) dropped (left by a crash)")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(row + "\n" for row in good if int(row.split(",")[0]) <= step)
+    os.replace(path + ".tmp", path)
 
 
 def log_progress(csv_path, step, mean_loss, step_lr, steps_per_s, world_size, deadline):
@@ -789,8 +798,11 @@ def main():
         return print(__doc__)
     system = setup_system(distributed=train)
     run_device, _, _, rank, _ = system
-    if train:
+    if train:   # Ctrl-C, and SIGTERM (what Colab and Kaggle send): a checkpoint after the current step, then stop
+        previous = [signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)]
         train_model(data_dir, out_dir, system)
+        for s, handler in zip((signal.SIGINT, signal.SIGTERM), previous):   # sampling stops at once
+            signal.signal(s, handler)
     if sample and rank == 0:   # under torchrun only rank 0 samples and draws
         sample_images(out_dir, system)
     if denoise_figure and rank == 0:
@@ -822,7 +834,9 @@ def load_checkpoint(path, map_location):
     try:
         with warnings.catch_warnings():     # torch warns about a foreign pickle before it refuses it
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location=map_location, weights_only=True)
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        assert {"model", "ema", "step", "config"} <= checkpoint.keys(), "no model, EMA, step and configuration inside"
+        return checkpoint
     except Exception as e:   # truncated, empty, not a checkpoint, or a pickle that asks for code
         previous = f"the previous state may be in {path}.tmp; " if os.path.exists(path + ".tmp") else ""
         raise ValueError(f"{path} is damaged or not a ddpm.py checkpoint ({type(e).__name__}: "
@@ -986,9 +1000,9 @@ def synchronize(device_type):   # wait for the GPU's queued work before reading 
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, on_signal)    # Ctrl-C, and SIGTERM (what Colab and Kaggle send when a runtime
-    signal.signal(signal.SIGTERM, on_signal)   # ends): a checkpoint after the current step, then stop
     try:
         main()
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:                  # Ctrl-C outside training (sampling, the figure): nothing to save
+        sys.exit("\nstopped by Ctrl-C")

@@ -358,8 +358,8 @@ def main(paths):
         raise ValueError("usage: fid.py PATH1 PATH2 [--kid] [--nearest=TRAIN]  or  fid.py PATH --save_stats=OUT.npz")
     if save_stats:
         check_writable(save_stats)
-    for path in paths + ([nearest] if nearest else []):
-        if is_statistics(path) and not (kid or nearest or save_stats):
+    for k, path in enumerate(paths + ([nearest] if nearest else [])):   # images: for KID all, for --nearest and
+        if is_statistics(path) and not (kid or save_stats or (nearest and k != 1)):   # --save_stats not the 2nd
             load_statistics(path, dims)
         elif len(list_images(path)) < 2:  # a statistics .npz is no image set: list_images says so
             raise ValueError(f"{path}: {len(list_images(path))} image(s); FID needs at least 2, and thousands")

@@ -471,6 +471,30 @@ def test_dpm_sequence_is_even_in_log_snr():
     assert len(diffusion.sequence("dpm", 200)) < 200   # near t = 0 steps round to the same t and are visited once
 
 
+def test_one_step_samplers_start_from_pure_noise_at_t_minus_1():
+    """With --sample_steps=1 the one UNet call is at t = T-1 (x_T is noise there), not at t = 0."""
+    diffusion = ddpm.Diffusion(ddpm.make_betas("linear", 1000))
+    assert diffusion.sequence("ddim", 1) == diffusion.sequence("dpm", 1) == [999]
+    assert diffusion.sequence("ddim", 2) == [0, 999] and diffusion.sequence("ddim", 3) == [0, 500, 999]
+
+
+def test_channel_mults_has_at_most_one_level_per_halving_of_the_grid(monkeypatch):
+    check, _ = ddpm.CHECKS["channel_mults"]
+    assert check("1,1,1,1,1,1,1") and not check("1,1,1,1,1,1,1,1")      # 64 -> 1 pixel in 6 halvings
+    monkeypatch.setattr(ddpm, "patch_size", 2)
+    assert check("1,1,1,1,1,1") and not check("1,1,1,1,1,1,1")          # 32 -> 1 in 5
+
+
+def test_cut_csv_drops_the_later_and_the_unreadable_rows_whole(tmp_path, capsys):
+    """A resumed run cuts loss.csv back to its step. Rows a crash left half-written go, with a note; the file is
+    written to loss.csv.tmp and renamed (before, it was rewritten in place and a bad row stopped the resume)."""
+    path = tmp_path / "loss.csv"
+    path.write_bytes(b"1,0.500000\n2,0.400000\n3\x00\x00\n4,0.300000\n5,nan\n")
+    ddpm.cut_csv(str(path), 4)
+    assert path.read_text() == "1,0.500000\n2,0.400000\n4,0.300000\n" and not (tmp_path / "loss.csv.tmp").exists()
+    assert "1 unreadable row(s) dropped" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_loss_targets_and_min_snr_weights(prediction):
     """Algorithm 1's loss: zero for the exact predictor of a one-image data set (eps, or v = alpha eps - sigma x0);

@@ -65,12 +65,15 @@ def test_a_crafted_checkpoint_never_runs_code(faces_npy, tmp_path, command):
     assert "ckpt.pt is damaged or not a ddpm.py checkpoint" in one_line_error(result)
 
 
-@pytest.mark.parametrize("damage", ["empty", "truncated", "text"])
+@pytest.mark.parametrize("damage", ["empty", "truncated", "text", "a bare state_dict"])
 def test_a_damaged_checkpoint_is_one_line_naming_it(faces_npy, tmp_path, damage):
     out = tmp_path / "out"
     train_tiny(faces_npy, out)
     data = (out / "ckpt.pt").read_bytes()
-    (out / "ckpt.pt").write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "text": b"hello"}[damage])
+    if damage == "a bare state_dict":   # loads with weights_only, but holds no step, EMA or configuration
+        torch.save(torch.load(out / "ckpt.pt", weights_only=True)["ema"], out / "ckpt.pt")
+    else:
+        (out / "ckpt.pt").write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "text": b"hello"}[damage])
     for command in (["--train"], ["--sample", "--n_samples=1", f"--submission={tmp_path / 's.zip'}"]):
         message = one_line_error(run(*command, f"--data_dir={faces_npy}", f"--out_dir={out}", *TINY_FLAGS))
         assert str(out / "ckpt.pt") in message and "delete it to start again" in message
@@ -97,6 +100,28 @@ def test_sigterm_during_training_saves_the_step_reached(faces_npy, tmp_path):
     resumed = run("--train", f"--data_dir={faces_npy}", f"--out_dir={out}", *TINY_FLAGS, f"--max_steps={step + 1}",
                   "--sample_every=1000")
     assert resumed.returncode == 0 and f"resuming from {out / 'ckpt.pt'} at step {step}" in resumed.stdout
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_sampling_stops_at_once(faces_npy, tmp_path, signal_number):
+    """Only training saves and stops after its step. While sampling there is nothing to save: SIGTERM ends the
+    process (before, its handler only printed that it would stop, and sampling went on), Ctrl-C is one line."""
+    out = tmp_path / "out"
+    train_tiny(faces_npy, out)
+    process = subprocess.Popen([sys.executable, "-u", "ddpm.py", "--sample", f"--out_dir={out}", *TINY_FLAGS,
+                                "--sampler=ddpm", "--n_samples=100000", "--sample_batch=1",
+                                f"--submission={tmp_path / 's.zip'}"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:                       # wait until sampling runs
+        if line.startswith("generated "):
+            break
+    process.send_signal(signal_number)
+    _, stderr = process.communicate(timeout=30)
+    if signal_number == signal.SIGTERM:
+        assert process.returncode == -signal.SIGTERM
+    else:
+        assert process.returncode == 1 and stderr.strip().splitlines()[-1] == "stopped by Ctrl-C", stderr[-2000:]
+    assert not (tmp_path / "s.zip").exists()
 
 
 def test_sampling_to_a_missing_folder_fails_before_the_first_image(faces_npy, tmp_path):

@@ -307,6 +307,14 @@ def test_nearest_finds_a_copied_image(tmp_path, monkeypatch, capsys, weights_fil
     assert " of 6 generated images are closer" in lines[report + 1] and lines[report + 1].endswith("memorization:")
     assert lines[report + 2] == f"  {tmp_path / 'gen.npy'}/5  ~  {tmp_path / 'train.npy'}/17  (distance 0.00)"
     assert lines[-1].startswith("FID: ")
+    # the reference as a statistics .npz: --nearest reads only the first path's images (and the training set's)
+    monkeypatch.setattr(fid, "save_stats", str(tmp_path / "train.npz"))
+    fid.main([str(tmp_path / "train.npy")])
+    monkeypatch.setattr(fid, "save_stats", "")
+    capsys.readouterr()
+    fid.main([str(tmp_path / "gen.npy"), str(tmp_path / "train.npz")])
+    again = capsys.readouterr().out.strip().splitlines()
+    assert again[again.index(lines[report]) + 2] == lines[report + 2] and again[-1] == lines[-1]
 
 
 # ----------------------------------------------------------------------------- inputs
