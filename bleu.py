@@ -257,7 +257,8 @@ def nltk_bleu(hypotheses, refs, max_order=4, smoothing=0, lowercase=False):
             prior = 0 if p[i - 2] == 0 else p[i - 1] ** 2 / p[i - 2]
             # the denominator holds the number of n-grams of order i+1 in the last hypothesis
             p[i] = (matches[i] + NLTK_ALPHA * prior) / (max(0, len(last_hyp_tokens) - i) + NLTK_ALPHA)
-    score = bp * math.exp(math.fsum(math.log(p_n) / max_order for p_n in p))
+    # nltk leaves out a precision that is still 0 (method 4 on a one-token corpus; method 0 made its zeros tiny)
+    score = bp * math.exp(math.fsum(math.log(p_n) / max_order for p_n in p if p_n > 0))
     return BLEUScore(100 * score, [100 * p_n for p_n in p], bp, hyp_len, ref_len, matches, totals)
 
 
@@ -279,19 +280,19 @@ def read_lines(path):
     return lines[:-1] if lines[-1] == "" else lines
 
 
-def read_by_idx(path, field, other_field=None):
-    """{idx: record[field]} (or record[other_field]) of a JSON array of objects {"idx", field}."""
+def read_by_idx(path, field, alt=None):
+    """{idx: record[field]} (or record[alt]) of a JSON array of objects {"idx", field}."""
     try:
         records = json.loads("\n".join(read_lines(path)))   # read_lines: the file is UTF-8 and not empty
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not a readable JSON file ({e})") from None
     by_idx = {}
     for row, record in enumerate(records if isinstance(records, list) and records else [None]):
-        if not isinstance(record, dict) or "idx" not in record or not {field, other_field} & set(record):
-            raise ValueError(f"{path}: record {row} (an object with 'idx' and {field!r}): no {field!r} field")
+        if not isinstance(record, dict) or type(record.get("idx")) not in (int, str) or not {field, alt} & set(record):
+            raise ValueError(f"{path}: record {row}: expected an object with 'idx' (a number or text) and {field!r}")
         if record["idx"] in by_idx:
             raise ValueError(f"{path}: idx {record['idx']} appears twice")
-        by_idx[record["idx"]] = record.get(field, record.get(other_field))
+        by_idx[record["idx"]] = record.get(field, record.get(alt))
     return by_idx
 
 
@@ -304,7 +305,7 @@ def read_json_pair(submission_path, references_path):
         raise ValueError(f"{submission_path}: idx do not match {references_path}: missing {missing[:5]}, "
                          f"not in the references {[i for i in outputs if i not in refs][:5]}")
     for idx, ref in refs.items():
-        refs[idx] = [ref] if isinstance(ref, str) else ref
+        refs[idx] = [ref] if isinstance(ref, str) else ref if isinstance(ref, list) else []   # [] is refused below
         if not isinstance(outputs[idx], str) or not refs[idx] or not all(isinstance(r, str) for r in refs[idx]):
             raise ValueError(f"{submission_path}: idx {idx}: 'output' must be a string and the references in "
                              f"{references_path} strings")

@@ -295,9 +295,6 @@ class Vocab:
     def __len__(self):
         return len(self.itos)
 
-    def __eq__(self, other):
-        return isinstance(other, Vocab) and self.itos == other.itos
-
     def encode(self, tokens, max_len=None, add_cls=True, tokens_b=None):
         """[<cls>] tokens [<sep> tokens_b] as ids, unknown tokens as <unk>. With max_len, tokens are cut from the
         end of whichever segment is longer (the second when both are as long), one at a time, until everything
@@ -329,12 +326,12 @@ class Vocab:
 
 
 # --- extras (not the lesson) ---
-def show_stages(text, vocab=None):
+def show_stages(text, vocab_path=""):
     """Print what each step of preprocess() makes of one text, as the homework slides do, then the ids of its
-    stems (in vocab, or in a vocabulary of these stems alone). Every line comes from the pipeline's own functions
-    (preprocess with its later steps switched off), so what is shown is what runs."""
+    stems (in the vocabulary saved at vocab_path, or in one of these stems alone). Every line comes from the
+    pipeline's own functions (preprocess with its later steps switched off), so what is shown is what runs."""
     stems = preprocess(text)
-    vocab = vocab or Vocab.build([stems])
+    vocab = Vocab.load(vocab_path) if vocab_path else Vocab.build([stems])
     ids = vocab.encode(stems)
     stages = [("input", text), ("cleaned", clean(text)), ("no punctuation", remove_punctuation(text)),
               ("tokens", preprocess(text, remove_stop=False, use_stemming=False)),
@@ -352,9 +349,10 @@ def run_bench(data_dir, n_docs=0):
     from nltk.tokenize import TreebankWordTokenizer
     treebank, porter = TreebankWordTokenizer(), PorterStemmer(PorterStemmer.ORIGINAL_ALGORITHM)
     nltk = lambda text: [porter.stem(word) for word in treebank.tokenize(text.lower()) if word not in STOP_WORDS]
-    with open(f"{data_dir}/News_train.json", encoding="utf-8") as f:
-        texts = [record["headline"] + " " + record["short_description"] for record in json.load(f)]
-    texts = texts[:n_docs] if n_docs else texts
+    text = open(f"{data_dir}/News_train.json", encoding="utf-8").read()
+    if not text.lstrip().startswith("["):   # JSON lines (one record a line, as the competition may ship it): the
+        text = "[" + ",".join(line for line in text.splitlines() if line.strip()) + "]"   # same records as one array
+    texts = [record["headline"] + " " + record["short_description"] for record in json.loads(text)][: n_docs or None]
     speeds = {}
     for name, pipeline in [("tokenizer.py", preprocess), ("NLTK", nltk)]:
         stem.cache_clear()  # the first call of a run pays for stemming every distinct word, as a user's would
@@ -429,8 +427,10 @@ def parse_overrides(argv, config, checks=None):
 
 if __name__ == "__main__":
     sentences = parse_overrides(sys.argv[1:], globals(), CHECKS)
-    demo_vocab = Vocab.load(vocab_path) if vocab_path else None
-    if bench:
-        run_bench(data_dir, bench_docs)
-    for sentence in [] if bench else sentences or ["The cats are running quickly!"]:
-        show_stages(sentence, demo_vocab)
+    try:
+        for sentence in [] if bench else sentences or ["The cats are running quickly!"]:
+            show_stages(sentence, vocab_path)
+        if bench:
+            run_bench(data_dir, bench_docs)
+    except (OSError, ValueError, KeyError, TypeError) as e:   # the one file read: missing, not JSON, not what it holds
+        sys.exit(f"error: {data_dir if bench else vocab_path}: {type(e).__name__}: {e}")

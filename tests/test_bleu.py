@@ -140,6 +140,15 @@ def test_random_corpora_equal_nltk(seed, max_order):
         assert ours.score / 100 == pytest.approx(theirs, abs=1e-11, rel=0), smoothing
 
 
+@pytest.mark.parametrize("hyps, refs", [(["cat"], [["cat"]]), (["cat"], [["dog"]]), (["a", "b"], [["a", "c"]])])
+def test_one_token_corpora_equal_nltk(hyps, refs):
+    """Method 4 needs ln(hypothesis length) > 0: on a one-token corpus it leaves the zero precisions, which nltk
+    leaves out of the geometric mean (before, bleu.py took log(0) and stopped with a math domain error)."""
+    for smoothing in (0, 1, 2, 3, 4, 5, 7):
+        theirs = nltk_corpus(hyps, refs, smoothing, 4)
+        assert bleu.nltk_corpus_bleu(hyps, refs, 4, smoothing).score / 100 == pytest.approx(theirs, abs=1e-11, rel=0)
+
+
 def test_edge_cases_against_sacrebleu():
     cases = [
         (["", ""], [["a cat", "the dog"]]),                      # empty hypotheses
@@ -230,7 +239,11 @@ def test_cli_homework_json(tmp_path):
      r"missing \[2\]"),
     ({"s.json": [{"idx": 1, "output": "a"}, {"idx": 1, "output": "b"}], "r.json": [{"idx": 1, "caption": "a"}]},
      "s.json: idx 1 appears twice"),
-    ({"s.json": [{"idx": 1, "text": "a"}], "r.json": [{"idx": 1, "caption": "a"}]}, "record 0 .*no 'output' field"),
+    ({"s.json": [{"idx": 1, "text": "a"}], "r.json": [{"idx": 1, "caption": "a"}]},
+     "s.json: record 0: expected an object with 'idx' \\(a number or text\\) and 'output'"),
+    ({"s.json": [{"idx": [1], "output": "a"}], "r.json": [{"idx": 1, "caption": "a"}]}, "s.json: record 0: expected"),
+    ({"s.json": [{"idx": 1, "output": "a"}], "r.json": [{"idx": 1, "references": 5}]},
+     "s.json: idx 1: 'output' must be a string and the references in .*r.json strings"),
 ])
 def test_cli_bad_input_gives_one_clear_error(tmp_path, files, message):
     for name, content in files.items():

@@ -1,8 +1,11 @@
 import json
+import subprocess
+import sys
 
 import pytest
 
 import tokenizer
+from conftest import ROOT
 from tokenizer import STOP_WORDS, Vocab, preprocess, remove_punctuation, stem, tokenize
 
 # Words of Porter's published vocabulary with their 1980-algorithm output, copied from porter/ in the shared
@@ -117,7 +120,7 @@ def test_vocab_save_load_round_trip(tmp_path):
     path = tmp_path / "vocab.json"
     vocab.save(path)
     loaded = Vocab.load(path)
-    assert loaded == vocab and loaded.stoi == vocab.stoi
+    assert loaded.itos == vocab.itos and loaded.stoi == vocab.stoi
     assert json.loads(path.read_text(encoding="utf-8"))["itos"] == vocab.itos
 
 
@@ -164,3 +167,38 @@ def test_cli_prints_every_stage(capsys, monkeypatch):
     assert "no punctuation : the cats are running quickly" in out
     assert "stems          : ['cat', 'run', 'quickli']" in out
     assert "ids            : [2, " in out
+
+
+def run_tokenizer(*args):
+    return subprocess.run([sys.executable, "tokenizer.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_shows_the_ids_of_a_saved_vocabulary_and_bad_files_are_one_line(tmp_path):
+    vocab = Vocab.build([["cat", "run"]])
+    vocab.save(str(tmp_path / "vocab.json"))
+    result = run_tokenizer(f"--vocab_path={tmp_path / 'vocab.json'}", "Cats run")
+    assert result.returncode == 0 and f"ids            : [2, {vocab.stoi['cat']}, {vocab.stoi['run']}]" in result.stdout
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "other.json").write_text('{"tokens": []}')
+    for name, reason in [("missing.json", "FileNotFoundError"), ("list.json", "TypeError"), ("other.json", "KeyError")]:
+        result = run_tokenizer(f"--vocab_path={tmp_path / name}", "Cats run")
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
+        assert lines[0].startswith(f"error: {tmp_path / name}: {reason}")
+
+
+def test_bench_reads_a_json_array_and_json_lines_alike(tmp_path):
+    """shared/data/README.md: the competition may ship News_train.json as JSON lines too."""
+    records = [{"id": i, "headline": f"Cats {i} run", "short_description": "dogs ran", "label": 0} for i in range(30)]
+    outputs = []
+    for lines in (False, True):
+        text = "".join(json.dumps(r) + "\n" for r in records) if lines else json.dumps(records)
+        (tmp_path / "News_train.json").write_text(text)
+        result = run_tokenizer("--bench", f"--data_dir={tmp_path}", "--bench_docs=20")
+        assert result.returncode == 0, result.stderr[-2000:]
+        outputs.append(next(line for line in result.stdout.splitlines() if line.startswith("tokenizer.py")))
+    assert all("(20 docs, 100 tokens)" in line for line in outputs)      # cat, 0, run, dog, ran
+    (tmp_path / "News_train.json").write_text('{"id": 0, "headline": "a"}\n')   # no short_description
+    result = run_tokenizer("--bench", f"--data_dir={tmp_path}")
+    assert result.returncode == 1 and result.stderr.strip() == f"error: {tmp_path}: KeyError: 'short_description'"
