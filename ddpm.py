@@ -530,7 +530,7 @@ def start_or_resume(config, system, ckpt_path):
     scaler = torch.amp.GradScaler(run_device.split(":")[0], enabled=precision_name == "fp16")
     if not os.path.exists(ckpt_path):
         return model, diffusion, ema, optimizer, scaler, 0, None
-    checkpoint = load_checkpoint(ckpt_path, run_device)
+    checkpoint = load_checkpoint(ckpt_path, run_device, ("model", "ema", "optimizer", "step", "config"))
     saved = {"norm_groups": 32, "patch_size": 1, "prediction": "eps", **checkpoint["config"]}
     differing = [f"{k} = {saved.get(k)!r} there, {v!r} now" for k, v in config.items() if saved.get(k) != v]
     if differing:
@@ -828,14 +828,16 @@ def save_atomic(checkpoint, path):
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(path, map_location):
-    """A checkpoint of this script. weights_only=True: tensors, numbers and strings only, so a file from elsewhere
-    cannot run code on loading; a damaged file is a one-line error that says what to do."""
+def load_checkpoint(path, map_location, needs=("ema", "config")):
+    """A checkpoint of this script holding the keys in `needs` (sampling's; resuming also needs the model, optimizer
+    and step). weights_only=True: tensors, numbers and strings only, so a file from elsewhere cannot run code on
+    loading; a damaged or foreign file is a one-line error that says what to do."""
     try:
         with warnings.catch_warnings():     # torch warns about a foreign pickle before it refuses it
             warnings.simplefilter("ignore")
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-        assert {"model", "ema", "step", "config"} <= checkpoint.keys(), "no model, EMA, step and configuration inside"
+        missing = [key for key in needs if key not in checkpoint]
+        assert not missing, f"no {', '.join(missing)} inside"
         return checkpoint
     except Exception as e:   # truncated, empty, not a checkpoint, or a pickle that asks for code
         previous = f"the previous state may be in {path}.tmp; " if os.path.exists(path + ".tmp") else ""

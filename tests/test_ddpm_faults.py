@@ -3,6 +3,7 @@ middle of training, an output folder that is missing, a rerun that writes fewer 
 constants (edited in the file, a named preset, a checkpoint's own configuration)."""
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,6 +78,17 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(faces_npy, tmp_path, damage)
     for command in (["--train"], ["--sample", "--n_samples=1", f"--submission={tmp_path / 's.zip'}"]):
         message = one_line_error(run(*command, f"--data_dir={faces_npy}", f"--out_dir={out}", *TINY_FLAGS))
         assert str(out / "ckpt.pt") in message and "delete it to start again" in message
+
+
+def test_a_checkpoint_kept_for_sampling_only_samples_but_does_not_resume(faces_npy, tmp_path):
+    """tests/data/ddpm_cpu_hour.pt holds the EMA, the guide and the configuration, no model or optimizer: --sample
+    takes it (test_fid_real.py), --train stops with one line naming what is missing."""
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(ROOT / "tests" / "data" / "ddpm_cpu_hour.pt", out / "ckpt.pt")
+    message = one_line_error(run("--train", "--preset=cpu", f"--data_dir={faces_npy}", f"--out_dir={out}",
+                                 "--max_steps=1", "--num_threads=1"))
+    assert "ckpt.pt is damaged or not a ddpm.py checkpoint (AssertionError: no model, optimizer inside)" in message
 
 
 def test_sigterm_during_training_saves_the_step_reached(faces_npy, tmp_path):
