@@ -1006,5 +1006,5 @@ if __name__ == "__main__":
         main()
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:                  # Ctrl-C outside training (sampling, the figure): nothing to save
+    except KeyboardInterrupt:   # Ctrl-C outside training (sampling, the figure), or a second one in it: one line
         sys.exit("\nstopped by Ctrl-C")

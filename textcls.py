@@ -466,8 +466,9 @@ def resume(checkpoint, model, optimizer, path, precision_name, rank):
     scaler = torch.amp.GradScaler(next(model.parameters()).device.type, enabled=precision_name == "fp16")
     if "model" in checkpoint:
         model.load_state_dict(checkpoint["model"])
+        decays = [group["weight_decay"] for group in optimizer.param_groups]   # this run's (parameter_groups)
         optimizer.load_state_dict(checkpoint["optimizer"])
-        for group, decay in zip(optimizer.param_groups, (0.0, weight_decay)):   # this run's, not the saved one
+        for group, decay in zip(optimizer.param_groups, decays):              # not the saved run's
             group["weight_decay"] = decay
         if scaler.is_enabled() and checkpoint["scaler"]:
             scaler.load_state_dict(checkpoint["scaler"])
