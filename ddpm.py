@@ -999,6 +999,8 @@ def bench_precisions(device_type):
 def synchronize(device_type):   # wait for the GPU's queued work before reading the clock
     if device_type == "cuda":
         torch.cuda.synchronize()
+    elif device_type == "mps":
+        torch.mps.synchronize()
 
 
 if __name__ == "__main__":

@@ -655,13 +655,21 @@ def train_ensemble(records, out_dir, mlm_records, mlm_epochs, system):
     means no limit, when the budget is spent). Running the same command again skips the finished models and resumes
     the stopped one."""
     deadline = time.time() + max_minutes * 60
-    for k in range(ensemble):
-        use_stems = stem != (ensemble_alternate_stem and k % 2 == 1)
-        minutes = max(1e-6, (deadline - time.time()) / 60 / (ensemble - k)) if max_minutes > 0 else 0.0
-        if ensemble > 1 and system[3] == 0:
-            print(f"ensemble model {k + 1}/{ensemble}: seed {seed + k}, stem {use_stems}, in {member_dir(out_dir, k)}"
-                  + (f", {minutes:.1f} minutes" if max_minutes > 0 else ""), flush=True)
-        train_model(records, member_dir(out_dir, k), mlm_records, mlm_epochs, seed + k, use_stems, minutes, system)
+    # Ctrl-C, and SIGTERM (what Colab and Kaggle send when a runtime ends): a checkpoint after the current step, then
+    # stop (on_signal, below). Only while training: predicting or drawing has nothing to save and stops at once.
+    previous = [signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)]
+    try:
+        for k in range(ensemble):
+            use_stems = stem != (ensemble_alternate_stem and k % 2 == 1)
+            minutes = max(1e-6, (deadline - time.time()) / 60 / (ensemble - k)) if max_minutes > 0 else 0.0
+            folder = member_dir(out_dir, k)
+            if ensemble > 1 and system[3] == 0:
+                print(f"ensemble model {k + 1}/{ensemble}: seed {seed + k}, stem {use_stems}, in {folder}"
+                      + (f", {minutes:.1f} minutes" if max_minutes > 0 else ""), flush=True)
+            train_model(records, folder, mlm_records, mlm_epochs, seed + k, use_stems, minutes, system)
+    finally:
+        for s, handler in zip((signal.SIGINT, signal.SIGTERM), previous):
+            signal.signal(s, handler)
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -903,6 +911,7 @@ def bench_speed(records, run_device, names=("fp32", "bf16"), steps=40, rounds=2)
         optimizer = torch.optim.AdamW(parameter_groups(model.named_parameters()), lr=lr)
         for i, batch in enumerate(batches):
             if i == warm:
+                synchronize(run_device)
                 tick = time.perf_counter()
             ids, targets = collate(encoded, batch, labels)
             with torch.autocast(run_device.split(":")[0], dtype=torch.bfloat16, enabled=name == "bf16"):
@@ -910,8 +919,16 @@ def bench_speed(records, run_device, names=("fp32", "bf16"), steps=40, rounds=2)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        synchronize(run_device)
         best[name] = max(best.get(name, 0.0), sum(map(len, batches[warm:])) / (time.perf_counter() - tick))
     return best
+
+
+def synchronize(run_device):   # wait for the GPU's queued work before reading the clock
+    if run_device.startswith("cuda"):
+        torch.cuda.synchronize(run_device)
+    elif run_device == "mps":
+        torch.mps.synchronize()
 
 
 def run_bench(data_dir, out_dir, system):
@@ -947,6 +964,7 @@ def run_bench(data_dir, out_dir, system):
 
 
 if __name__ == "__main__":
-    for s in (signal.SIGINT, signal.SIGTERM):     # Ctrl-C, or what Colab and Kaggle send when a runtime ends
-        signal.signal(s, on_signal)
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except KeyboardInterrupt:   # Ctrl-C outside training (predicting, drawing), or a second one in it: one line
+        sys.exit("\nstopped by Ctrl-C")

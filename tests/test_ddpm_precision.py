@@ -190,6 +190,17 @@ def test_bench_measures_each_precision_and_layout(tmp_path):
         assert sum(expected in line for line in lines) == 1
 
 
+@pytest.mark.parametrize("device_type", ["cuda", "mps", "cpu"])
+def test_bench_waits_for_the_gpu_before_reading_the_clock(monkeypatch, device_type):
+    """CUDA and mps run behind the Python loop: the bench's clock is read after their queued work, on the CPU at
+    once. (The two GPU calls are mocked: no GPU here.)"""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("cuda"))
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("mps"))
+    ddpm.synchronize(device_type)
+    assert calls == ([] if device_type == "cpu" else [device_type])
+
+
 # ----------------------------------------------------------------------------- other precisions, GPUs and devices
 @pytest.mark.parametrize("first", ["bf16", "fp32"])
 def test_a_run_resumes_under_fp16_after_another_precision(tiny, faces_npy, tmp_path, monkeypatch, capsys, first):

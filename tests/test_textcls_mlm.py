@@ -147,6 +147,17 @@ def test_resume_inside_each_phase_is_exact(tmp_path, mlm_run, monkeypatch):
         assert resumed["history"] == straight["history"], name    # each epoch's mean loss and scores, exactly
 
 
+@pytest.mark.parametrize("run_device, waited", [("cuda", "cuda"), ("cuda:1", "cuda"), ("mps", "mps"), ("cpu", None)])
+def test_bench_waits_for_the_gpu_before_reading_the_clock(monkeypatch, run_device, waited):
+    """CUDA and mps run behind the Python loop: the bench's clock is read after their queued work, on the CPU at
+    once. (The two GPU calls are mocked: no GPU here.)"""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("cuda"))
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("mps"))
+    textcls.synchronize(run_device)
+    assert calls == ([waited] if waited else [])
+
+
 def test_bench_speed_measures_fp32_and_bf16(tiny):
     speeds = textcls.bench_speed(make_records(400), "cpu", steps=5, rounds=1)
     assert set(speeds) == {"fp32", "bf16"} and all(v > 0 for v in speeds.values())

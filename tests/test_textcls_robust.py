@@ -334,6 +334,37 @@ def test_sigterm_or_ctrl_c_saves_a_checkpoint_at_the_step_reached(tmp_path, sign
     assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["step"] == step
 
 
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_predicting_stops_at_once(tmp_path, tiny, signal_number):
+    """Only training saves and stops after its step. Predicting has nothing to save: SIGTERM ends the process
+    (before, its handler printed that it would save a checkpoint, and predicting went on), Ctrl-C is one line. The
+    test file is a pipe, so the signal comes while --predict is surely reading it."""
+    train(make_records(60), tmp_path / "out")
+    fifo = tmp_path / "News_test.json"
+    os.mkfifo(fifo)
+    process = subprocess.Popen([sys.executable, "-u", "textcls.py", "--predict", f"--out_dir={tmp_path / 'out'}",
+                                f"--test_file={fifo}", f"--submission={tmp_path / 's.csv'}", *TINY_ARGS],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while True:                 # a writer's non-blocking open succeeds once the reader has the pipe open
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            assert process.poll() is None, process.communicate()
+    process.send_signal(signal_number)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    os.close(writer)            # the old handler went on reading: it now meets an empty file and stops
+    _, stderr = process.communicate(timeout=60)
+    if signal_number == signal.SIGTERM:
+        assert process.returncode == -signal.SIGTERM, stderr[-2000:]
+    else:
+        assert process.returncode == 1 and stderr.strip().splitlines()[-1] == "stopped by Ctrl-C", stderr[-2000:]
+    assert "saving a checkpoint" not in stderr and not (tmp_path / "s.csv").exists()
+
+
 @pytest.mark.parametrize("damage", ["truncated", "empty"])
 def test_a_damaged_checkpoint_is_one_line_that_says_what_to_do(tmp_path, tiny, monkeypatch, damage):
     monkeypatch.setattr(textcls, "epochs", 1)
