@@ -321,13 +321,12 @@ class UNet(nn.Module):
 def make_betas(schedule, timesteps, beta_start=1e-4, beta_end=0.02):
     if schedule == "linear":                      # Ho et al. section 4: linear from 1e-4 to 0.02
         return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
-    if schedule == "cosine":                      # Nichol & Dhariwal eq. 17: alpha_bar(t) = f(t) / f(0)
-        s = 0.008
-        t_over_T = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
-        f = torch.cos((t_over_T + s) / (1 + s) * math.pi / 2) ** 2
-        alphas_bar = f / f[0]
-        return (1 - alphas_bar[1:] / alphas_bar[:-1]).clamp(max=0.999)   # beta_t clipped at 0.999 (their 3.2)
-    raise ValueError(f"schedule must be 'linear' or 'cosine', got {schedule!r}")
+    # cosine, the only other schedule CHECKS allows: Nichol & Dhariwal eq. 17, alpha_bar(t) = f(t) / f(0)
+    s = 0.008
+    t_over_T = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((t_over_T + s) / (1 + s) * math.pi / 2) ** 2
+    alphas_bar = f / f[0]
+    return (1 - alphas_bar[1:] / alphas_bar[:-1]).clamp(max=0.999)   # beta_t clipped at 0.999 (their 3.2)
 
 
 class Diffusion:

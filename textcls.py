@@ -346,11 +346,6 @@ class MaskedLanguageModel(nn.Module):
         return F.linear(self.transform(x[chosen]), self.embedding.weight, self.bias), targets[chosen]
 
 
-# The configuration a trained model needs besides its weights: the preprocessing and the model's shape.
-MODEL_KEYS = ["remove_stop", "stem", "max_len", "d_model", "nhead", "d_hid", "nlayers", "dropout", "pos_encoding",
-              "pooling"]
-
-
 def build_model(config, vocab_size):
     return TransformerClassifier(vocab_size, config["d_model"], config["nhead"], config["d_hid"], config["nlayers"],
                                  config["dropout"], config["max_len"], config["pos_encoding"], config["pooling"])
@@ -899,7 +894,7 @@ def bench_speed(records, run_device, names=("fp32", "bf16"), steps=40, rounds=2)
     """Training examples/s of the configured model on this device in each precision of names, on the same batches
     in the same run. The rounds alternate them and the best round of each counts (other work on a shared machine
     slows some rounds down)."""
-    config = {key: globals()[key] for key in MODEL_KEYS}
+    config = {name: globals()[name] for name, _ in config_block(__file__) if name}   # as train_model's, less the data
     vocab = Vocab.build((segment for r in records for segment in record_tokens(r, config)), min_freq, max_vocab)
     encoded, labels = encode_records(records, vocab, config), [r["label"] for r in records]
     batches = make_batches([len(e) for e in encoded], batch_size, random.Random(seed))[:steps + 5]
