@@ -15,6 +15,7 @@ resume; --predict uses the best adapter (same model and prompt settings). Ctrl-C
 """
 import functools
 import gc
+import hashlib
 import io
 import json
 import math
@@ -126,6 +127,8 @@ def load_split(path, need_caption):
     for number, row in enumerate(table.to_pylist()):
         where = f"{name}: row {number}"
         data = row["image"].get("bytes") if isinstance(row.get("image"), dict) else row.get("image")
+        if need_caption and not isinstance(row.get("references") or [], list):
+            raise ValueError(f"{where}: field 'references' must be a list of captions, got {row['references']!r}")
         captions = [row["caption"]] if "caption" in row else []
         captions += row.get("references") or []
         if not data:
@@ -232,6 +235,7 @@ def load_transformers(adapter_dir, trainable, precision_name, use_cuda):
             raise ValueError(f"cannot load the adapter in {adapter_dir} ({type(e).__name__}: {e})") from None
     else:
         targets = f"({LANGUAGE_TARGETS}|{VISION_TARGETS})" if finetune_vision else LANGUAGE_TARGETS
+        torch.manual_seed(seed)   # new LoRA: A random (Kaiming uniform), B zero, so B A starts at 0
         model = peft.get_peft_model(base, peft.LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                                           target_modules=targets, bias="none"))
     # Drop the hooks that make embedding outputs require grad (transformers and peft add them for reentrant
@@ -256,15 +260,16 @@ def load_unsloth(adapter_dir, trainable, precision_name):
         # its defaults: LoRA on every attention and MLP projection of the language layers, no bias
         model = FastVisionModel.get_peft_model(model, finetune_vision_layers=finetune_vision, r=lora_r,
                                                lora_alpha=lora_alpha, lora_dropout=lora_dropout, random_state=seed)
-    set_mode(model, "unsloth", training=trainable)
     return model, processor
 
 
 def set_mode(model, used_backend, training):
-    """unsloth patches its model for training or for fast generation; switch between them around validation."""
+    """Training mode (dropout, gradient checkpointing) or evaluation mode; unsloth also patches its model for
+    training or for fast generation."""
     if used_backend == "unsloth":
         from unsloth import FastVisionModel
         (FastVisionModel.for_training if training else FastVisionModel.for_inference)(model)
+    model.train(training)
 
 
 def load_model(adapter_dir=None, trainable=True):
@@ -288,6 +293,7 @@ def load_model(adapter_dir=None, trainable=True):
     for p in model.parameters() if trainable else []:
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+    set_mode(model, used_backend, training=trainable)   # from_pretrained gives evaluation mode: no checkpointing
     print(f"backend {used_backend} on {model.device}, precision {precision_name} (--precision={precision}), "
           f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable LoRA parameters")
     return model, processor, used_backend, precision_name
@@ -353,6 +359,8 @@ def generate_captions(model, processor, images, ctx):
     model.eval()
     captions = []
     for s in range(0, len(images), predict_batch_size):
+        if stop_signal:   # Ctrl-C or SIGTERM in training's validation: stop captioning (minutes on a T4), then save
+            break
         inputs = make_batch(processor, images[s:s + predict_batch_size]).to(model.device)
         with ctx:
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
@@ -368,7 +376,8 @@ def validate(model, processor, used_backend, rows, ctx, step):
     set_mode(model, used_backend, training=False)
     hypotheses = generate_captions(model, processor, [r["image"] for r in rows], ctx)
     set_mode(model, used_backend, training=True)
-    model.train()
+    if stop_signal:   # cut short by a signal: no score
+        return -1.0
     score = bleu_from_stats(corpus_stats(hypotheses, [r["references"] for r in rows])).score   # all of each image's
     print(f"step {step}: validation BLEU {score:.2f} on {len(rows)} images; e.g. {hypotheses[0]!r}")
     return score
@@ -402,6 +411,7 @@ def resume(state, optimizer, scaler, precision_name, folder):
     """Load a saved step's optimizer and gradient-scaler state; (step, best_bleu, best folder) to go on from. A run
     saved under another precision goes on under this one; the scaler starts fresh where the saved run had none."""
     optimizer.load_state_dict(state["optimizer"])
+    optimizer.param_groups[0]["weight_decay"] = weight_decay   # a changed --weight_decay applies
     if scaler.is_enabled() and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
     print(f"resuming from {folder} at step {state['step']} (saved under {state['precision']}, now {precision_name})")
@@ -410,10 +420,10 @@ def resume(state, optimizer, scaler, precision_name, folder):
 
 def train_model(data_dir, out_dir):
     """The training run of LoRA (Hu et al. 2021) on the frozen base; returns the best validation BLEU."""
-    torch.manual_seed(seed)
     train_rows = load_split(os.path.join(data_dir, "train_data.parquet"), need_caption=True)
     val_rows = load_split(os.path.join(data_dir, "valid_data.parquet"), need_caption=True)[:val_samples or None]
-    last, state = load_checkpoint(out_dir, "last")
+    data = hashlib.sha1(json.dumps([r["references"] for r in train_rows]).encode()).hexdigest()[:16]   # the captions
+    last, state = load_checkpoint(out_dir, "last", data)
     model, processor, used_backend, precision_name = load_model(last, trainable=True)
     ctx = torch.autocast(model.device.type, dtype=DTYPES[precision_name], enabled=precision_name != "fp32")
     lora = [p for p in model.parameters() if p.requires_grad]
@@ -423,11 +433,12 @@ def train_model(data_dir, out_dir):
     step, best_bleu, best = resume(state, optimizer, scaler, precision_name, last) if state else (0, -1.0, None)
     if state is None:   # the zero-shot baseline; a broken pipeline shows here, before hours of training
         best_bleu = validate(model, processor, used_backend, val_rows, ctx, step)
-        best = save_checkpoint(model, out_dir, optimizer, scaler, step, best_bleu, None, precision_name)
+        best = save_checkpoint(model, out_dir, optimizer, scaler, step, best_bleu, None, precision_name, data)
     start, start_step, loss_sum, loss_steps = time.time(), step, 0.0, 0
-    while step < total_steps:
+    while step < total_steps and not stop_signal:   # a signal: the step reached is saved, then the run stops below
         step_lr = learning_rate(step, total_steps)
         optimizer.param_groups[0]["lr"] = step_lr   # one group: the LoRA matrices
+        torch.manual_seed(seed * 1000003 + step)    # LoRA dropout's masks from (seed, step) only: exact on resume
         # forward backward over grad_accum micro-batches; each loss / grad_accum, so the gradients add to the mean
         for micro in range(grad_accum):
             batch = training_batch(processor, train_rows, step * grad_accum + micro).to(model.device)
@@ -439,7 +450,9 @@ def train_model(data_dir, out_dir):
             loss_sum += loss.item()
         # clip the gradient (unscaled first, so that the clip sees its true norm), update, flush the gradients
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(lora, grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(lora, grad_clip)
+        if not scaler.is_enabled() and not math.isfinite(norm):   # (fp16: the scaler skips such a step, below)
+            sys.exit(f"error: the gradient is {float(norm)} at step {step + 1} ({precision_name}); stopped, not saved")
         scaler.step(optimizer)   # skips a step whose gradients overflowed (fp16)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -457,13 +470,12 @@ def train_model(data_dir, out_dir):
         if score > best_bleu:
             best_bleu, best = score, None   # save_checkpoint makes this step the best
         if best is None or step % save_every == 0 or step == total_steps or out_of_time or stop_signal:
-            best = save_checkpoint(model, out_dir, optimizer, scaler, step, best_bleu, best, precision_name)
-        # termination conditions: a signal, the time limit (the loop's own condition is the last step)
-        if stop_signal:
-            sys.exit(f"stopped by {stop_signal[0]} at step {step}/{total_steps}: saved; run the same command to go on")
-        if out_of_time:
+            best = save_checkpoint(model, out_dir, optimizer, scaler, step, best_bleu, best, precision_name, data)
+        if out_of_time:   # the time limit (the loop's own conditions are the last step and a signal)
             print(f"stopped after {max_minutes} minutes at step {step}/{total_steps}; run the same command to go on")
             return best_bleu
+    if stop_signal:
+        sys.exit(f"stopped by {stop_signal[0]} at step {step}/{total_steps}: saved; run the same command to go on")
     print(f"done: best validation BLEU {best_bleu:.2f}, adapter in {os.path.join(out_dir, best)}")
     return best_bleu
 
@@ -495,20 +507,26 @@ def main(argv):
     try:   # both outputs are checked before any work: --train --predict must not find a bad --submission at the end
         if train:
             check_writable(out_dir, "out_dir")
-        if predict and os.path.isdir(submission):
+        if predict and (os.path.isdir(submission) or not os.path.basename(submission)):
             raise OSError(f"--submission {submission!r} is a folder; give a file name such as submission.json")
         if predict:
             check_writable(os.path.dirname(os.path.abspath(submission)), "the folder of --submission")
-        if train:
-            signal.signal(signal.SIGTERM, request_stop)   # what Colab and Kaggle send when a session ends
-            signal.signal(signal.SIGINT, request_stop)
+            load_split(os.path.join(data_dir, "test_data.parquet"), need_caption=False)   # read again by --predict
+        if train:   # Ctrl-C and SIGTERM (what Colab and Kaggle send when a session ends): save, then exit
+            previous = [signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)]
             train_model(data_dir, out_dir)
+            for s, handler in zip((signal.SIGTERM, signal.SIGINT), previous):   # predicting stops at once
+                signal.signal(s, handler)
+            if stop_signal:   # one came as training returned: all is saved, and it would cut the captions short
+                sys.exit(f"stopped by {stop_signal[0]} after training; run the same command to go on")
             gc.collect()   # let the trained model go before --predict loads the adapter (two 11B do not fit a T4)
         if predict:
             write_submission(data_dir, out_dir, submission)
     except (ValueError, OSError) as e:   # bad input or an unwritable output: one line naming the file
         message = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
         sys.exit(f"error: {message.splitlines()[0]}")
+    except KeyboardInterrupt:   # Ctrl-C while predicting, or a second one in training: one line
+        sys.exit("\nstopped by Ctrl-C")
 
 
 # --- robustness (read last) ---
@@ -537,7 +555,7 @@ def save_atomic(text, path):
     os.replace(path + ".tmp", path)
 
 
-def save_checkpoint(model, out_dir, optimizer, scaler, step, best_bleu, best, precision_name):
+def save_checkpoint(model, out_dir, optimizer, scaler, step, best_bleu, best, precision_name, data=None):
     """Save step `step` as out_dir/step_<step>/ (adapter, resume state), then point out_dir/checkpoint.json at it as
     the last (and as the best where best is None), with the settings, then delete the step folders it no longer
     names. A kill at any moment leaves the pointer naming complete folders. Returns the best folder's name."""
@@ -546,15 +564,15 @@ def save_checkpoint(model, out_dir, optimizer, scaler, step, best_bleu, best, pr
     torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
                 "best_bleu": best_bleu, "best": best or folder, "precision": precision_name},
                os.path.join(out_dir, folder, "state.pt"))
-    pointer = {"last": folder, "best": best or folder, **{key: globals()[key] for key in RESUME_KEYS}}
+    pointer = {"last": folder, "best": best or folder, "data": data, **{key: globals()[key] for key in RESUME_KEYS}}
     save_atomic(json.dumps(pointer, indent=1), os.path.join(out_dir, POINTER))
     for name in os.listdir(out_dir):
-        if name.startswith("step_") and name not in (folder, best):
+        if re.fullmatch(r"step_\d+", name) and name not in (folder, best):   # (not a user's step_2_backup)
             shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
     return best or folder
 
 
-def load_checkpoint(out_dir, which):
+def load_checkpoint(out_dir, which, data=None):
     """(folder, resume state) of the step folder that out_dir/checkpoint.json names as `which` (last, with its
     state, or best, without), or (None, None) where nothing was saved. The settings must be those the steps were
     saved with: all RESUME_KEYS to resume, the MODEL_KEYS to predict. A damaged file stops with one line naming it;
@@ -568,6 +586,8 @@ def load_checkpoint(out_dir, which):
         folder = os.path.join(out_dir, pointer[which])
         keys = RESUME_KEYS if which == "last" else MODEL_KEYS
         differing = [f"{k} = {pointer[k]!r} there, {globals()[k]!r} now" for k in keys if pointer[k] != globals()[k]]
+        if data and pointer.get("data") not in (None, data):   # (a pointer from before this check has none)
+            differing.append(f"training captions {pointer['data']} there, {data} now")
         path = os.path.join(folder, "state.pt")
         state = torch.load(path, map_location="cpu", weights_only=True) if which == "last" else None
         for key in ("optimizer", "scaler", "step", "best_bleu", "best", "precision") if state is not None else ():

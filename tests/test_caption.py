@@ -268,7 +268,10 @@ def test_train_saves_an_adapter_that_reloads_to_the_same_logits(tiny, data_dir, 
     torch.testing.assert_close(logits_of(trained, processor), logits_of(again, processor), rtol=0, atol=0)
 
 
-def test_resume_continues_exactly(tiny, data_dir, tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_resume_continues_exactly(tiny, data_dir, tmp_path, monkeypatch, dropout):
+    """Also with LoRA dropout: its masks come from (seed, step), not from where a run (re)started."""
+    monkeypatch.setattr(caption, "lora_dropout", dropout)
     straight = str(tmp_path / "straight")
     caption.train_model(data_dir, straight)
     interrupted = str(tmp_path / "interrupted")
@@ -355,6 +358,11 @@ def test_bad_data_is_one_clear_error(tmp_path):
                    path)
     with pytest.raises(ValueError, match=r"bad.parquet: row 1: field 'caption' or 'references' is empty"):
         caption.load_split(path, need_caption=True)
+    for references in ("A red square .", '["A red square .", "The red box ."]'):   # text, not a list (a CSV trip)
+        pq.write_table(pa.table({"image": [{"bytes": jpeg("red"), "path": "a"}], "references": [references]}), path)
+        with pytest.raises(ValueError, match=r"bad.parquet: row 0: field 'references' must be a list of captions, "
+                                             r"got '"):
+            caption.load_split(path, need_caption=True)
     pq.write_table(pa.table({"image": [{"bytes": jpeg("red"), "path": "a"}], "idx": ["7"]}), path)
     with pytest.raises(ValueError, match=r"bad.parquet: row 0: field 'idx' must be an integer, got '7'"):
         caption.load_split(path, need_caption=False)

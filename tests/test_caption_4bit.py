@@ -387,7 +387,7 @@ def test_auto_picks_unsloth_only_from_capability_7(monkeypatch):
     assert caption.choose_backend(use_cuda=True) == "transformers"   # --tiny: transformers
 
 
-def test_unsloth_failing_to_load_the_model_falls_back_under_auto_and_stops_by_name(monkeypatch, capsys):
+def test_unsloth_failing_to_load_the_model_falls_back_under_auto_and_stops_by_name(data_dir, monkeypatch, capsys):
     """A failure deep inside unsloth's loading (Triton, a download): under auto one line and transformers + peft;
     with --backend=unsloth one line naming the model, through main."""
     fake = FakeUnsloth()
@@ -397,7 +397,7 @@ def test_unsloth_failing_to_load_the_model_falls_back_under_auto_and_stops_by_na
     fake.FastVisionModel.from_pretrained = staticmethod(broken)
     monkeypatch.setitem(sys.modules, "unsloth", fake)
     on_a_gpu(monkeypatch, (7, 5))
-    for name in ("predict", "model_name", "backend"):          # main's overrides are undone after the test
+    for name in ("predict", "model_name", "backend", "data_dir"):   # main's overrides are undone after the test
         monkeypatch.setattr(caption, name, getattr(caption, name))
     monkeypatch.setattr(caption, "model_name", "some/model")
     model, processor, used, _ = caption.load_model(trainable=False)
@@ -408,7 +408,7 @@ def test_unsloth_failing_to_load_the_model_falls_back_under_auto_and_stops_by_na
     assert out[1].startswith("backend transformers on cpu")
     monkeypatch.setattr(caption, "write_submission", lambda *args: caption.load_model(trainable=False))
     with pytest.raises(SystemExit) as stop:
-        caption.main(["--predict", "--backend=unsloth", "--model_name=some/model"])
+        caption.main(["--predict", "--backend=unsloth", "--model_name=some/model", f"--data_dir={data_dir}"])
     assert str(stop.value) == ("error: --backend=unsloth but unsloth failed to load some/model (RuntimeError: "
                                "Unsloth: Triton failed to compile)")
 

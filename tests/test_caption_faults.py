@@ -289,6 +289,139 @@ def test_sigterm_saves_the_step_reached_then_exits(data_dir, tmp_path):
     assert step_of(saved_folder(str(out_dir))) == int(stopped.group(1)) >= 2
 
 
+CLI_TINY = ["--tiny", "--backend=transformers", "--load_in_4bit=False", "--precision=fp32", "--num_threads=1",
+            "--predict_batch_size=1", "--max_new_tokens=48"]
+
+
+def test_sigterm_during_validation_stops_the_captioning_and_saves(tmp_path):
+    """Validation captions every validation image (5-7 minutes on a T4): a signal there stops the captioning at
+    the image it reached, saves the step and exits (before, the whole validation and one more step ran first)."""
+    write_parquet(tmp_path / "train_data.parquet", 4)
+    write_parquet(tmp_path / "valid_data.parquet", 80)
+    out_dir = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-u", "caption.py", "--train", *CLI_TINY, f"--data_dir={tmp_path}",
+                                f"--out_dir={out_dir}", "--max_steps=10", "--val_samples=0"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("backend transformers"):      # loaded: step 0's validation starts now
+            process.send_signal(signal.SIGTERM)
+            break
+    rest, errors = process.communicate(timeout=300)
+    assert process.returncode == 1, errors[-2000:]
+    assert errors.strip().splitlines()[-1] == ("stopped by SIGTERM at step 0/10: saved; run the same command to "
+                                               "go on")
+    assert "validation BLEU" not in rest and step_of(saved_folder(str(out_dir))) == 0
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_predicting_after_training_stops_at_once(tmp_path, signal_number):
+    """Only training saves and stops after its step: under --train --predict, a signal once training is done ends
+    the process (SIGTERM) or is one line (Ctrl-C), and no submission is written (before, the handler said it would
+    save, and captioning went on)."""
+    write_parquet(tmp_path / "train_data.parquet", 4)
+    write_parquet(tmp_path / "valid_data.parquet", 1)
+    write_parquet(tmp_path / "test_data.parquet", 80, kind="test")
+    process = subprocess.Popen([sys.executable, "-u", "caption.py", "--train", "--predict", *CLI_TINY,
+                                f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}", "--max_steps=1",
+                                f"--submission={tmp_path / 's.json'}"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:                           # training is done,
+        if line.startswith("done:"):
+            break
+    for line in process.stdout:                           # and the model is loaded again for --predict
+        if line.startswith("backend transformers"):
+            break
+    process.send_signal(signal_number)
+    _, errors = process.communicate(timeout=300)
+    if signal_number == signal.SIGTERM:
+        assert process.returncode == -signal.SIGTERM, errors[-2000:]
+    else:
+        assert process.returncode == 1 and errors.strip().splitlines()[-1] == "stopped by Ctrl-C", errors[-2000:]
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_a_resumed_run_trains_in_training_mode(tiny, data_dir, tmp_path, monkeypatch):
+    """from_pretrained gives a model in evaluation mode, where gradient checkpointing is off (8 times the
+    activations of the tiny model; out of memory on a T4 for the 11B). A fresh run switches after step 0's
+    validation; a resumed run, which has none, must switch too."""
+    out_dir = tmp_path / "out"
+    first_run(data_dir, out_dir, steps=1)
+    modes, real_load = [], caption.load_model
+
+    def record_modes(module, args, kwargs):
+        if kwargs.get("labels") is not None:
+            modes.append(all(m.training for m in module.modules()))
+
+    def load_and_watch(*args, **kwargs):
+        result = real_load(*args, **kwargs)
+        result[0].register_forward_pre_hook(record_modes, with_kwargs=True)
+        return result
+    monkeypatch.setattr(caption, "load_model", load_and_watch)
+    caption.max_steps = 3
+    caption.train_model(data_dir, str(out_dir))
+    assert modes == [True, True]
+
+
+class NanGradient(torch.autograd.Function):
+    """The identity whose gradient is NaN: a finite loss with a poisoned backward."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_a_nan_gradient_stops_without_touching_the_resume_point(tiny, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(caption, "save_every", 1)
+
+    def poison(output):
+        output.loss = NanGradient.apply(output.loss)
+        return output
+    poison_the_loss(monkeypatch, 3, poison)
+    out_dir = str(tmp_path / "out")
+    with pytest.raises(SystemExit) as stop:
+        caption.train_model(data_dir, out_dir)
+    assert str(stop.value) == "error: the gradient is nan at step 3 (fp32); stopped, not saved"
+    assert step_of(saved_folder(out_dir)) == 2
+    from safetensors.torch import load_file
+    weights = load_file(os.path.join(saved_folder(out_dir), "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_saving_deletes_only_its_own_step_folders(tiny, data_dir, tmp_path):
+    out_dir = tmp_path / "out"
+    first_run(data_dir, out_dir, steps=1)
+    for name in ("step_1_backup", "step_plots", "step_1 (copy)"):
+        (out_dir / name).mkdir()
+    first_run(data_dir, out_dir, steps=2)
+    names = {p.name for p in out_dir.iterdir()}
+    assert {"step_1_backup", "step_plots", "step_1 (copy)", "step_2"} <= names and "step_1" not in names
+
+
+def test_resuming_on_other_training_data_stops_and_a_new_weight_decay_applies(tiny, data_dir, tmp_path,
+                                                                              monkeypatch):
+    out_dir = str(tmp_path / "out")
+    first_run(data_dir, out_dir, steps=1)
+    decays, real_resume = [], caption.resume
+
+    def resume_and_look(state, optimizer, *rest):
+        result = real_resume(state, optimizer, *rest)
+        decays.append(optimizer.param_groups[0]["weight_decay"])
+        return result
+    monkeypatch.setattr(caption, "resume", resume_and_look)
+    monkeypatch.setattr(caption, "weight_decay", 0.5)
+    first_run(data_dir, out_dir, steps=2)
+    assert decays == [0.5]                          # before, the saved optimizer's 0.01 went on
+    write_parquet(os.path.join(data_dir, "train_data.parquet"), 3)
+    with pytest.raises(ValueError, match=r"step_2 was trained with other settings: training captions [0-9a-f]{16} "
+                                         r"there, [0-9a-f]{16} now; use the same values, or another --out_dir$"):
+        first_run(data_dir, out_dir, steps=3)
+
+
 # ----------------------------------------------------------------------------- inputs and outputs
 def test_a_one_row_training_file_trains(tiny, tmp_path):
     write_parquet(tmp_path / "train_data.parquet", 1)
@@ -311,8 +444,17 @@ def test_an_unwritable_submission_stops_before_any_work(tiny, data_dir, tmp_path
     monkeypatch.setattr(caption, "load_split", lambda *a, **k: pytest.fail("data loaded before the check"))
     with pytest.raises(SystemExit, match=r"^error: the folder of --submission '.*a_file' is not writable"):
         caption.main(["--train", "--predict", f"--out_dir={tmp_path}", f"--submission={tmp_path / 'a_file' / 's.json'}"])
-    with pytest.raises(SystemExit, match=r"^error: --submission '.*' is a folder"):
-        caption.main(["--predict", f"--out_dir={tmp_path}", f"--submission={tmp_path}"])
+    for folder in (str(tmp_path), "", str(tmp_path / "no_such_folder") + "/"):   # the last two named no file
+        with pytest.raises(SystemExit, match=r"^error: --submission '.*' is a folder"):
+            caption.main(["--predict", f"--out_dir={tmp_path}", f"--submission={folder}"])
+
+
+def test_train_predict_checks_the_test_file_before_training(tiny, data_dir, tmp_path, monkeypatch, restore_globals):
+    os.remove(os.path.join(data_dir, "test_data.parquet"))
+    monkeypatch.setattr(caption, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
+    with pytest.raises(SystemExit, match=r"^error: test_data.parquet: cannot read parquet \(FileNotFoundError"):
+        caption.main(["--train", "--predict", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}",
+                      f"--submission={tmp_path / 's.json'}"])
 
 
 def test_the_submission_is_written_whole_or_not_at_all(tiny, data_dir, tmp_path, monkeypatch, restore_globals):
