@@ -356,7 +356,6 @@ def clean_caption(text):
 @torch.no_grad()
 def generate_captions(model, processor, images, ctx):
     """Greedy captions, cleaned (clean_caption), for a list of PIL images, in order, predict_batch_size at a time."""
-    model.eval()
     captions = []
     for s in range(0, len(images), predict_batch_size):
         if stop_signal:   # Ctrl-C or SIGTERM in training's validation: stop captioning (minutes on a T4), then save
@@ -444,15 +443,14 @@ def train_model(data_dir, out_dir):
             batch = training_batch(processor, train_rows, step * grad_accum + micro).to(model.device)
             with ctx:
                 loss = model(**batch).loss / grad_accum
-            if not math.isfinite(loss.item()):   # stop before the update: the saved steps stay as they were
-                sys.exit(f"error: the loss is {loss.item()} at step {step + 1} ({precision_name}); stopped, not saved")
             scaler.scale(loss).backward()   # fp16: the loss scaled up so small gradients do not round to 0
             loss_sum += loss.item()
         # clip the gradient (unscaled first, so that the clip sees its true norm), update, flush the gradients
         scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(lora, grad_clip)
-        if not scaler.is_enabled() and not math.isfinite(norm):   # (fp16: the scaler skips such a step, below)
-            sys.exit(f"error: the gradient is {float(norm)} at step {step + 1} ({precision_name}); stopped, not saved")
+        # inf or NaN in the loss or the gradient: stop before the update (fp16: the scaler skips overflowed steps)
+        if not math.isfinite(loss_sum) or not (scaler.is_enabled() or math.isfinite(norm)):
+            sys.exit(f"error: inf or NaN in the loss or gradient at step {step + 1} ({precision_name}); not saved")
         scaler.step(optimizer)   # skips a step whose gradients overflowed (fp16)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

@@ -260,7 +260,7 @@ def test_a_nan_loss_stops_without_touching_the_resume_point(tiny, data_dir, tmp_
     out_dir = str(tmp_path / "out")
     with pytest.raises(SystemExit) as stop:
         caption.train_model(data_dir, out_dir)
-    assert str(stop.value) == "error: the loss is nan at step 3 (fp32); stopped, not saved"
+    assert str(stop.value) == "error: inf or NaN in the loss or gradient at step 3 (fp32); not saved"
     assert step_of(saved_folder(out_dir)) == 2 and not os.path.exists(os.path.join(out_dir, "step_3"))
     from safetensors.torch import load_file
     weights = load_file(os.path.join(saved_folder(out_dir), "adapter_model.safetensors"))
@@ -385,7 +385,7 @@ def test_a_nan_gradient_stops_without_touching_the_resume_point(tiny, data_dir, 
     out_dir = str(tmp_path / "out")
     with pytest.raises(SystemExit) as stop:
         caption.train_model(data_dir, out_dir)
-    assert str(stop.value) == "error: the gradient is nan at step 3 (fp32); stopped, not saved"
+    assert str(stop.value) == "error: inf or NaN in the loss or gradient at step 3 (fp32); not saved"
     assert step_of(saved_folder(out_dir)) == 2
     from safetensors.torch import load_file
     weights = load_file(os.path.join(saved_folder(out_dir), "adapter_model.safetensors"))
