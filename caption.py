@@ -235,7 +235,6 @@ def load_transformers(adapter_dir, trainable, precision_name, use_cuda):
             raise ValueError(f"cannot load the adapter in {adapter_dir} ({type(e).__name__}: {e})") from None
     else:
         targets = f"({LANGUAGE_TARGETS}|{VISION_TARGETS})" if finetune_vision else LANGUAGE_TARGETS
-        torch.manual_seed(seed)   # new LoRA: A random (Kaiming uniform), B zero, so B A starts at 0
         model = peft.get_peft_model(base, peft.LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                                           target_modules=targets, bias="none"))
     # Drop the hooks that make embedding outputs require grad (transformers and peft add them for reentrant
@@ -395,7 +394,9 @@ def learning_rate(step, total_steps):
 def training_batch(processor, rows, number):
     """The run's number-th batch of batch_size training examples, with labels (make_batch). Epoch e visits the
     images in a shuffle that depends only on (seed, e), and each visit draws one of the image's captions with its
-    own seeded choice, so a resumed run sees what it would have seen and every caption is trained on."""
+    own seeded choice, so a resumed run sees what it would have seen and every caption is trained on. The batch's
+    dropout masks (lora_dropout) come from (seed, number) too."""
+    torch.manual_seed(seed * 1000003 + number)
     images, captions = [], []
     for item in range(number * batch_size, (number + 1) * batch_size):
         epoch, position = divmod(item, len(rows))
@@ -419,6 +420,7 @@ def resume(state, optimizer, scaler, precision_name, folder):
 
 def train_model(data_dir, out_dir):
     """The training run of LoRA (Hu et al. 2021) on the frozen base; returns the best validation BLEU."""
+    torch.manual_seed(seed)
     train_rows = load_split(os.path.join(data_dir, "train_data.parquet"), need_caption=True)
     val_rows = load_split(os.path.join(data_dir, "valid_data.parquet"), need_caption=True)[:val_samples or None]
     data = hashlib.sha1(json.dumps([r["references"] for r in train_rows]).encode()).hexdigest()[:16]   # the captions
@@ -437,7 +439,6 @@ def train_model(data_dir, out_dir):
     while step < total_steps and not stop_signal:   # a signal: the step reached is saved, then the run stops below
         step_lr = learning_rate(step, total_steps)
         optimizer.param_groups[0]["lr"] = step_lr   # one group: the LoRA matrices
-        torch.manual_seed(seed * 1000003 + step)    # LoRA dropout's masks from (seed, step) only: exact on resume
         # forward backward over grad_accum micro-batches; each loss / grad_accum, so the gradients add to the mean
         for micro in range(grad_accum):
             batch = training_batch(processor, train_rows, step * grad_accum + micro).to(model.device)

@@ -320,6 +320,7 @@ def test_device_picks_cuda_then_mps_then_cpu_and_says_why(monkeypatch, capsys):
     monkeypatch.setattr(ddpm, "precision", "auto")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda *a: True, raising=False)   # torch 2.6 asks
     run_device, precision_name, ctx, rank, world_size = ddpm.setup_system()
     assert (run_device, precision_name, rank, world_size) == ("mps", "fp32", 0, 1)   # fp32 on mps
     assert capsys.readouterr().out.strip() == "device mps (no CUDA GPU; Apple's mps); precision fp32 (no native " \
@@ -328,6 +329,7 @@ def test_device_picks_cuda_then_mps_then_cpu_and_says_why(monkeypatch, capsys):
     assert ddpm.setup_system()[0] == "cpu" and "device cpu (no GPU)" in capsys.readouterr().out
     mock_gpu(monkeypatch, (8, 0), archs=("sm_80",))
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda *a: True, raising=False)   # torch 2.6 asks
     assert ddpm.setup_system()[:2] == ("cuda", "bf16") and "device cuda (a CUDA GPU)" in capsys.readouterr().out
 
 

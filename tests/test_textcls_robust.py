@@ -537,6 +537,7 @@ def test_device_picks_cuda_then_mps_then_cpu_and_says_why(tiny, mocked_gpu, monk
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert textcls.setup_system()[0] == "cpu"
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda *a: True, raising=False)   # torch 2.6 asks
     assert textcls.setup_system()[:2] == ("mps", "fp32")
     assert "device: mps (the first of cuda, mps, cpu found); precision: fp32 (asked for)" in capsys.readouterr().out
     assert textcls.choose_precision("auto", "mps") == ("fp32", "no native bfloat16 on this mps")
@@ -551,6 +552,7 @@ def test_on_a_mac_the_run_goes_to_mps_in_fp32(tmp_path, tiny, monkeypatch, capsy
     goes to mps (where this CPU-only PyTorch build stops: it has no mps kernels)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda *a: True, raising=False)   # torch 2.6 asks
     write_json(tmp_path / "News_train.json", make_records(60))
     with pytest.raises(RuntimeError, match="mps"):
         textcls.main(["--train", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}", "--device=",
