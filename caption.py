@@ -480,10 +480,11 @@ def train_model(data_dir, out_dir):
 
 
 # ----------------------------------------------------------------------------- prediction
-def write_submission(data_dir, out_dir, submission):
-    """Write submission: [{"idx": int, "output": str}] for every test image, in idx order, each idx exactly once,
-    written whole or not at all, with the best adapter (which needs the model and prompt it was trained with)."""
-    rows = sorted(load_split(os.path.join(data_dir, "test_data.parquet"), need_caption=False), key=lambda r: r["idx"])
+def write_submission(rows, out_dir, submission):
+    """Write submission: [{"idx": int, "output": str}] for every test row (load_split's dicts), in idx order, each
+    idx exactly once, written whole or not at all, with the best adapter (which needs the model and prompt it was
+    trained with)."""
+    rows = sorted(rows, key=lambda r: r["idx"])
     best, _ = load_checkpoint(out_dir, "best")
     if best is None:
         raise ValueError(f"{out_dir}: no trained adapter: train first (python caption.py --train --out_dir={out_dir})")
@@ -510,7 +511,7 @@ def main(argv):
             raise OSError(f"--submission {submission!r} is a folder; give a file name such as submission.json")
         if predict:
             check_writable(os.path.dirname(os.path.abspath(submission)), "the folder of --submission")
-            load_split(os.path.join(data_dir, "test_data.parquet"), need_caption=False)   # read again by --predict
+            test_rows = load_split(os.path.join(data_dir, "test_data.parquet"), need_caption=False)
         if train:   # Ctrl-C and SIGTERM (what Colab and Kaggle send when a session ends): save, then exit
             previous = [signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)]
             train_model(data_dir, out_dir)
@@ -520,7 +521,7 @@ def main(argv):
                 sys.exit(f"stopped by {stop_signal[0]} after training; run the same command to go on")
             gc.collect()   # let the trained model go before --predict loads the adapter (two 11B do not fit a T4)
         if predict:
-            write_submission(data_dir, out_dir, submission)
+            write_submission(test_rows, out_dir, submission)
     except (ValueError, OSError) as e:   # bad input or an unwritable output: one line naming the file
         message = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
         sys.exit(f"error: {message.splitlines()[0]}")

@@ -69,6 +69,11 @@ def load(**kwargs):
     return caption.load_model(**kwargs)[:3]
 
 
+def rows_of_test_file(data_dir):
+    """caption.py's rows of data_dir/test_data.parquet, as main reads them for --predict."""
+    return caption.load_split(os.path.join(data_dir, "test_data.parquet"), need_caption=False)
+
+
 def saved_folder(out_dir, which="last"):
     """The step folder out_dir/checkpoint.json names as the last (or the best)."""
     return os.path.join(out_dir, json.loads(open(os.path.join(out_dir, "checkpoint.json")).read())[which])
@@ -295,7 +300,7 @@ def test_predict_writes_every_idx_once_in_order(tiny, data_dir, tmp_path):
     test_path = os.path.join(data_dir, "test_data.parquet")
     table = pq.read_table(test_path)
     pq.write_table(table.take([5, 2, 0, 4, 1, 3]), test_path)      # the file's order is not idx order
-    caption.write_submission(data_dir, out_dir, str(tmp_path / "submission.json"))
+    caption.write_submission(rows_of_test_file(data_dir), out_dir, str(tmp_path / "submission.json"))
     submission = json.loads((tmp_path / "submission.json").read_text())
     assert [s["idx"] for s in submission] == list(range(6))
     assert all(set(s) == {"idx", "output"} and isinstance(s["output"], str) for s in submission)
@@ -312,7 +317,7 @@ def test_predict_on_the_shared_test_parquet(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(caption, "predict_batch_size", 25)
     out_dir = str(tmp_path / "out")
     caption.train_model(caption_dir, out_dir)
-    caption.write_submission(caption_dir, out_dir, str(tmp_path / "submission.json"))
+    caption.write_submission(rows_of_test_file(caption_dir), out_dir, str(tmp_path / "submission.json"))
     submission = json.loads((tmp_path / "submission.json").read_text())
     sample = json.loads(open(os.path.join(caption_dir, "sample_submission.json")).read())
     assert [s["idx"] for s in submission] == [s["idx"] for s in sample] == list(range(250))

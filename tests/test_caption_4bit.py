@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import caption
-from test_caption import COLOURS, load, saved_folder, saved_state, write_parquet
+from test_caption import rows_of_test_file, COLOURS, load, saved_folder, saved_state, write_parquet
 
 
 @pytest.fixture
@@ -164,7 +164,7 @@ def test_predict_on_the_4bit_model_writes_a_valid_submission(tiny, data_dir, tmp
         loaded.append(result[0])
         return result
     monkeypatch.setattr(caption, "load_model", spy)
-    caption.write_submission(data_dir, out_dir, str(tmp_path / "submission.json"))
+    caption.write_submission(rows_of_test_file(data_dir), out_dir, str(tmp_path / "submission.json"))
     assert len(linear4bit_names(loaded[0])) == 28 and prepared == []    # 4-bit, and no k-bit training prep
     assert not any(p.requires_grad for p in loaded[0].parameters())
     submission = json.loads((tmp_path / "submission.json").read_text())
@@ -209,7 +209,8 @@ def test_both_entry_points_check_the_precision_before_loading_a_model(a_build_fo
     monkeypatch.setattr(caption, "precision", "bf16")
     monkeypatch.setattr(caption, "load_transformers", lambda *args: pytest.fail("a model loaded"))
     for entry_point in (lambda: caption.train_model(data_dir, str(tmp_path / "out2")),
-                        lambda: caption.write_submission(data_dir, str(tmp_path / "out"), str(tmp_path / "s.json"))):
+                        lambda: caption.write_submission(rows_of_test_file(data_dir), str(tmp_path / "out"),
+                                                         str(tmp_path / "s.json"))):
         with pytest.raises(ValueError, match="^--precision=bf16 needs CUDA capability 8.0, this GPU has 6.0"):
             entry_point()
 
@@ -224,7 +225,8 @@ def test_the_cuda_build_is_checked_on_every_gpu_entry_point(tiny, data_dir, tmp_
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
     monkeypatch.setattr(caption, "load_transformers", lambda *args: pytest.fail("a model loaded"))
     for entry_point in (lambda: caption.train_model(data_dir, str(tmp_path / "out2")),
-                        lambda: caption.write_submission(data_dir, str(tmp_path / "out"), str(tmp_path / "s.json"))):
+                        lambda: caption.write_submission(rows_of_test_file(data_dir), str(tmp_path / "out"),
+                                                         str(tmp_path / "s.json"))):
         with pytest.raises(ValueError, match=r"^this PyTorch .* has GPU kernels for sm_70 sm_75 sm_80 compute_80, "
                                              r"none for Tesla P100-PCIE-16GB \(sm_60\)"):
             entry_point()
@@ -505,7 +507,7 @@ def test_config_block_defaults():
     assert caption.precision == "auto" and caption.load_in_4bit and caption.gradient_checkpointing
 
 
-def test_the_trained_model_is_freed_before_predict_loads_the_adapter(tiny, data_dir, tmp_path, monkeypatch):
+def test_train_predict_frees_the_trained_model_and_reads_the_test_file_once(tiny, data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(caption, "load_in_4bit", False)
     models = []
     real_load = caption.load_model
@@ -517,8 +519,12 @@ def test_the_trained_model_is_freed_before_predict_loads_the_adapter(tiny, data_
         models.append(weakref.ref(result[0]))
         return result
     monkeypatch.setattr(caption, "load_model", spy)
+    reads, real_split = [], caption.load_split
+    monkeypatch.setattr(caption, "load_split", lambda path, **kw: reads.append(os.path.basename(path)) or
+                        real_split(path, **kw))
     for name in ("train", "predict", "data_dir", "out_dir", "submission"):
         monkeypatch.setattr(caption, name, getattr(caption, name))   # main's overrides are undone after the test
     caption.main(["--train", "--predict", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}",
                   f"--submission={tmp_path / 's.json'}"])
     assert len(models) == 2 and len(json.loads((tmp_path / "s.json").read_text())) == 3
+    assert reads.count("test_data.parquet") == 1        # read once, before training, and captioned after it

@@ -17,7 +17,7 @@ import torch
 import caption
 from bleu import config_block
 from conftest import ROOT
-from test_caption import load, saved_folder, saved_state, write_parquet
+from test_caption import rows_of_test_file, load, saved_folder, saved_state, write_parquet
 
 NAMES = [name for name, _ in config_block(str(ROOT / "caption.py")) if name]
 
@@ -108,7 +108,7 @@ def test_a_crafted_adapter_never_runs_on_predict_or_resume(tiny, data_dir, tmp_p
     first_run(data_dir, out_dir)
     crafted_adapter(saved_folder(str(out_dir), "best"), tmp_path / "marker")
     with pytest.raises(ValueError, match=r"^cannot load the adapter in .*step_\d \(UnpicklingError"):
-        caption.write_submission(data_dir, str(out_dir), str(tmp_path / "s.json"))
+        caption.write_submission(rows_of_test_file(data_dir), str(out_dir), str(tmp_path / "s.json"))
     assert not (tmp_path / "marker").exists() and not (tmp_path / "s.json").exists()
     crafted_adapter(saved_folder(str(out_dir), "last"), tmp_path / "marker")   # the resume point's adapter
     with pytest.raises(ValueError, match=r"^cannot load the adapter in .*step_1 \(UnpicklingError"):
@@ -141,7 +141,8 @@ def test_a_damaged_pointer_file_is_one_line_naming_it(tiny, data_dir, tmp_path, 
     first_run(data_dir, out_dir)
     path = out_dir / "checkpoint.json"
     path.write_text('{"model_name": ' if damage == "truncated" else '{"last": "step_1", "best": "step_1"}')
-    for entry_point in (lambda: caption.write_submission(data_dir, str(out_dir), str(tmp_path / "s.json")),
+    rows = rows_of_test_file(data_dir)
+    for entry_point in (lambda: caption.write_submission(rows, str(out_dir), str(tmp_path / "s.json")),
                         lambda: caption.train_model(data_dir, str(out_dir))):
         with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} is damaged or not caption.py's"):
             entry_point()
@@ -540,7 +541,7 @@ def test_predict_uses_the_training_prompt_and_names_other_settings(tiny, data_di
     with pytest.raises(ValueError, match=r"^.*step_\d was trained with other settings: instruction = "
                                          r"'Name the colour.' there, 'Write a poem.' now, seed = 11 there, 3 now; "
                                          r"use the same values, or another --out_dir$"):
-        caption.write_submission(data_dir, out_dir, str(tmp_path / "s.json"))
+        caption.write_submission(rows_of_test_file(data_dir), out_dir, str(tmp_path / "s.json"))
     assert not (tmp_path / "s.json").exists()
     monkeypatch.setattr(caption, "load_model", real_load)
     monkeypatch.setattr(caption, "instruction", "Name the colour.")
@@ -555,7 +556,7 @@ def test_predict_uses_the_training_prompt_and_names_other_settings(tiny, data_di
             prompts.append(messages[0]["content"][1]["text"]), real_template(messages, **kwargs))[1])
         return model, processor
     monkeypatch.setattr(caption, "build_tiny_model", build_and_spy)
-    caption.write_submission(data_dir, out_dir, str(tmp_path / "s.json"))
+    caption.write_submission(rows_of_test_file(data_dir), out_dir, str(tmp_path / "s.json"))
     assert set(prompts) == {"Name the colour."} and len(json.loads((tmp_path / "s.json").read_text())) == 2
 
 
