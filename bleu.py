@@ -378,7 +378,7 @@ def parse_value(flag, text, default):
     if isinstance(default, str):
         return value if isinstance(value, str) else text
     if type(value) is not type(default) and (type(default), type(value)) != (float, int):
-        kind = {bool: "True or False", int: "an integer", float: "a number"}[type(default)]
+        kind = {bool: "True or False", int: "an integer", float: "a number"}.get(type(default), type(default).__name__)
         raise SystemExit(f"error: {flag} takes {kind} (like {default!r}), got {text!r}")
     return type(default)(value)
 

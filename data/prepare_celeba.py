@@ -19,6 +19,7 @@ import re
 import sys
 import time
 import zipfile
+import zlib
 
 from PIL import Image
 
@@ -56,7 +57,9 @@ def open_source(path):
         raise SystemExit(f"error: {path}: no CelebA faces (000001.jpg ...) in it, nor in img_align_celeba/ under it: "
                          f"give the folder img_align_celeba or its zip")
     if not zipfile.is_zipfile(path):
-        raise SystemExit(f"error: {path}: neither a folder nor a zip: give img_align_celeba/ or img_align_celeba.zip")
+        cut = " (a download cut short? download it again)" if path.lower().endswith(".zip") else ""
+        raise SystemExit(f"error: {path}: neither a folder nor a complete zip{cut}: give img_align_celeba/ or "
+                         f"img_align_celeba.zip")
     archive = zipfile.ZipFile(path)
     members = {}
     for member in archive.namelist():
@@ -79,8 +82,12 @@ def choose(names, n, seed):
 
 
 # ----------------------------------------------------------------------------- one face
-def make_face(data, name):
-    """The original's bytes -> the homework's JPEG bytes: crop, bicubic resize, quality 95, 4:2:0."""
+def make_face(load, name):
+    """The original's bytes (from load()) -> the homework's JPEG bytes: crop, bicubic resize, quality 95, 4:2:0."""
+    try:
+        data = load()
+    except (OSError, zipfile.BadZipFile, zlib.error, EOFError) as e:   # a bad CRC or deflate stream in the zip
+        raise SystemExit(f"error: {name}: cannot read it ({type(e).__name__}: {e}): download it again") from None
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
@@ -109,7 +116,10 @@ def main():
         raise SystemExit(f"error: {source}: no such file or folder")
     loaders, where = open_source(source)
     chosen = choose(list(loaders), n, seed)
-    os.makedirs(out_dir, exist_ok=True)  # checked before the faces, the long part
+    try:   # checked before the faces, the long part
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:   # a file of that name, or an empty --out_dir
+        raise SystemExit(f"error: --out_dir={out_dir}: cannot make the folder ({e.strerror})") from None
     if not os.access(out_dir, os.W_OK):
         raise SystemExit(f"error: {out_dir}: not writable")
     stale = sorted(set(f for f in os.listdir(out_dir) if f.lower().endswith((".jpg", ".jpeg", ".png")))
@@ -120,7 +130,7 @@ def main():
     print(f"{len(loaders):,} faces in {where}; writing {len(chosen):,} of them (seed {seed}) to {out_dir}/")
     start, made = time.time(), {}
     for i, name in enumerate(chosen, 1):  # all in memory first (3 kB a face), so a bad original writes nothing
-        made[name] = make_face(loaders[name](), f"{where}/{name}")
+        made[name] = make_face(loaders[name], f"{where}/{name}")
         if i % 1000 == 0 or i == len(chosen):
             print(f"  {i:,}/{len(chosen):,} faces ({i / (time.time() - start + 1e-9):.0f}/s)")
     for name, data in made.items():

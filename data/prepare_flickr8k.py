@@ -186,7 +186,10 @@ def main():
             if len(captions.get(name, [])) != CAPTIONS_PER_IMAGE:
                 raise SystemExit(f"error: {caption_path}: {name} (in {filename}) has {len(captions.get(name, []))} "
                                  f"captions, expected {CAPTIONS_PER_IMAGE}")
-    os.makedirs(out_dir, exist_ok=True)  # checked before the images, the long part
+    try:   # checked before the images, the long part
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:   # a file of that name, or an empty --out_dir
+        raise SystemExit(f"error: --out_dir={out_dir}: cannot make the folder ({e.strerror})") from None
     if not os.access(out_dir, os.W_OK):
         raise SystemExit(f"error: {out_dir}: not writable")
     total = sum(len(names) for names in splits.values())

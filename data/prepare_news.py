@@ -18,6 +18,7 @@ import os
 import random
 import sys
 import zipfile
+import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for bleu.py's parser
 from bleu import parse_overrides
@@ -52,10 +53,13 @@ FIELDS = ("headline", "short_description", "category")
 def read_source(path):
     """The original's text, from the file itself or from the one .json file inside a zip."""
     name = os.path.basename(path)
+    if name.lower().endswith(".zip") and not zipfile.is_zipfile(path):
+        raise SystemExit(f"error: {path}: not a complete zip (a download cut short?): download it again")
     try:
         if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                members = [m for m in archive.namelist() if m.endswith(".json")]
+            with zipfile.ZipFile(path) as archive:   # a zip re-packed on a Mac also holds __MACOSX/._*.json
+                members = [m for m in archive.namelist() if m.endswith(".json") and "__MACOSX/" not in m
+                           and not os.path.basename(m).startswith("._")]
                 if len(members) != 1:
                     raise SystemExit(f"error: {name}: expected one .json file in the zip, found {members}")
                 data = archive.read(members[0])
@@ -65,6 +69,8 @@ def read_source(path):
                 data = f.read()
     except OSError as e:
         raise SystemExit(f"error: {path}: cannot read ({e.strerror})") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:   # damaged inside: a bad CRC or deflate stream
+        raise SystemExit(f"error: {path}: a damaged zip ({type(e).__name__}: {e}): download it again") from None
     try:
         return name, data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -82,7 +88,7 @@ def parse_records(name, text):
         items = [(f"record {i}", obj) for i, obj in enumerate(objects)]
     else:
         items = []
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(text.split("\n"), 1):   # not splitlines(): U+2028 may sit inside a string
             if line.strip():
                 try:
                     items.append((f"line {number}", json.loads(line)))
@@ -156,7 +162,10 @@ def main():
     if not os.path.isfile(source):
         raise SystemExit(f"error: {source}: " + ("a folder: give the file News_Category_Dataset_v3.json itself"
                                                  if os.path.isdir(source) else "no such file"))
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:   # a file of that name, or an empty --out_dir
+        raise SystemExit(f"error: --out_dir={out_dir}: cannot make the folder ({e.strerror})") from None
     if not os.access(out_dir, os.W_OK):
         raise SystemExit(f"error: {out_dir}: not writable")
     name, text = read_source(source)

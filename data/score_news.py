@@ -25,7 +25,7 @@ NUM_CLASSES = 15
 def read_labels(path):
     """{id: label} from an `id,label` CSV; anything else stops with one line naming the file and row."""
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:   # -sig: Excel's "CSV UTF-8" starts with a BOM
             rows = list(csv.reader(io.StringIO(f.read())))
     except (OSError, UnicodeDecodeError) as e:
         raise SystemExit(f"error: {path}: cannot read ({e})") from None

@@ -58,6 +58,16 @@ def folder_bytes(folder):
     return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
 
 
+def damage_member(archive, index=0, at=100):
+    """Flip one byte inside the data of the archive's member `index` (a bad CRC, or a broken deflate stream)."""
+    offset = zipfile.ZipFile(archive).infolist()[index].header_offset
+    data = bytearray(archive.read_bytes())
+    start = offset + 30 + int.from_bytes(data[offset + 26:offset + 28], "little") + int.from_bytes(
+        data[offset + 28:offset + 30], "little")                       # after the local header, its name and extra
+    data[start + at] ^= 0xFF
+    archive.write_bytes(bytes(data))
+
+
 def jpeg_format(data):
     with Image.open(io.BytesIO(data)) as image:
         return image.format, image.mode, image.size, JpegImagePlugin.get_sampling(image), image.quantization[0][:8]
@@ -146,6 +156,25 @@ def test_news_same_seed_same_bytes_and_zip_source(tmp_path, news_source):
     assert len(json.loads((tmp_path / "d" / "News_train.json").read_bytes())) == 20
 
 
+def test_news_reads_a_mac_repacked_zip_and_line_separators_inside_strings(tmp_path, news_source):
+    """A zip re-packed on a Mac holds __MACOSX/._News_Category_Dataset_v3.json beside the file; JSON lines may hold
+    U+2028 and U+0085 raw inside a string (News_train.json has 8 U+2028): neither is a line of the file."""
+    source = news_source[0]
+    lines = source.read_text(encoding="utf-8").splitlines()
+    record = json.loads(lines[1])
+    record["headline"] = "Line\u2028separator and\x85next line"
+    lines[1] = json.dumps(record, ensure_ascii=False)
+    raw = tmp_path / "raw.json"
+    raw.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with zipfile.ZipFile(tmp_path / "mac.zip", "w") as z:
+        z.writestr("News_Category_Dataset_v3.json", raw.read_bytes())
+        z.writestr("__MACOSX/._News_Category_Dataset_v3.json", b"\x00\x05\x16\x07 Mac resource fork")
+    ok(run("prepare_news.py", f"--source={tmp_path / 'mac.zip'}", f"--out_dir={tmp_path / 'news'}", "--n_test=12"))
+    texts = json.loads((tmp_path / "news" / "News_train.json").read_text(encoding="utf-8")) + json.loads(
+        (tmp_path / "news" / "News_test.json").read_text(encoding="utf-8"))
+    assert "Line\u2028separator and\x85next line" in [r["headline"] for r in texts]
+
+
 def test_news_scorer_gives_the_leaderboard_accuracy(tmp_path, news_source):
     import textcls
     out = tmp_path / "news"
@@ -160,6 +189,9 @@ def test_news_scorer_gives_the_leaderboard_accuracy(tmp_path, news_source):
     lines = ok(run("score_news.py", submission, f"--labels={out / 'News_test_labels.csv'}")).strip().splitlines()
     metrics = textcls.classification_metrics([l for _, l in guesses], [l for _, l in truth])
     assert lines[-1] == "accuracy: 0.7500" and lines[-2] == f"macro-F1: {metrics['macro_f1']:.4f}"
+    submission.write_text("\ufeffid,label\r\n" + "".join(f"{i},{l}\r\n" for i, l in guesses), encoding="utf-8")
+    bom = ok(run("score_news.py", submission, f"--labels={out / 'News_test_labels.csv'}"))   # Excel's CSV UTF-8
+    assert bom.strip().splitlines()[-1] == "accuracy: 0.7500"
     submission.write_text("id,label\n" + "".join(f"{i},{l}\n" for i, l in truth[1:]))
     one_line_error(run("score_news.py", submission, f"--labels={out / 'News_test_labels.csv'}"), "missing [0]")
 
@@ -187,6 +219,18 @@ def test_news_errors_are_one_line(tmp_path, news_source):
     one_line_error(run("prepare_news.py", f"--source={source}", out, "--n_test=500"), "--n_test=500")
     one_line_error(run("prepare_news.py", f"--source={source}", out, "--n_test=0"), "--n_test must be")
     one_line_error(run("prepare_news.py", f"--source={source}", out, "stray"), "no positional arguments")
+    for compression in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):   # a bad CRC; a broken deflate stream
+        damaged = tmp_path / "damaged.zip"
+        with zipfile.ZipFile(damaged, "w", compression) as z:
+            z.writestr("News_Category_Dataset_v3.json", source.read_bytes())
+        damage_member(damaged)
+        one_line_error(run("prepare_news.py", f"--source={damaged}", out), "damaged.zip: a damaged zip", "again")
+    (tmp_path / "cut.zip").write_bytes(source.read_bytes()[:1000])          # a download cut short
+    one_line_error(run("prepare_news.py", f"--source={tmp_path / 'cut.zip'}", out), "not a complete zip")
+    (tmp_path / "a_file").write_text("")
+    for bad_out in (tmp_path / "a_file", ""):
+        one_line_error(run("prepare_news.py", f"--source={source}", f"--out_dir={bad_out}"),
+                       f"--out_dir={bad_out}: cannot make the folder")
     assert not (tmp_path / "out" / "News_train.json").exists()
     assert "n_test = 1000" in ok(run("prepare_news.py", "--help"))
     assert "crop_box = (19, 39, 159, 179)" in ok(run("prepare_celeba.py", "--help"))
@@ -292,10 +336,22 @@ def test_celeba_errors_are_one_line(tmp_path, celeba_sources):
     one_line_error(run("prepare_celeba.py", f"--source={tmp_path / 'empty'}", out), "no CelebA faces")
     one_line_error(run("prepare_celeba.py", f"--source={tmp_path / 'missing'}", out), "no such file")
     (tmp_path / "notes.txt").write_text("hello")
-    one_line_error(run("prepare_celeba.py", f"--source={tmp_path / 'notes.txt'}", out), "neither a folder nor a zip")
+    one_line_error(run("prepare_celeba.py", f"--source={tmp_path / 'notes.txt'}", out), "neither a folder nor a complete zip")
     one_line_error(run("prepare_celeba.py", f"--source={root / 'img_align_celeba'}", out, "--n=31"), "only 30")
     one_line_error(run("prepare_celeba.py", f"--source={root / 'img_align_celeba'}", out, "--crop_box=(0,0,200,10)"),
                    "--crop_box must be")
+    one_line_error(run("prepare_celeba.py", f"--source={root / 'img_align_celeba'}", out, "--crop_box=[0,0,178,218]"),
+                   "--crop_box takes tuple (like (19, 39, 159, 179)), got '[0,0,178,218]'")
+    damaged = tmp_path / "damaged.zip"
+    damaged.write_bytes((root / "img_align_celeba.zip").read_bytes())
+    damage_member(damaged, index=3)
+    one_line_error(run("prepare_celeba.py", f"--source={damaged}", f"--out_dir={tmp_path / 'd'}", "--n=0"),
+                   f"damaged.zip/{sorted(faces)[3]}: cannot read it (BadZipFile", "download it again")
+    assert os.listdir(tmp_path / "d") == []
+    (tmp_path / "cut.zip").write_bytes((root / "img_align_celeba.zip").read_bytes()[:5000])
+    one_line_error(run("prepare_celeba.py", f"--source={tmp_path / 'cut.zip'}", out), "nor a complete zip (a download cut short")
+    one_line_error(run("prepare_celeba.py", f"--source={root / 'img_align_celeba'}",
+                       f"--out_dir={tmp_path / 'notes.txt'}", "--n=0"), "cannot make the folder (File exists)")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "000001.jpg").write_bytes(faces["000001.jpg"])
@@ -472,4 +528,7 @@ def test_flickr8k_errors_are_one_line(tmp_path, flickr):
     (header / "captions.txt").write_text("name,text\n" + text.split("\n", 1)[1])
     one_line_error(run("prepare_flickr8k.py", f"--source={header}", out, *FLAGS), "header image,caption")
     one_line_error(run("prepare_flickr8k.py", f"--source={jb}", out, *FLAGS[:2], "--n_test=4"), "--n_test=4", "only 3")
+    (tmp_path / "a_file").write_text("")
+    one_line_error(run("prepare_flickr8k.py", f"--source={jb}", f"--out_dir={tmp_path / 'a_file' / 'sub'}", *FLAGS),
+                   "cannot make the folder (Not a directory)")
     assert not list((tmp_path / "out").glob("*"))  # no file written by any of these runs
