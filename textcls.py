@@ -165,7 +165,8 @@ def load_news(path, require_label=True):
         places = [f"record {i}" for i in range(len(records))]
     else:
         records, places = [], []
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(text.split("\n"), 1):   # not splitlines(): it also splits at U+2028 and
+                                                              # U+0085, which News_train.json holds inside texts
             if line.strip():
                 try:
                     records.append(json.loads(line))

@@ -39,12 +39,13 @@ CHECKS = {"bench_docs": (lambda v: v >= 0, "an integer >= 0")}   # checked befor
 # accent and the backtick typed for an apostrophe) become straight ones, so that "didn’t" and "didn't" are the same
 # word; hyphen look-alikes (hyphen, no-break hyphen, minus) become "-" (they join words: "covid‑19"), while en and
 # em dashes and the horizontal bar become spaces (they separate: "win—again" is two words). The no-break space
-# becomes a space and the zero-width space goes.
+# becomes a space; the zero-width space goes, and so does the combining dot above that lower() leaves on a Turkish
+# capital I ("İstanbul" -> "i" + U+0307 + "stanbul" -> "istanbul").
 UNICODE_FOLD = str.maketrans("\u2018\u2019\u201b\u2032\u00b4\u0060" "\u201c\u201d\u201e\u2033\u00ab\u00bb"   # these
                              "\u2010\u2011\u2212" "\u2013\u2014\u2015" "\u00a0",
-                             "''''''" '""""""' "---" "   " " ", "\u200b")    # become these; the last goes
-HTML_TAG = re.compile(r"<[^>]{0,200}>")    # "<br/>", "<b>": markup, not words (a "<" with no ">" in the next
-                                           # 200 characters is not a tag: "a < b" keeps its words)
+                             "''''''" '""""""' "---" "   " " ", "\u200b\u0307")  # become these; the last two go
+HTML_TAG = re.compile(r"</?[a-zA-Z!][^<>]{0,200}>")  # "<br/>", "<B>", "</p>", "<!-- -->": markup, not words
+                                                     # ("x < 3 and y > 5" is no tag: a name follows "<" at once)
 POSSESSIVE = re.compile(r"(?<=\w)'s\b")     # "spacex's" -> "spacex", "it's" -> "it" (see TOKEN below)
 
 
@@ -60,7 +61,7 @@ def clean(text):
     if "<" in text:
         text = HTML_TAG.sub(" ", text)
     text = text.lower()
-    if not text.isascii():
+    if not text.isascii() or "`" in text:   # the backtick typed for an apostrophe is ASCII
         # NFC joins a letter and a combining accent into one code point: "cafe" + U+0301 becomes "café", and TOKEN
         # (below) takes "é" as a letter (\w). The combining mark alone is not \w: the token would stop at "cafe".
         text = unicodedata.normalize("NFC", text).translate(UNICODE_FOLD)
@@ -84,11 +85,11 @@ def clean(text):
 # Only syntax that Python 3.10 accepts (no atomic groups or possessive quantifiers, both new in 3.11).
 TOKEN = re.compile(r"""
     (?:https?://|www\.)[^\s<>"]*[^\s<>"'.,;:!?)\]]   # URL, not ending in punctuation
-  | [\w.+-]+@\w[\w-]*(?:\.\w[\w-]*)+                  # e-mail address
+  | (?<![\w.+-])[\w.+-]+@\w[\w-]*(?:\.\w[\w-]*)+     # e-mail address (tried once per run of [\w.+-])
   | [@#]\w+                                           # @handle, #hashtag
   | (?:[^\W\d_]\.){2,}                                # acronym with dots
   | \d+(?:[.,]\d+)+                                   # number with a decimal point or thousands commas
-  | \w+(?:[-']\w+)*                                   # word, with inner hyphens and apostrophes
+  | [^\W_]+(?:[-'_][^\W_]+)*                          # word, with inner hyphens, apostrophes, underscores
 """, re.VERBOSE)
 
 
@@ -253,7 +254,7 @@ def _stem_token(token):
     letters only ("long-lasting" -> "long-last", "covid-19" stays): in an English compound the last part usually
     carries the inflection."""
     head, dash, last = token.rpartition("-")        # ("", "", token) without a hyphen
-    return head + dash + stem(last) if last.isalpha() else token
+    return head + dash + (stem(last) or last) if last.isalpha() else token   # the paper stems "s" to nothing
 
 
 def preprocess(text, remove_stop=True, use_stemming=True):
@@ -284,7 +285,8 @@ class Vocab:
     @classmethod
     def build(cls, token_lists, min_freq=1, max_size=None):
         """Most frequent tokens first (ties alphabetically, so a build is repeatable), those seen fewer than
-        min_freq times dropped; max_size caps the whole vocabulary, special tokens included."""
+        min_freq times dropped; max_size caps the whole vocabulary, special tokens included (which are always in,
+        so it never holds fewer than 5)."""
         counts = Counter(token for tokens in token_lists for token in tokens)
         kept = sorted((token for token, count in counts.items() if count >= min_freq and token not in cls.SPECIALS),
                       key=lambda token: (-counts[token], token))     # (a "<pad>" among the tokens is not listed twice)
@@ -351,7 +353,7 @@ def run_bench(data_dir, n_docs=0):
     nltk = lambda text: [porter.stem(word) for word in treebank.tokenize(text.lower()) if word not in STOP_WORDS]
     text = open(f"{data_dir}/News_train.json", encoding="utf-8").read()
     if not text.lstrip().startswith("["):   # JSON lines (one record a line, as the competition may ship it): the
-        text = "[" + ",".join(line for line in text.splitlines() if line.strip()) + "]"   # same records as one array
+        text = "[" + ",".join(line for line in text.split("\n") if line.strip()) + "]"   # same records as one array
     texts = [record["headline"] + " " + record["short_description"] for record in json.loads(text)][: n_docs or None]
     speeds = {}
     for name, pipeline in [("tokenizer.py", preprocess), ("NLTK", nltk)]:

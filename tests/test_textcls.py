@@ -92,6 +92,21 @@ def test_loads_a_json_array_and_json_lines_alike(tmp_path):
     records = make_records(30)
     assert textcls.load_news(write_json(tmp_path / "a.json", records)) == records
     assert textcls.load_news(write_json(tmp_path / "b.json", records, lines=True)) == records
+    records[3]["headline"] = "Line\u2028separator and\x85next line inside a text"     # as News_train.json holds
+    (tmp_path / "c.json").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                                     encoding="utf-8")                                 # raw, not escaped
+    assert textcls.load_news(str(tmp_path / "c.json")) == records
+
+
+@pytest.mark.slow
+def test_the_real_training_file_as_json_lines_loads_the_same_records(news_dir, tmp_path):
+    """News_train.json holds 8 raw U+2028 inside its texts: written as JSON lines, it must load the same records."""
+    if news_dir is None:
+        pytest.skip("needs the shared news data: set DL_DATA (CI sets it to ../shared/data)")
+    records = textcls.load_news(str(news_dir / "News_train.json"))
+    lines = tmp_path / "News_train.json"
+    lines.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    assert "\u2028" in lines.read_text(encoding="utf-8") and textcls.load_news(str(lines)) == records
 
 
 @pytest.mark.parametrize("content, message", [

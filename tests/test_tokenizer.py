@@ -76,6 +76,11 @@ def test_slide_example():
     ("line<br/>break", ["line", "break"]),                                      # markup
     ("win\u2014again, covid\u201119", ["win", "again", "covid-19"]),           # em dash splits, nb-hyphen joins
     ("\U0001F680 rockets!!! \u2026", ["rockets"]),                              # emoji, ellipsis dropped
+    ("didn`t", ["didn't"]),                                                     # a typed backtick, ASCII text
+    ("fill the ___ in \u00af\\_(\u30c4)_/\u00af G_d snake_case", ["fill", "the", "in", "\u30c4", "g_d", "snake_case"]),
+    ("\u0130stanbul", ["istanbul"]),                                            # lower() gives i + U+0307
+    ("if x < 3 and y > 5 then <B>bold</B><!-- note -->", ["if", "x", "3", "and", "y", "5", "then", "bold"]),
+    ("mail a.b-c+d@x.co.uk or x--y@z.com", ["mail", "a.b-c+d@x.co.uk", "or", "x--y@z.com"]),
 ])
 def test_tokenize_edge_cases(text, tokens):
     assert tokenize(text) == tokens
@@ -86,6 +91,9 @@ def test_preprocess_keeps_special_tokens_whole():
     assert preprocess("Visit https://x.com/running today, 3.14 #running") == \
         ["visit", "https://x.com/running", "todai", "3.14", "#running"]
     assert preprocess("long-lasting friendships") == ["long-last", "friendship"]
+    # the paper stems "s" to nothing ("as" -> "a"); a token is never empty: "s" stays (stop words kept, as textcls)
+    assert preprocess("Crazy s**t; Jr.\u2019s early a-s", remove_stop=False) == ["crazi", "s", "t", "jr", "s",
+                                                                                "earli", "a-s"]
 
 
 @pytest.mark.parametrize("empty", ["", "   ", "\n\t", "!!! ...", "\u2014"])
@@ -157,8 +165,9 @@ def test_preprocess_runs_over_the_real_news_texts(news_dir):
         records = json.loads((news_dir / "News_train.json").read_text(encoding="utf-8"))
         assert len(records) == 137122
     for record in records:
-        for token in preprocess(record["headline"] + " " + record["short_description"]):
-            assert token and token == token.lower(), (record, token)
+        for remove_stop in (True, False):       # textcls keeps the stop words: "s" is one of them
+            for token in preprocess(record["headline"] + " " + record["short_description"], remove_stop):
+                assert token and token == token.lower(), (record, token)
 
 
 def test_cli_prints_every_stage(capsys, monkeypatch):
@@ -193,12 +202,13 @@ def test_bench_reads_a_json_array_and_json_lines_alike(tmp_path):
     records = [{"id": i, "headline": f"Cats {i} run", "short_description": "dogs ran", "label": 0} for i in range(30)]
     outputs = []
     for lines in (False, True):
-        text = "".join(json.dumps(r) + "\n" for r in records) if lines else json.dumps(records)
-        (tmp_path / "News_train.json").write_text(text)
+        records[0]["short_description"] = "dogs ran 5\u2028000"   # raw U+2028, as News_train.json holds 8: a space
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) if lines else json.dumps(records)
+        (tmp_path / "News_train.json").write_text(text, encoding="utf-8")
         result = run_tokenizer("--bench", f"--data_dir={tmp_path}", "--bench_docs=20")
         assert result.returncode == 0, result.stderr[-2000:]
         outputs.append(next(line for line in result.stdout.splitlines() if line.startswith("tokenizer.py")))
-    assert all("(20 docs, 100 tokens)" in line for line in outputs)      # cat, 0, run, dog, ran
+    assert all("(20 docs, 102 tokens)" in line for line in outputs)      # cat, 0, run, dog, ran; 5, 000 once
     (tmp_path / "News_train.json").write_text('{"id": 0, "headline": "a"}\n')   # no short_description
     result = run_tokenizer("--bench", f"--data_dir={tmp_path}")
     assert result.returncode == 1 and result.stderr.strip() == f"error: {tmp_path}: KeyError: 'short_description'"
