@@ -646,7 +646,7 @@ def train_ensemble(records, out_dir, mlm_records, mlm_epochs, system):
     right more often than any one of them (Dietterich 2000, "Ensemble Methods in Machine Learning"). With
     ensemble_alternate_stem, every second model also reads the text with the other `stem` setting (whole words
     instead of Porter stems): models that see the text differently disagree more, and their average gains more
-    (docs/results.md: the default command's four models score 79.5 % held-out, one model alone 77.9 %).
+    (docs/results.md: the default command's four models score 79.4 % held-out, one model alone about 78 %).
     --max_minutes is one budget: each model gets an equal share of what is left when it starts (never 0, which
     means no limit, when the budget is spent). Running the same command again skips the finished models and resumes
     the stopped one."""
