@@ -81,7 +81,7 @@ def clean(text):
 #   word       "state-of-the-art", "didn't", "o'brien", "covid-19", "café", "naïve" stay one token each.
 # Contractions stay whole ("didn't", "you'll") because the stop list holds them whole. The possessive "'s" was
 # removed by clean(): "spacex's" is about SpaceX, and "it's" -> "it" is a stop word either way.
-# \w is Unicode-aware, so letters with accents count as letters; [^\W\d_] means "a letter".
+# \w is Unicode-aware, so letters with accents count as letters; [^\W\d_] means "a letter", [^\W_] "a letter or digit".
 # Only syntax that Python 3.10 accepts (no atomic groups or possessive quantifiers, both new in 3.11).
 TOKEN = re.compile(r"""
     (?:https?://|www\.)[^\s<>"]*[^\s<>"'.,;:!?)\]]   # URL, not ending in punctuation
