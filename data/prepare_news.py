@@ -52,11 +52,11 @@ FIELDS = ("headline", "short_description", "category")
 # ----------------------------------------------------------------------------- reading the original
 def read_source(path):
     """The original's text, from the file itself or from the one .json file inside a zip."""
-    name = os.path.basename(path)
-    if name.lower().endswith(".zip") and not zipfile.is_zipfile(path):
+    name, is_zip = os.path.basename(path), zipfile.is_zipfile(path)
+    if name.lower().endswith(".zip") and not is_zip:
         raise SystemExit(f"error: {path}: not a complete zip (a download cut short?): download it again")
     try:
-        if zipfile.is_zipfile(path):
+        if is_zip:
             with zipfile.ZipFile(path) as archive:   # a zip re-packed on a Mac also holds __MACOSX/._*.json
                 members = [m for m in archive.namelist() if m.endswith(".json") and "__MACOSX/" not in m
                            and not os.path.basename(m).startswith("._")]

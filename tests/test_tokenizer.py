@@ -200,9 +200,9 @@ def test_cli_shows_the_ids_of_a_saved_vocabulary_and_bad_files_are_one_line(tmp_
 def test_bench_reads_a_json_array_and_json_lines_alike(tmp_path):
     """shared/data/README.md: the competition may ship News_train.json as JSON lines too."""
     records = [{"id": i, "headline": f"Cats {i} run", "short_description": "dogs ran", "label": 0} for i in range(30)]
+    records[0]["short_description"] = "dogs ran 5\u2028000"   # raw U+2028, as News_train.json holds 8: a space
     outputs = []
     for lines in (False, True):
-        records[0]["short_description"] = "dogs ran 5\u2028000"   # raw U+2028, as News_train.json holds 8: a space
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) if lines else json.dumps(records)
         (tmp_path / "News_train.json").write_text(text, encoding="utf-8")
         result = run_tokenizer("--bench", f"--data_dir={tmp_path}", "--bench_docs=20")
